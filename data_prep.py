@@ -1,0 +1,113 @@
+"""
+Prepare a dataset folder: dialogs and items in the normalized schema, item embeddings, semantic IDs
+and the tokenizer. Everything train.py and sample.py need comes from here.
+
+    python data_prep.py --dataset synthetic --out data/synthetic           # the built-in world, offline
+    python data_prep.py --dataset synthetic --out data/syn2 --seed 1 --levels 3 --codebook-size 16
+
+Steps:  dialogs + items  ->  item text embeddings (TF-IDF + SVD)  ->  residual k-means semantic IDs
+        (+ collision suffix, or --collisions reassign)  ->  byte-level BPE + added tokens.
+The output folder layout is documented in nanocrs/data.py.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from nanocrs.data import MENTION, DataError, SPLITS, load_dataset, write_json, write_jsonl
+from nanocrs.encoder import tfidf_svd
+from nanocrs.quantizer import QuantizerConfig, quantize
+from nanocrs.tokenizer import ASSISTANT_PREFIX, CONTROL_TOKENS, USER_PREFIX, Tokenizer
+
+DATASETS = ("synthetic",)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="synthetic", help=f"one of: {', '.join(DATASETS)}")
+    p.add_argument("--out", default=None, help="output folder (default: data/DATASET)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic world and of k-means")
+    # synthetic world size
+    p.add_argument("--n-items", type=int, default=600)
+    p.add_argument("--n-train", type=int, default=3000)
+    p.add_argument("--n-val", type=int, default=300)
+    p.add_argument("--n-test", type=int, default=300)
+    # item embeddings and semantic IDs
+    p.add_argument("--embed-dim", type=int, default=64, help="TF-IDF + SVD dimensions")
+    p.add_argument("--levels", type=int, default=3, help="residual k-means levels")
+    p.add_argument("--codebook-size", type=int, default=16, help="codes per level")
+    p.add_argument("--kmeans-iters", type=int, default=50)
+    p.add_argument("--collisions", choices=["suffix", "reassign"], default="suffix",
+                   help="suffix: one extra level numbering the items that share a code; "
+                        "reassign: the paper's distance-rank reassignment (no extra level)")
+    # tokenizer
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary before the added tokens")
+    return p.parse_args(argv)
+
+
+def build_dialogs(a):
+    """(items, {split: dialogs}) in the normalized schema."""
+    if a.dataset == "synthetic":
+        from nanocrs.synthetic import describe_world, make_world
+        items, splits = make_world(seed=a.seed, n_items=a.n_items, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test)
+        print(describe_world(items, splits))
+        return items, splits
+    raise DataError(f"unknown --dataset {a.dataset!r} (choose from: {', '.join(DATASETS)})")
+
+
+def main(argv=None):
+    a = get_args(argv)
+    if a.dataset not in DATASETS:
+        raise DataError(f"unknown --dataset {a.dataset!r} (choose from: {', '.join(DATASETS)})")
+    out = a.out or os.path.join("data", a.dataset)
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+
+    # 1. dialogs and items, written in the schema and read back through the validating reader
+    items, splits = build_dialogs(a)
+    write_jsonl(os.path.join(out, "items.jsonl"), items)
+    for s in SPLITS:
+        write_jsonl(os.path.join(out, f"{s}.jsonl"), splits[s])
+    ds = load_dataset(out)
+
+    # 2. item embeddings
+    texts = [it["text"] for it in ds["items"]]
+    emb = tfidf_svd(texts, dim=a.embed_dim)  # (N, D)
+    np.save(os.path.join(out, "item_embeddings.npy"), emb)
+    print(f"embeddings: {emb.shape[0]} items x {emb.shape[1]} dims (TF-IDF + SVD)")
+
+    # 3. semantic IDs
+    qcfg = QuantizerConfig(levels=a.levels, codebook_size=a.codebook_size, kmeans_iters=a.kmeans_iters,
+                           seed=a.seed, collisions=a.collisions)
+    sids = quantize(emb, qcfg, verbose=True, item_ids=[it["id"] for it in ds["items"]])
+    sids.save(os.path.join(out, "sids.json"))
+    example = ds["items"][0]
+    print(f"example: {example['title']!r} -> {''.join(sids.tokens(example['id']))}")
+
+    # 4. tokenizer: BPE on the training text (mentions removed), then control and SID tokens
+    def corpus():
+        yield f"{USER_PREFIX} {ASSISTANT_PREFIX}"
+        for d in ds["train"]:
+            for t in d["turns"]:
+                yield MENTION.sub(" ", t["text"])
+    tok = Tokenizer.train(corpus(), a.vocab_size, added=CONTROL_TOKENS + sids.all_token_strings())
+    tok.save(os.path.join(out, "tokenizer.json"))
+    n_added = len(CONTROL_TOKENS) + len(sids.all_token_strings())
+    print(f"tokenizer: {len(tok)} tokens ({len(tok) - n_added} BPE + {n_added} added)")
+
+    write_json(os.path.join(out, "dataset.json"), {
+        "name": a.dataset, "n_items": len(ds["items"]), **{f"n_{s}": len(ds[s]) for s in SPLITS},
+        "encoder": f"tfidf-svd-{a.embed_dim}", "quantizer": vars(qcfg) if hasattr(qcfg, "__dict__") else str(qcfg),
+        "vocab_size": len(tok), "args": vars(a)})
+    print(f"wrote {out} in {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

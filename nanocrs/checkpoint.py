@@ -1,0 +1,137 @@
+"""
+Checkpoints: a folder a user can read, with no pickle anywhere.
+
+    out/synthetic/
+      config.json           {"model": GPTConfig, "train": train.py arguments, "step": N, "data": ...}
+      model.safetensors     weights (metadata: step)
+      optimizer.safetensors AdamW moments (metadata: step, hyperparameters as JSON)
+      tokenizer.json        the tokenizer, added tokens included
+      sids.json             the item <-> semantic-ID table
+      items.jsonl           the catalogue (titles for printing)
+      log.jsonl             one line per optimizer step: step, lr, loss (appended)
+
+Every file is written to a temporary name and renamed into place. model.safetensors and
+optimizer.safetensors carry the step in their metadata and config.json is written last, so a
+crash in the middle of a save is detected on load instead of silently mixing two steps.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file, load_file
+
+from nanocrs.model import GPT, GPTConfig
+from nanocrs.quantizer import SemanticIDs
+from nanocrs.tokenizer import Tokenizer
+
+REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "sids.json", "items.jsonl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that can not be used; one line, naming the folder and the problem."""
+
+
+def _save_tensors(tensors: dict, path: str, metadata: dict):
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def model_state(model: GPT) -> dict:
+    # tied weights are stored once (safetensors refuses shared storage); _orig_mod. is torch.compile's prefix
+    sd = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def save(out_dir: str, model: GPT, config: dict, optimizer=None, tokenizer=None, sids=None, items_path=None):
+    """Write the checkpoint; config must hold "step". Static files (tokenizer, table, items) are
+    written only when given (the first save of a run)."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"step": str(config["step"])}
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    if sids is not None:
+        sids.save(os.path.join(out_dir, "sids.json"))
+    if items_path is not None:
+        tmp = os.path.join(out_dir, "items.jsonl.tmp")
+        shutil.copyfile(items_path, tmp)
+        os.replace(tmp, os.path.join(out_dir, "items.jsonl"))
+    _save_tensors(model_state(model), os.path.join(out_dir, "model.safetensors"), meta)
+    if optimizer is not None:
+        tensors, hyper = optimizer_state(optimizer)
+        _save_tensors(tensors, os.path.join(out_dir, "optimizer.safetensors"), {**meta, "hyper": json.dumps(hyper)})
+    _write_json(os.path.join(out_dir, "config.json"), config)  # last: marks the save as complete
+
+
+def optimizer_state(opt: torch.optim.Optimizer):
+    """AdamW state as flat tensors {"<param index>.<name>": tensor} plus JSON-able param groups."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for name, v in st.items():
+            tensors[f"{idx}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, sd["param_groups"]
+
+
+def load_optimizer(opt: torch.optim.Optimizer, ckpt_dir: str, step: int):
+    path = os.path.join(ckpt_dir, "optimizer.safetensors")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{ckpt_dir}: optimizer.safetensors is missing, can not resume")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    if int(meta["step"]) != step:
+        raise CheckpointError(f"{ckpt_dir}: optimizer.safetensors is from step {meta['step']}, config.json from {step} (interrupted save?)")
+    flat = load_file(path)
+    state = {}
+    for key, v in flat.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    groups = json.loads(meta["hyper"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def read_config(ckpt_dir: str) -> dict:
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: checkpoint folder not found (train one with: python train.py --out {ckpt_dir})")
+    missing = [f for f in REQUIRED if not os.path.isfile(os.path.join(ckpt_dir, f))]
+    if missing:
+        raise CheckpointError(f"{ckpt_dir}: not a complete checkpoint, missing {', '.join(missing)}")
+    try:
+        return json.load(open(os.path.join(ckpt_dir, "config.json")))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{ckpt_dir}/config.json: invalid JSON ({e.msg})") from None
+
+
+def load(ckpt_dir: str, device="cpu"):
+    """(model, config dict, tokenizer, sids) from a checkpoint folder."""
+    config = read_config(ckpt_dir)
+    cfg = GPTConfig.from_dict(config["model"])
+    model = GPT(cfg)
+    path = os.path.join(ckpt_dir, "model.safetensors")
+    with safe_open(path, "pt") as f:
+        step = int(f.metadata()["step"])
+    if step != config["step"]:
+        raise CheckpointError(f"{ckpt_dir}: model.safetensors is from step {step}, config.json from {config['step']} (interrupted save?)")
+    sd = load_file(path)
+    expected = set(model_state(model))
+    if set(sd) != expected:
+        raise CheckpointError(f"{ckpt_dir}: weight names do not match the config (missing {sorted(expected - set(sd))[:3]}, unexpected {sorted(set(sd) - expected)[:3]})")
+    model.load_state_dict(sd, strict=not cfg.tie_embeddings)
+    model.to(device)
+    tok = Tokenizer.load(os.path.join(ckpt_dir, "tokenizer.json"))
+    sids = SemanticIDs.load(os.path.join(ckpt_dir, "sids.json"))
+    if len(tok) != cfg.vocab_size:
+        raise CheckpointError(f"{ckpt_dir}: tokenizer has {len(tok)} tokens but the model expects {cfg.vocab_size}")
+    return model, config, tok, sids

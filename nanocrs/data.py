@@ -1,0 +1,263 @@
+"""
+The dataset schema, its reader and writer, and the one place where a dialog becomes tokens.
+
+On disk (data/NAME/, written by data_prep.py; any dataset, synthetic or real, looks like this):
+    items.jsonl          {"id": "m0042", "title": "...", "text": "title: ... | year: ... | ...", "metadata": {...}}
+    train.jsonl          {"id": "...", "turns": [{"role": "user"|"assistant", "text": "... @{m0042} ...",
+    val.jsonl                                     "items": ["m0042"], "oracle": [...] (optional)}, ...]}
+    test.jsonl
+    sids.json            the item <-> semantic-ID table (nanocrs/quantizer.py)
+    tokenizer.json       BPE + control + semantic-ID tokens (nanocrs/tokenizer.py)
+    dataset.json         name, sizes, how it was made
+Items are mentioned inside a turn's text as @{ITEM_ID}; an assistant turn that mentions an item is a
+recommendation (REC) turn, any other assistant turn is a CHAT turn.
+
+Rendering (the paper's structured generation; every assistant turn, in context or as target):
+    User: <text with every mention as <BOI>SID<EOI>>\n
+    Assistant:<MODE=REC><BOI>SID(item)<EOI><RESP> <text><EOT>          (REC turn, target item)
+    Assistant:<MODE=CHAT><RESP> <text><EOT>                            (CHAT turn)
+Loss is on the target turn's tokens after "Assistant:" (mode, item, <RESP>, text, <EOT>), nowhere else.
+"""
+
+import json
+import os
+import random
+import re
+
+import torch
+
+from nanocrs.tokenizer import (ASSISTANT_PREFIX, BOI, EOI, EOT, MODE_CHAT, MODE_REC, RESP, USER_PREFIX)
+
+ITEM_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
+MENTION = re.compile(r"@\{([A-Za-z0-9_.\-]+)\}")
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line naming the file and line."""
+
+
+# -----------------------------------------------------------------------------
+# reading and writing the schema
+
+def write_jsonl(path: str, rows):
+    """Atomic: a crash mid-write leaves the previous file, never half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str):
+    """Yields (line_number, object); malformed JSON is a DataError naming file and line."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+
+
+def _require(cond, where, msg):
+    if not cond:
+        raise DataError(f"{where}: {msg}")
+
+
+def load_items(path: str) -> list[dict]:
+    items, seen = [], set()
+    for n, it in read_jsonl(path):
+        where = f"{path}:{n}"
+        _require(isinstance(it, dict), where, "expected a JSON object")
+        for key in ("id", "title", "text"):
+            _require(isinstance(it.get(key), str), where, f"field {key!r} must be a string")
+        _require(ITEM_ID.match(it["id"]) is not None, where, f"item id {it['id']!r} must match [A-Za-z0-9_.-]+")
+        _require(it["id"] not in seen, where, f"duplicate item id {it['id']!r}")
+        seen.add(it["id"])
+        items.append(it)
+    _require(len(items) > 0, path, "no items")
+    return items
+
+
+def load_dialogs(path: str, item_ids: set) -> list[dict]:
+    dialogs = []
+    for n, d in read_jsonl(path):
+        where = f"{path}:{n}"
+        _require(isinstance(d, dict) and isinstance(d.get("id"), str), where, "dialog needs a string 'id'")
+        turns = d.get("turns")
+        _require(isinstance(turns, list) and len(turns) > 0, where, f"dialog {d['id']}: 'turns' must be a non-empty list")
+        for t, turn in enumerate(turns):
+            w = f"{where}: dialog {d['id']} turn {t}"
+            _require(isinstance(turn, dict), w, "turn must be an object")
+            _require(turn.get("role") in ("user", "assistant"), w, f"role must be 'user' or 'assistant', got {turn.get('role')!r}")
+            _require(isinstance(turn.get("text"), str), w, "field 'text' must be a string")
+            items = turn.setdefault("items", [])
+            _require(isinstance(items, list), w, "field 'items' must be a list")
+            for i in items + MENTION.findall(turn["text"]):
+                _require(i in item_ids, w, f"unknown item id {i!r}")
+            for i in MENTION.findall(turn["text"]):
+                _require(i in items, w, f"item {i!r} is mentioned in the text but not listed in 'items'")
+        dialogs.append(d)
+    return dialogs
+
+
+def load_dataset(data_dir: str, splits=SPLITS) -> dict:
+    """{"items": [...], "train": [...], "val": [...], "test": [...], "meta": {...}}; DataError if broken."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: data directory not found (make one with: python data_prep.py --dataset synthetic --out {data_dir})")
+    items = load_items(os.path.join(data_dir, "items.jsonl"))
+    ids = {it["id"] for it in items}
+    ds = {"items": items}
+    for s in splits:
+        ds[s] = load_dialogs(os.path.join(data_dir, f"{s}.jsonl"), ids)
+    meta_path = os.path.join(data_dir, "dataset.json")
+    ds["meta"] = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+    return ds
+
+
+def rec_samples(dialogs: list[dict]):
+    """The evaluation protocol's samples: one per (assistant turn with a non-empty context, item it
+    mentions). Yields (dialog, turn index, gold item id, fresh) where fresh = the gold item was not
+    mentioned earlier in the dialog."""
+    for d in dialogs:
+        seen = set()
+        for t, turn in enumerate(d["turns"]):
+            if turn["role"] == "assistant" and t > 0:
+                for item in dict.fromkeys(turn["items"]):  # unique, in order
+                    yield d, t, item, item not in seen
+            seen.update(turn["items"])
+
+
+# -----------------------------------------------------------------------------
+# rendering
+
+class Renderer:
+    """Turns dialogs into token ids; the single source of truth for the prompt format."""
+
+    def __init__(self, tokenizer, sids, block_size: int):
+        self.tok, self.sids, self.block_size = tokenizer, sids, block_size
+        self.id = {t: tokenizer.id(t) for t in (BOI, EOI, MODE_REC, MODE_CHAT, RESP, EOT)}
+        self.assistant_ids = tokenizer.encode(ASSISTANT_PREFIX)
+
+    def item_span(self, item_id: str) -> str:
+        return BOI + "".join(self.sids.tokens(item_id)) + EOI
+
+    def text(self, text: str) -> str:
+        """Dialog text with every @{id} written as <BOI>SID<EOI>."""
+        return MENTION.sub(lambda m: self.item_span(m.group(1)), text)
+
+    def structured(self, turn: dict, item: str | None = None) -> str:
+        """What the model writes after "Assistant:" for this turn; `item` picks the target of a
+        multi-item turn (default: its first item)."""
+        if turn["items"]:
+            item = item or turn["items"][0]
+            assert item in turn["items"], f"{item} is not mentioned in this turn"
+            head = MODE_REC + self.item_span(item)
+        else:
+            head = MODE_CHAT
+        return head + RESP + " " + self.text(turn["text"]) + EOT
+
+    def turn_ids(self, turn: dict, item=None) -> tuple[list[int], list[int]]:
+        """(prompt part, supervised part) of one turn. A user turn is all prompt."""
+        if turn["role"] == "user":
+            return self.tok.encode(f"{USER_PREFIX} {self.text(turn['text'])}\n"), []
+        return self.assistant_ids, self.tok.encode(self.structured(turn, item))
+
+    def context_ids(self, context: list[dict]) -> list[list[int]]:
+        return [sum(self.turn_ids(t), []) for t in context]
+
+    def _fit(self, context_turns: list[list[int]], room: int) -> list[int]:
+        # keep the latest turns that fit; if even the last one does not, keep its right end
+        kept = []
+        for ids in reversed(context_turns):
+            if len(ids) > room:
+                if not kept:
+                    kept.append(ids[len(ids) - room:] if room > 0 else [])
+                break
+            kept.append(ids)
+            room -= len(ids)
+        return [i for ids in reversed(kept) for i in ids]
+
+    def prompt(self, context: list[dict], forced: str = "") -> list[int]:
+        """Generation prefix: the context, "Assistant:" and optional forced tokens (e.g. "<MODE=REC><BOI>").
+        Left-truncated so that at least 16 tokens of room remain in the block."""
+        tail = self.assistant_ids + (self.tok.encode(forced) if forced else [])
+        room = self.block_size - len(tail) - 16
+        return self._fit(self.context_ids(context), room) + tail
+
+    def example(self, context: list[dict], target: dict, item=None) -> tuple[list[int], list[int]]:
+        """One training/eval example: (ids, targets), both of length T <= block_size, where
+        targets[t] = ids[t+1] when token t+1 belongs to the target turn's supervised part, else -1."""
+        prompt, sup = self.turn_ids(target, item)
+        sup = sup[:self.block_size - len(prompt) - 1]  # a target longer than the block keeps its start
+        ctx = self._fit(self.context_ids(context), self.block_size - len(prompt) - len(sup))
+        ids = ctx + prompt + sup
+        n_sup = len(sup)
+        targets = [-1] * (len(ids) - n_sup - 1) + sup + [-1]
+        assert len(ids) == len(targets) <= self.block_size
+        return ids, targets
+
+    def dialog_windows(self, dialog: dict) -> list[tuple[list[int], list[int]]]:
+        """Training sequences for one dialog with every assistant turn supervised at once: earlier
+        targets are the later turns' context, in the same structured form, so one sequence costs
+        O(turns) tokens instead of O(turns^2) for one example per turn. A dialog longer than the
+        block keeps the turns that fit in one sequence; each later assistant turn becomes its own
+        left-truncated example."""
+        turns = dialog["turns"]
+        ids, sup, j = [], [], 0  # sup[t]: token t is supervised
+        while j < len(turns):
+            p, s = self.turn_ids(turns[j])
+            if len(ids) + len(p) + len(s) > self.block_size:
+                break
+            ids += p + s
+            sup += [False] * len(p) + [True] * len(s)
+            j += 1
+        windows = []
+        if any(sup):
+            targets = [ids[t + 1] if sup[t + 1] else -1 for t in range(len(ids) - 1)] + [-1]
+            windows.append((ids, targets))
+        for k in range(j, len(turns)):
+            if turns[k]["role"] == "assistant":
+                windows.append(self.example(turns[:k], turns[k]))
+        return windows
+
+
+# -----------------------------------------------------------------------------
+# batching
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int = 0):
+    """Right-pad to the longest example: x (B, T) ids, y (B, T) targets with -1 on padding."""
+    T = max(len(ids) for ids, _ in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), -1, dtype=torch.long)
+    for b, (ids, tg) in enumerate(examples):
+        x[b, :len(ids)] = torch.tensor(ids)
+        y[b, :len(tg)] = torch.tensor(tg)
+    return x, y
+
+
+def epoch_batches(examples: list, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Deterministic batches of example indices for one epoch (a pure function of seed and epoch, so
+    a resumed run sees exactly the batches it would have seen). Examples are grouped by length in
+    chunks of 50 batches so that padding stays small, then the batches are shuffled."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    chunk = batch_size * 50
+    batches = []
+    for c in range(0, len(order), chunk):
+        part = sorted(order[c:c + chunk], key=lambda i: len(examples[i][0]))
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches

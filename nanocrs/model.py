@@ -1,0 +1,299 @@
+"""
+The model: a Llama-style decoder-only transformer, in one file.
+
+    RMSNorm -> attention (grouped-query, split-halves RoPE, optional q/k/v bias and q/k RMSNorm)
+            -> RMSNorm -> SwiGLU MLP, repeated n_layer times, then RMSNorm and the output head.
+
+The same code runs the small from-scratch model of the quickstart and, filled from a Hugging Face
+config.json, the Llama-3.x / Qwen2.5 / Qwen3 / Mistral families: every architectural switch those
+families need (explicit head_dim, q/k/v biases, q/k norm, tied or untied embeddings, llama3 RoPE
+scaling) is a field of GPTConfig. The semantic-ID and control tokens are ordinary rows at the end of
+the vocabulary: nothing in this file knows about items.
+
+Attention goes through F.scaled_dot_product_attention, which picks flash attention on CUDA and a
+fused math kernel on the CPU. Decoding uses KVCache, a pre-allocated cache with an explicit write
+position, which beam search expands (one prefill, many beams) and reorders.
+
+    from nanocrs.model import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=3000))
+    logits, loss = model(idx, targets)        # idx, targets: (B, T) int64, targets -1 = no loss
+"""
+
+import math
+from dataclasses import dataclass, asdict, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096          # tokenizer length, added tokens included
+    pad_vocab_to: int = 64          # embedding rows are rounded up to a multiple of this (speed); 1 = exact
+    block_size: int = 256           # longest sequence the model is trained on (RoPE tables are this long)
+    n_layer: int = 6
+    n_head: int = 8
+    n_kv_head: int = 4              # grouped-query attention: n_head must be a multiple of n_kv_head
+    n_embd: int = 256
+    head_dim: int = 0               # 0 = n_embd // n_head (Qwen3 sets it explicitly; never derive it there)
+    intermediate_size: int = 0      # SwiGLU hidden size; 0 = about 8/3 n_embd rounded up to 64
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # {} or Llama-3.1's {"rope_type": "llama3", ...}
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    qkv_bias: bool = False          # Qwen2.5
+    qk_norm: bool = False           # Qwen3: RMSNorm over each head's q and k before RoPE
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            assert self.n_embd % self.n_head == 0, "n_embd must be divisible by n_head (or set head_dim)"
+            self.head_dim = self.n_embd // self.n_head
+        if self.intermediate_size == 0:
+            self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        assert self.head_dim % 2 == 0, "RoPE rotates pairs: head_dim must be even"
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.pad_vocab_to * math.ceil(self.vocab_size / self.pad_vocab_to)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"model config has unknown fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 even under bf16 autocast: the mean of squares loses precision otherwise
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_frequencies(cfg: GPTConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama-3.1's "llama3" scaling if the config asks for it."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "llama3":
+        # long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_len = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        scaled = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+        inv_freq = scaled
+    elif kind != "default":
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, llama3)")
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, hd); cos, sin: (T, hd/2). Split-halves convention (Hugging Face's rotate_half):
+    # element i is paired with element i + hd/2, so HF q_proj/k_proj weights load unchanged.
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+class KVCache:
+    """Pre-allocated keys and values for all layers: (n_layer, B, n_kv_head, max_len, head_dim).
+
+    `pos` is how many positions are filled; GPT.forward writes the new block at [pos, pos + T) and
+    advances it. Every row of the batch shares `pos` (beams of one context, or equal-length prompts).
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k, v):
+        # k, v: (B, n_kv, T, hd) -> the whole filled cache of this layer (B, n_kv, pos + T, hd)
+        T = k.shape[2]
+        assert self.pos + T <= self.max_len, f"KV cache full ({self.pos} + {T} > {self.max_len})"
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def expand(self, n: int) -> "KVCache":
+        """A batch-1 cache (one prefilled context) copied into n rows, one per beam."""
+        assert self.k.shape[1] == 1, "expand() starts from a batch of one"
+        new = KVCache.__new__(KVCache)
+        new.k = self.k.expand(-1, n, -1, -1, -1).contiguous()
+        new.v = self.v.expand(-1, n, -1, -1, -1).contiguous()
+        new.pos = self.pos
+        return new
+
+    def reorder(self, rows: torch.Tensor):
+        """Keep/duplicate batch rows (beam search survivors): rows (B',) indices into the batch."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(layer, k, v)  # (B, n_kv, start + T, hd)
+        S = k.shape[2]
+        if start == 0:
+            mask, causal = None, True          # plain causal attention over the block
+        elif T == 1:
+            mask, causal = None, False         # one new token sees everything before it
+        else:
+            # a block appended to a filled cache: query i (at position start+i) sees keys <= start+i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class GPT(nn.Module):
+    # Module names follow Hugging Face's LlamaForCausalLM minus the "model." prefix, so the
+    # weight-name map for pretrained checkpoints is short and obvious.
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.norm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # RoPE tables are buffers, not weights: rebuilt from the config, never saved
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_weights)
+            # GPT-2's trick: scale the residual-branch outputs so the stream's variance does not grow with depth
+            for name, p in self.named_parameters():
+                if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def rope(self, start: int, T: int, device):
+        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.to(device))  # (T, hd/2)
+        return freqs.cos(), freqs.sin()
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
+        """idx: (B, T) token ids. Returns logits (B, T, vocab_size) and, with targets, the mean
+        cross-entropy over positions whose target is not -1 (else None). With a cache, the block is
+        placed at cache.pos and the cache advances by T."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        cos, sin = self.rope(start, T, idx.device)
+        x = self.embed_tokens(idx)  # (B, T, C)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm(x)
+        logits = self.lm_head(x)[..., :self.config.vocab_size]  # drop the padding rows
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    def configure_optimizer(self, lr: float, weight_decay: float, betas=(0.9, 0.95), device_type="cpu"):
+        # decay matrices (and the embedding), not norms or biases
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda"  # the fused kernel exists only for CUDA tensors
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)

@@ -1,0 +1,300 @@
+"""
+Use a trained nanocrs checkpoint: evaluate it, print sample replies, or chat with it.
+
+    python sample.py --ckpt out/synthetic --eval test --json out/synthetic/eval_test.json
+    python sample.py --ckpt out/synthetic --num-samples 3
+    python sample.py --ckpt out/synthetic --chat                  # /reset starts over, /quit leaves
+    echo "I want a scary movie from the 80s" | python sample.py --ckpt out/synthetic --chat
+
+Evaluation follows the paper's protocol: one sample per (assistant turn, item it mentions); the mode
+is forced from the gold turn, the context is followed by  Assistant:<MODE=REC><BOI>  and a
+trie-constrained beam search (width --beam, >= the largest k) gives the ranked list. Reported:
+Recall@1/5/10/20/50, NDCG and MRR @5/10/20 on the standard protocol and on the fresh one (gold items
+not mentioned earlier in the dialog), the free-mode intent accuracy (the greedy token after
+"Assistant:" on every assistant turn), and the same metrics for the popularity and repeat-context
+baselines and, on the synthetic world, the generator's oracle, all on the same samples.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from nanocrs import checkpoint
+from nanocrs.checkpoint import CheckpointError
+from nanocrs.data import MENTION, DataError, Renderer, load_dataset, load_items, rec_samples
+from nanocrs.generate import Control, SIDTrie, beam_search, sample
+from nanocrs.metrics import Popularity, format_table, rank_metrics, rank_of, repeat_context
+from nanocrs.tokenizer import BOI, EOI, MODE_CHAT, MODE_REC, RESP
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out/synthetic", help="checkpoint folder written by train.py")
+    p.add_argument("--data", default=None, help="dataset folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--eval", default=None, metavar="SPLIT", help="run the recommendation eval on val or test")
+    p.add_argument("--json", default=None, help="with --eval: also write the results here")
+    p.add_argument("--beam", type=int, default=50, help="beam width of the item search")
+    p.add_argument("--max-samples", type=int, default=0, help="with --eval: stop after this many dialogs (0: all)")
+    p.add_argument("--num-samples", type=int, default=0, help="print this many test contexts with gold and generated replies")
+    p.add_argument("--chat", action="store_true", help="interactive chat (reads stdin, works with pipes)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+class Session:
+    """Everything loaded from a checkpoint, plus the helpers that turn tokens into readable text."""
+
+    def __init__(self, ckpt: str, device: str):
+        self.model, self.config, self.tok, self.sids = checkpoint.load(ckpt, device)
+        self.model.eval()
+        self.items = {it["id"]: it for it in load_items(os.path.join(ckpt, "items.jsonl"))}
+        self.rd = Renderer(self.tok, self.sids, self.model.config.block_size)
+        self.trie = SIDTrie.build(self.sids, self.tok)
+        self.ctrl = Control.of(self.tok)
+        self.device = device
+        self.mode_ids = {self.tok.id(MODE_REC): "REC", self.tok.id(MODE_CHAT): "CHAT"}
+
+    def title(self, item_id: str) -> str:
+        it = self.items[item_id]
+        year = it.get("metadata", {}).get("year")
+        return f"[{it['title']}{f' ({year})' if year else ''}]"
+
+    def show_text(self, text: str) -> str:
+        """Dialog text with @{id} mentions shown as titles."""
+        return MENTION.sub(lambda m: self.title(m.group(1)), text)
+
+    def parse(self, ids: list[int]):
+        """Generated ids after "Assistant:" -> (mode, first item, response text with spans as titles)."""
+        mode, target, text_ids, words, span = None, None, [], [], None
+        seen_resp = False
+        for i in ids:
+            if i in self.mode_ids and mode is None and not seen_resp:
+                mode = self.mode_ids[i]
+            elif i == self.ctrl.boi:
+                span = []
+            elif i == self.ctrl.eoi and span is not None:
+                item = self.sids.item_of_tokens([self.tok.token(t) for t in span])
+                if not seen_resp and mode == "REC":
+                    target = target or item  # the structured slot, before <RESP>
+                if seen_resp:
+                    words.append(self.tok.decode(text_ids)); text_ids = []
+                    words.append(self.title(item))
+                span = None
+            elif span is not None:
+                span.append(i)
+            elif i == self.tok.id(RESP):
+                seen_resp = True
+            elif i == self.ctrl.eot:
+                break
+            elif seen_resp:
+                text_ids.append(i)
+        words.append(self.tok.decode(text_ids))
+        return mode, target, "".join(words).strip()
+
+    def reply(self, context: list[dict], args, generator) -> list[int]:
+        prompt = self.rd.prompt(context)
+        return sample(self.model, prompt, self.trie, self.ctrl, n=1, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, greedy=args.greedy, generator=generator)[0]
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0) -> dict:
+    dialogs = ds[split][:max_dialogs] if max_dialogs else ds[split]
+    pop = Popularity(ds["train"], [it["id"] for it in ds["items"]])
+    has_oracle = any("oracle" in t for d in dialogs for t in d["turns"])
+    methods = ["model", "popularity", "repeat"] + (["oracle"] if has_oracle else [])
+    ranks = {m: [] for m in methods}
+    fresh_flags = []
+    intent_hits, intent_n = 0, 0
+    forced = s.tok.encode(MODE_REC + BOI)
+    n_turns = sum(1 for d in dialogs for t, turn in enumerate(d["turns"]) if turn["role"] == "assistant" and t > 0)
+    pbar = tqdm(total=n_turns, desc=f"eval {split}", dynamic_ncols=True, file=sys.stderr)
+    golds_by_turn = {}
+    for d, t, gold, fresh in rec_samples(dialogs):
+        golds_by_turn.setdefault((d["id"], t), []).append((gold, fresh))
+    for d in dialogs:
+        for t, turn in enumerate(d["turns"]):
+            if turn["role"] != "assistant" or t == 0:
+                continue
+            context = d["turns"][:t]
+            prompt = s.rd.prompt(context)
+            # one prefill serves the free-mode intent and, continued with <MODE=REC><BOI>, the beam search
+            cache = s.model.new_cache(1, len(prompt) + len(forced) + s.trie.depth + 1)
+            logits, _ = s.model(torch.tensor([prompt], device=s.device), cache=cache)
+            free_mode = logits[0, -1].argmax().item()
+            gold_mode = s.tok.id(MODE_REC) if turn["items"] else s.tok.id(MODE_CHAT)
+            intent_hits += int(free_mode == gold_mode)
+            intent_n += 1
+            if turn["items"]:
+                logits, _ = s.model(torch.tensor([forced], device=s.device), cache=cache)
+                top = beam_search(s.model, prompt + forced, s.trie, s.ctrl, beam, cache=cache, last_logits=logits[:, -1])
+                lists = {"model": [i for i, _ in top], "popularity": pop.rank(context), "repeat": repeat_context(context)}
+                if has_oracle:
+                    lists["oracle"] = turn.get("oracle", [])
+                for gold, fresh in golds_by_turn[(d["id"], t)]:
+                    for m in methods:
+                        ranks[m].append(rank_of(lists[m], gold))
+                    fresh_flags.append(fresh)
+            pbar.update(1)
+    pbar.close()
+    res = {"split": split, "n_samples": len(fresh_flags), "n_fresh": sum(fresh_flags), "beam": beam}
+    for m in methods:
+        res[m] = rank_metrics(ranks[m])
+    res["fresh"] = {m: rank_metrics([r for r, f in zip(ranks[m], fresh_flags) if f]) for m in methods}
+    res["intent_accuracy"] = intent_hits / max(intent_n, 1)
+    res["n_intent_turns"] = intent_n
+    return res
+
+
+def print_eval(res: dict):
+    keys = ["recall@1", "recall@5", "recall@10", "recall@20", "recall@50", "ndcg@10", "mrr@10"]
+    methods = [m for m in ("model", "popularity", "repeat", "oracle") if m in res]
+    print(f"\nstandard protocol: {res['n_samples']} samples ({res['split']}), beam {res['beam']}")
+    print(format_table({m: res[m] for m in methods}, keys))
+    print(f"\nfresh protocol (gold not mentioned earlier): {res['n_fresh']} samples")
+    print(format_table({m: res["fresh"][m] for m in methods}, keys))
+    print(f"\nfree-mode intent accuracy: {res['intent_accuracy']:.4f} over {res['n_intent_turns']} assistant turns")
+
+
+# -----------------------------------------------------------------------------
+# samples and chat
+
+def show_samples(s: Session, ds: dict, n: int, args, generator):
+    dialogs = ds["test"]
+    shown = 0
+    for d in dialogs:
+        # one assistant turn per dialog, the first recommendation if there is one
+        turns = [t for t, turn in enumerate(d["turns"]) if turn["role"] == "assistant" and t > 0]
+        if not turns:
+            continue
+        t = next((t for t in turns if d["turns"][t]["items"]), turns[0])
+        print(f"=== {d['id']}, turn {t} " + "=" * 40)
+        for turn in d["turns"][:t]:
+            print(f"{turn['role']:>9}: {s.show_text(turn['text'])}")
+        gold = d["turns"][t]
+        print(f"     gold: [{'REC' if gold['items'] else 'CHAT'}] {s.show_text(gold['text'])}")
+        mode, item, text = s.parse(s.reply(d["turns"][:t], args, generator))
+        rec = f" -> {s.title(item)}" if item else ""
+        print(f"    model: [{mode or '?'}{rec}] {text}\n")
+        shown += 1
+        if shown >= n:
+            break
+
+
+def chat(s: Session, args, generator):
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("nanocrs chat: tell it what you like. /reset starts over, /quit leaves.")
+    context = []
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            context = []
+            print("(new conversation)")
+            continue
+        if not line:
+            print("(empty message: type something, /reset or /quit)")
+            continue
+        if not interactive:
+            print(f"you> {line}")
+        context.append({"role": "user", "text": line.replace("@{", "@ {"), "items": []})
+        ids = s.reply(context, args, generator)
+        mode, item, text = s.parse(ids)
+        rec = f" recommends {s.title(item)}" if item else ""
+        print(f"bot> ({mode or '?'}{rec}) {text}")
+        # keep the reply in the context in its structured form, with the item as a mention
+        items_in_reply = []
+        span, shown = None, []
+        for i in ids:
+            if i == s.ctrl.boi:
+                span = []
+            elif i == s.ctrl.eoi and span is not None:
+                items_in_reply.append(s.sids.item_of_tokens([s.tok.token(t) for t in span]))
+                span = None
+            elif span is not None:
+                span.append(i)
+        context.append({"role": "assistant", "text": _reply_text(s, ids), "items": list(dict.fromkeys(items_in_reply))})
+
+
+def _reply_text(s: Session, ids: list[int]) -> str:
+    """The response part of generated ids, written back in the schema's @{id} form."""
+    resp = s.tok.id(RESP)
+    if resp in ids:
+        ids = ids[ids.index(resp) + 1:]
+    out, text_ids, span = [], [], None
+    for i in ids:
+        if i == s.ctrl.eot:
+            break
+        if i == s.ctrl.boi:
+            span = []
+        elif i == s.ctrl.eoi and span is not None:
+            out.append(s.tok.decode(text_ids)); text_ids = []
+            out.append("@{" + s.sids.item_of_tokens([s.tok.token(t) for t in span]) + "}")
+            span = None
+        elif span is not None:
+            span.append(i)
+        else:
+            text_ids.append(i)
+    out.append(s.tok.decode(text_ids))
+    return "".join(out).strip()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    s = Session(args.ckpt, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if not (args.eval or args.num_samples or args.chat):
+        args.num_samples = 3
+    ds = None
+    if args.eval or args.num_samples:
+        data_dir = args.data or s.config["data"]
+        ds = load_dataset(data_dir)
+    if args.eval:
+        if args.eval not in ("train", "val", "test"):
+            raise DataError(f"--eval must be train, val or test, got {args.eval!r}")
+        if args.beam < 50:
+            print(f"note: beam {args.beam} < 50, so recall@50 counts only the {args.beam} items returned")
+        t0 = time.time()
+        res = evaluate(s, ds, args.eval, args.beam, args.max_samples)
+        res["seconds"] = round(time.time() - t0, 1)
+        print_eval(res)
+        print(f"eval took {res['seconds']} s")
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(res, f, indent=1)
+            os.replace(tmp, args.json)
+            print(f"wrote {args.json}")
+    if args.num_samples:
+        show_samples(s, ds, args.num_samples, args, generator)
+    if args.chat:
+        chat(s, args, generator)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,228 @@
+"""
+Train a nanocrs model on a prepared dataset (see data_prep.py): every assistant turn is a structured
+target  Assistant:<MODE=REC><BOI>SID<EOI><RESP> text<EOT>  or  Assistant:<MODE=CHAT><RESP> text<EOT>.
+
+    python train.py --data data/synthetic --out out/synthetic               # CPU quickstart, ~5 min
+    python train.py --data data/synthetic --out out/synthetic --resume      # continue where it stopped
+    python train.py --data data/synthetic --out out/big --n-layer 8 --n-embd 512 --compile   # on a GPU
+
+On CUDA it uses bf16 autocast, flash attention through SDPA, TF32 matmuls and fused AdamW; on the
+CPU plain fp32. The checkpoint folder (nanocrs/checkpoint.py) holds everything sample.py needs.
+Ctrl-C saves a checkpoint before exiting; --resume continues with exactly the same batches and losses.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+from nanocrs import checkpoint
+from nanocrs.checkpoint import CheckpointError
+from nanocrs.data import DataError, Renderer, collate, epoch_batches, load_dataset
+from nanocrs.model import GPT, GPTConfig
+from nanocrs.quantizer import SemanticIDs
+from nanocrs.tokenizer import Tokenizer
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/synthetic", help="dataset folder written by data_prep.py")
+    p.add_argument("--out", default="out/synthetic", help="checkpoint folder")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    # model
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-kv-head", type=int, default=2)
+    p.add_argument("--block-size", type=int, default=256, help="longest training sequence; contexts are left-truncated to it")
+    p.add_argument("--dropout", type=float, default=0.0)
+    # data
+    p.add_argument("--format", choices=["dialog", "turn"], default="dialog",
+                   help="dialog: one sequence per dialog, all assistant turns supervised (O(turns) tokens); "
+                        "turn: one example per (assistant turn, item), as in the paper (O(turns^2))")
+    # optimisation
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-steps", type=int, default=500)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr", type=float, default=3e-4, help="cosine decays to this")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-interval", type=int, default=100, help="validation loss every N steps (0: never)")
+    p.add_argument("--save-interval", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--seed", type=int, default=1337)
+    # system
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start, faster to run)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, a) -> float:
+    """Linear warmup, then cosine from lr down to min_lr at max_steps."""
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    progress = min(1.0, (step - a.warmup) / max(1, a.max_steps - a.warmup))
+    return a.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (a.lr - a.min_lr)
+
+
+def build_examples(renderer: Renderer, dialogs: list[dict], fmt: str) -> list:
+    if fmt == "dialog":
+        return [w for d in dialogs for w in renderer.dialog_windows(d)]
+    ex = []
+    for d in dialogs:
+        for t, turn in enumerate(d["turns"]):
+            if turn["role"] == "assistant":
+                for item in (dict.fromkeys(turn["items"]) or [None]):  # one example per item (paper 2.4)
+                    ex.append(renderer.example(d["turns"][:t], turn, item))
+    return ex
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples, batch_size, device, autocast) -> float:
+    """Mean loss per supervised token over all examples (deterministic order)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        x, y = collate(examples[i:i + batch_size])
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            logits, _ = model(x)
+        n = (y != -1).sum().item()
+        total += torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                                                   ignore_index=-1, reduction="sum").item()
+        count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def main(argv=None):
+    a = get_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    autocast = (torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+                if dtype == "bfloat16" else nullcontext())
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data: the dataset folder has the tokenizer and the semantic-ID table
+    ds = load_dataset(a.data)
+    tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
+    sids = SemanticIDs.load(os.path.join(a.data, "sids.json"))
+
+    # ---- model and optimizer, fresh or resumed
+    step = 0
+    if a.resume:
+        model, config, tok_ck, _ = checkpoint.load(a.out, device)
+        step = config["step"]
+        saved = config["train"]
+        for k in ("data", "format", "batch_size", "grad_accum", "seed", "block_size"):
+            if saved[k] != getattr(a, k):  # these decide the batches: changing them breaks exact resumption
+                print(f"note: --{k.replace('_', '-')} {getattr(a, k)} differs from the checkpoint's {saved[k]}")
+        cfg = model.config
+    else:
+        torch.manual_seed(a.seed)
+        cfg = GPTConfig(vocab_size=len(tok), block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
+                        n_kv_head=a.n_kv_head, n_embd=a.n_embd, dropout=a.dropout)
+        model = GPT(cfg).to(device)
+    rd = Renderer(tok, sids, cfg.block_size)
+    train_ex = build_examples(rd, ds["train"], a.format)
+    val_ex = build_examples(rd, ds["val"], a.format)
+    n_tok = sum(len(x) for x, _ in train_ex)
+    n_sup = sum(sum(1 for t in y if t != -1) for _, y in train_ex)
+    print(f"data: {len(ds['items'])} items, {len(ds['train'])} train dialogs -> {len(train_ex)} sequences, "
+          f"{n_tok:,} tokens ({n_sup:,} supervised); {len(val_ex)} val sequences")
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(cfg.to_dict())}")
+
+    opt = model.configure_optimizer(a.lr, a.weight_decay, device_type=device_type)
+    if a.resume:
+        checkpoint.load_optimizer(opt, a.out, step)
+        if step >= a.max_steps:
+            print(f"checkpoint is at step {step} >= --max-steps {a.max_steps}: nothing to do")
+            return
+    fwd = torch.compile(model) if a.compile else model
+
+    def save(final=False):
+        config = {"model": cfg.to_dict(), "train": vars(a), "step": step, "data": os.path.abspath(a.data),
+                  "dataset": ds["meta"].get("name", os.path.basename(a.data.rstrip("/")))}
+        first = not os.path.isfile(os.path.join(a.out, "tokenizer.json"))
+        checkpoint.save(a.out, model, config, opt, tokenizer=tok if first or final else None,
+                        sids=sids if first or final else None,
+                        items_path=os.path.join(a.data, "items.jsonl") if first or final else None)
+
+    # ---- the loop. Micro-batch g of the whole run is batch g % nb of epoch g // nb (a pure function
+    # of seed and g), so a resumed run sees exactly the batches the uninterrupted one would have.
+    nb = len(epoch_batches(train_ex, a.batch_size, a.seed, 0))
+    epoch_cache = {}
+
+    def micro_batch(g):
+        e = g // nb
+        if e not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[e] = epoch_batches(train_ex, a.batch_size, a.seed, e)
+        return collate([train_ex[i] for i in epoch_cache[e][g % nb]])
+
+    os.makedirs(a.out, exist_ok=True)
+    log = open(os.path.join(a.out, "log.jsonl"), "a")
+    model.train()
+    pbar = tqdm(total=a.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout)
+    t0, tokens_seen = time.time(), 0
+    try:
+        while step < a.max_steps:
+            lr = lr_at(step, a)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(a.grad_accum):
+                x, y = micro_batch(step * a.grad_accum + micro)
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                with autocast:
+                    _, loss = fwd(x, y)
+                (loss / a.grad_accum).backward()
+                loss_sum += loss.item() / a.grad_accum
+                tokens_seen += x.numel()
+            if a.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            rec = {"step": step, "lr": lr, "loss": loss_sum}
+            if a.eval_interval and (step % a.eval_interval == 0 or step == a.max_steps):
+                rec["val_loss"] = evaluate_loss(model, val_ex, 32, device, autocast)
+                tqdm.write(f"step {step}: train loss {loss_sum:.4f}, val loss {rec['val_loss']:.4f}")
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            pbar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
+            pbar.update(1)
+            if step % a.save_interval == 0 or step == a.max_steps:
+                save(final=step == a.max_steps)
+    except KeyboardInterrupt:
+        pbar.close()
+        print(f"\ninterrupted: saving step {step} to {a.out} (continue with --resume)")
+        save(final=True)
+        sys.exit(130)
+    pbar.close()
+    elapsed = time.time() - t0
+    print(f"done: {step} steps, {tokens_seen:,} tokens in {elapsed:.0f} s "
+          f"({tokens_seen / max(elapsed, 1e-9):.0f} tokens/s); checkpoint in {a.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
