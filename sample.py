@@ -121,7 +121,8 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0) 
     intent_hits, intent_n = 0, 0
     forced = s.tok.encode(MODE_REC + BOI)
     n_turns = sum(1 for d in dialogs for t, turn in enumerate(d["turns"]) if turn["role"] == "assistant" and t > 0)
-    pbar = tqdm(total=n_turns, desc=f"eval {split}", dynamic_ncols=True, file=sys.stderr)
+    pbar = tqdm(total=n_turns, desc=f"eval {split}", dynamic_ncols=True, file=sys.stderr,
+                mininterval=0.2 if sys.stderr.isatty() else 30)
     golds_by_turn = {}
     for d, t, gold, fresh in rec_samples(dialogs):
         golds_by_turn.setdefault((d["id"], t), []).append((gold, fresh))
@@ -216,23 +217,16 @@ def chat(s: Session, args, generator):
             continue
         if not interactive:
             print(f"you> {line}")
-        context.append({"role": "user", "text": line.replace("@{", "@ {"), "items": []})
+        context.append({"role": "user", "text": _escape(line), "items": []})
         ids = s.reply(context, args, generator)
         mode, item, text = s.parse(ids)
         rec = f" recommends {s.title(item)}" if item else ""
         print(f"bot> ({mode or '?'}{rec}) {text}")
-        # keep the reply in the context in its structured form, with the item as a mention
-        items_in_reply = []
-        span, shown = None, []
-        for i in ids:
-            if i == s.ctrl.boi:
-                span = []
-            elif i == s.ctrl.eoi and span is not None:
-                items_in_reply.append(s.sids.item_of_tokens([s.tok.token(t) for t in span]))
-                span = None
-            elif span is not None:
-                span.append(i)
-        context.append({"role": "assistant", "text": _reply_text(s, ids), "items": list(dict.fromkeys(items_in_reply))})
+        # keep the reply in the context as a schema turn: its slot item first, then the items its text mentions,
+        # so that it renders back into exactly the structured form the model wrote
+        text = _reply_text(s, ids)
+        items = ([item] if item else []) + MENTION.findall(text)
+        context.append({"role": "assistant", "text": text, "items": list(dict.fromkeys(items))})
 
 
 def _reply_text(s: Session, ids: list[int]) -> str:
@@ -247,15 +241,20 @@ def _reply_text(s: Session, ids: list[int]) -> str:
         if i == s.ctrl.boi:
             span = []
         elif i == s.ctrl.eoi and span is not None:
-            out.append(s.tok.decode(text_ids)); text_ids = []
+            out.append(_escape(s.tok.decode(text_ids))); text_ids = []
             out.append("@{" + s.sids.item_of_tokens([s.tok.token(t) for t in span]) + "}")
             span = None
         elif span is not None:
             span.append(i)
         else:
             text_ids.append(i)
-    out.append(s.tok.decode(text_ids))
+    out.append(_escape(s.tok.decode(text_ids)))
     return "".join(out).strip()
+
+
+def _escape(text: str) -> str:
+    # "@{" in free text would read as an item mention when the turn is rendered again
+    return text.replace("@{", "@ {")
 
 
 def main(argv=None):

@@ -177,7 +177,9 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     log = open(os.path.join(a.out, "log.jsonl"), "a")
     model.train()
-    pbar = tqdm(total=a.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout)
+    # in a log file (not a terminal) redraw the bar rarely, so the log stays readable
+    pbar = tqdm(total=a.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout,
+                mininterval=0.2 if sys.stdout.isatty() else 30)
     t0, tokens_seen = time.time(), 0
     try:
         while step < a.max_steps:

@@ -103,7 +103,8 @@ def load_dialogs(path: str, item_ids: set) -> list[dict]:
             _require(turn.get("role") in ("user", "assistant"), w, f"role must be 'user' or 'assistant', got {turn.get('role')!r}")
             _require(isinstance(turn.get("text"), str), w, "field 'text' must be a string")
             items = turn.setdefault("items", [])
-            _require(isinstance(items, list), w, "field 'items' must be a list")
+            _require(isinstance(items, list) and all(isinstance(i, str) for i in items), w,
+                     "field 'items' must be a list of item id strings")
             for i in items + MENTION.findall(turn["text"]):
                 _require(i in item_ids, w, f"unknown item id {i!r}")
             for i in MENTION.findall(turn["text"]):

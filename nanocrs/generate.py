@@ -40,9 +40,11 @@ class SIDTrie:
             ids = [tokenizer.id(t) for t in sids.tokens(item)]
             node = trie.root
             for i in ids:
-                assert cls.LEAF not in node, f"SID of {item} extends another item's SID"
+                if cls.LEAF in node:
+                    raise ValueError(f"SID of {item} extends the SID of {node[cls.LEAF]}: the table is not prefix-free")
                 node = node.setdefault(i, {})
-            assert not node, f"SID of {item} is a prefix of another item's SID"
+            if node:
+                raise ValueError(f"SID of {item} is a prefix of another item's SID: the table is not prefix-free")
             node[cls.LEAF] = item
             trie.sid_token_ids.update(ids)
             trie.depth = max(trie.depth, len(ids))
@@ -132,6 +134,8 @@ def sample(model, prompt: list[int], trie: SIDTrie, ctrl: Control, n: int = 1, m
         if cache.pos >= max_len or (len(out[0]) >= max_new_tokens and not any(must_finish)):
             break
         mask = torch.stack([allowed_mask(s, V, trie, ctrl, device) for s in state])  # (n, V)
+        if max_len - cache.pos <= trie.depth + 2:
+            mask[:, ctrl.boi] = False  # too little room left to finish an item span: don't open one
         x = logits.float().masked_fill(~mask, float("-inf"))
         if greedy:
             nxt = x.argmax(-1)

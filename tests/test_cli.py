@@ -1,0 +1,149 @@
+"""
+End-to-end tests of the scripts run as subprocesses: bad input gives a one-line error and exit code 1
+(never a traceback), piped chat works, long chat contexts are truncated, and --eval --json writes the
+documented keys.
+
+    python -m pytest tests/test_cli.py -q
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": REPO}
+
+
+def run(script, *args, stdin=None, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=ENV,
+                          input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(p, *words):
+    assert p.returncode == 1, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def test_data_prep_unknown_dataset(tmp_path):
+    out = str(tmp_path / "x")
+    p = run("data_prep.py", "--dataset", "nope", "--out", out)
+    assert_one_line_error(p, "nope")
+    assert not os.path.exists(out)
+
+
+def test_train_missing_data(tmp_path):
+    p = run("train.py", "--data", "/nonexistent", "--out", str(tmp_path / "o"), "--max-steps", "1")
+    assert_one_line_error(p, "/nonexistent")
+
+
+def test_train_resume_without_checkpoint(dataset_dir, tmp_path):
+    out = str(tmp_path / "empty")
+    os.makedirs(out)
+    p = run("train.py", "--data", dataset_dir, "--out", out, "--resume", "--max-steps", "1")
+    assert_one_line_error(p, out, "model.safetensors")
+
+
+def test_sample_missing_checkpoint():
+    assert_one_line_error(run("sample.py", "--ckpt", "/nonexistent"), "/nonexistent")
+
+
+def test_sample_incomplete_checkpoint(trained_ckpt, tmp_path):
+    ck = str(tmp_path / "ck")
+    shutil.copytree(trained_ckpt, ck)
+    os.remove(os.path.join(ck, "model.safetensors"))
+    os.remove(os.path.join(ck, "sids.json"))
+    assert_one_line_error(run("sample.py", "--ckpt", ck), ck, "model.safetensors", "sids.json")
+
+
+def test_sample_bad_eval_split(trained_ckpt):
+    assert_one_line_error(run("sample.py", "--ckpt", trained_ckpt, "--eval", "nope"), "nope")
+
+
+def corrupt(dataset_dir, tmp_path, split, line_no, new_line):
+    dst = str(tmp_path / "broken")
+    shutil.copytree(dataset_dir, dst)
+    path = os.path.join(dst, f"{split}.jsonl")
+    lines = open(path).read().splitlines()
+    lines[line_no - 1] = new_line
+    open(path, "w").write("\n".join(lines) + "\n")
+    return dst, path
+
+
+def test_malformed_dataset_names_file_and_line(dataset_dir, tmp_path):
+    dst, path = corrupt(dataset_dir, tmp_path, "train", 5, '{"id": "syn-train-00004", "turns": [')
+    p = run("train.py", "--data", dst, "--out", str(tmp_path / "o"), "--max-steps", "1")
+    assert_one_line_error(p, f"{path}:5:", "invalid JSON")
+    assert not os.path.exists(str(tmp_path / "o" / "model.safetensors"))
+
+
+def test_unknown_item_in_eval_split(dataset_dir, trained_ckpt, tmp_path):
+    bad = {"id": "x", "turns": [{"role": "user", "text": "like @{zz9}", "items": ["zz9"]}]}
+    dst, path = corrupt(dataset_dir, tmp_path, "val", 2, json.dumps(bad))
+    p = run("sample.py", "--ckpt", trained_ckpt, "--data", dst, "--eval", "val")
+    assert_one_line_error(p, f"{path}:2:", "zz9")
+
+
+def test_piped_chat(trained_ckpt):
+    p = run("sample.py", "--ckpt", trained_ckpt, "--chat", "--max-new-tokens", "24",
+            stdin="hello\n\n/reset\nI like scary movies from the 80s\n")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    out = p.stdout.splitlines()
+    assert any(l.startswith("(empty message") for l in out)
+    assert "(new conversation)" in out
+    assert sum(l.startswith("you> ") for l in out) == 2
+    bots = [l for l in out if l.startswith("bot> ")]
+    assert len(bots) == 2, p.stdout
+    assert all(l.split(" ", 1)[1].startswith("(") for l in bots)  # "(MODE ...) text"
+
+
+def test_chat_long_context_is_truncated(trained_ckpt):
+    long_line = " ".join(["scary"] * 1500 + ["eighties"] * 1500)
+    p = run("sample.py", "--ckpt", trained_ckpt, "--chat", "--greedy", stdin=long_line + "\nand another one?\n")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    assert sum(l.startswith("bot> ") for l in p.stdout.splitlines()) == 2
+
+
+def test_eval_json(trained_ckpt, tmp_path):
+    out = str(tmp_path / "sub" / "eval.json")
+    p = run("sample.py", "--ckpt", trained_ckpt, "--eval", "test", "--max-samples", "3", "--json", out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "standard protocol" in p.stdout and "intent accuracy" in p.stdout
+    res = json.load(open(out))
+    for key in ("n_samples", "model", "popularity", "repeat", "oracle", "fresh", "intent_accuracy"):
+        assert key in res, key
+    metric_keys = {f"recall@{k}" for k in (1, 5, 10, 20, 50)} | {f"{m}@{k}" for m in ("ndcg", "mrr") for k in (5, 10, 20)}
+    for method in ("model", "popularity", "repeat", "oracle"):
+        assert metric_keys <= set(res[method]), method
+        assert all(0.0 <= res[method][k] <= 1.0 for k in metric_keys)
+        assert res[method]["recall@1"] <= res[method]["recall@5"] <= res[method]["recall@50"]
+    assert set(res["fresh"]) >= {"model", "popularity", "repeat", "oracle"}
+    assert res["n_samples"] > 0 and 0.0 <= res["intent_accuracy"] <= 1.0
+    assert res["oracle"]["recall@50"] == 1.0  # the generator's own list always holds the gold item
+    assert not os.path.exists(out + ".tmp")
+
+
+def test_chat_context_survives_generated_mention_syntax(trained_ckpt):
+    """chat() writes the model's reply back into the context via _reply_text; if the generated text
+    itself contains "@{...}" (any byte sequence is possible for a sampled model), the next prompt must
+    still render instead of crashing with a KeyError (user input is escaped the same way: "@ {")."""
+    sys.path.insert(0, REPO)
+    import sample as sample_py
+    s = sample_py.Session(trained_ckpt, "cpu")
+    ids = s.tok.encode("<MODE=CHAT><RESP> what about @{zz9} then?<EOT>")
+    text = sample_py._reply_text(s, ids)
+    context = [{"role": "user", "text": "hi", "items": []}, {"role": "assistant", "text": text, "items": []},
+               {"role": "user", "text": "ok", "items": []}]
+    prompt = s.rd.prompt(context)  # must not raise
+    assert len(prompt) > 0

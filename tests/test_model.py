@@ -1,0 +1,215 @@
+"""
+Tests for nanocrs/model.py: KV-cache decoding equals the full forward, KVCache.expand/reorder, the
+loss's ignore_index, the padded vocabulary, and llama3 RoPE scaling.
+
+    python -m pytest tests/test_model.py -q
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanocrs.model import GPT, GPTConfig, KVCache, rope_frequencies
+
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():  # (a module-level set_grad_enabled(False) would leak into other test files)
+        yield
+
+
+def make_model(seed=0, **kw):
+    """A tiny random model whose weights are large enough that logits vary by O(1) between positions
+    and contexts (with the default 0.02 init every logit is ~0 and a broken cache could hide under atol)."""
+    base = dict(vocab_size=100, pad_vocab_to=64, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    base.update(kw)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**base))
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:  # norm weights and biases
+            p.copy_((1.0 if name.endswith("norm.weight") or "layernorm" in name else 0.0)
+                    + 0.3 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+    return model.eval()
+
+
+CONFIGS = {
+    "gqa": dict(n_head=4, n_kv_head=2),
+    "qwen-like": dict(n_head=4, n_kv_head=2, head_dim=12, qkv_bias=True, qk_norm=True, tie_embeddings=False),
+    "mha-llama3-rope": dict(n_head=4, n_kv_head=4, rope_scaling={"rope_type": "llama3", "factor": 4.0,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_kv_cache_matches_full_forward(name):
+    model = make_model(**CONFIGS[name])
+    cfg = model.config
+    if name == "qwen-like":
+        assert cfg.head_dim == 12 != cfg.n_embd // cfg.n_head
+        assert model.lm_head.weight.data_ptr() != model.embed_tokens.weight.data_ptr()
+        assert model.layers[0].self_attn.q_proj.bias is not None and model.layers[0].self_attn.q_norm is not None
+    B, T = 2, 20
+    idx = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(3))
+    full, _ = model(idx)  # (B, T, V)
+
+    cache = model.new_cache(B, T)
+    parts = []
+    logits, _ = model(idx[:, :7], cache=cache)            # prefill a chunk
+    parts.append(logits)
+    assert cache.pos == 7
+    logits, _ = model(idx[:, 7:12], cache=cache)          # a multi-token block on a filled cache
+    parts.append(logits)
+    assert cache.pos == 12
+    for t in range(12, T):                                # then token by token
+        logits, _ = model(idx[:, t:t + 1], cache=cache)
+        parts.append(logits)
+    assert cache.pos == T
+    dec = torch.cat(parts, dim=1)
+    assert dec.shape == full.shape == (B, T, cfg.vocab_size)
+    torch.testing.assert_close(dec, full, atol=1e-5, rtol=0)
+
+    # the check is sensitive: the same block decoded without its context gives different logits
+    alone, _ = model(idx[:, 7:12])
+    assert (alone - full[:, 7:12]).abs().max() > 1e-2
+
+
+def test_cache_overflow_is_refused():
+    model = make_model()
+    cache = model.new_cache(1, 4)
+    model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(AssertionError, match="KV cache full"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+
+
+def test_kv_cache_expand_and_reorder():
+    model = make_model()
+    cfg = model.config
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 6), generator=g)
+    cache = model.new_cache(1, 10)
+    last, _ = model(prompt, cache=cache)
+
+    beams = cache.expand(3)
+    assert beams.pos == cache.pos == 6 and beams.k.shape[1] == 3
+    for r in range(3):  # every row is a copy of the single prefilled row
+        assert torch.equal(beams.k[:, r], cache.k[:, 0]) and torch.equal(beams.v[:, r], cache.v[:, 0])
+    # the copy is independent storage: writing a beam must not touch the others or the source
+    nxt = torch.tensor([[11], [22], [33]])
+    model(nxt, cache=beams)
+    assert not torch.equal(beams.k[:, 0, :, 6], beams.k[:, 1, :, 6])
+    assert torch.equal(cache.k[:, 0, :, 6], torch.zeros_like(cache.k[:, 0, :, 6]))
+
+    # survivors: row 2 twice and row 0 once, then one more token each
+    rows = torch.tensor([2, 2, 0])
+    k_before, v_before = beams.k.clone(), beams.v.clone()
+    beams.reorder(rows)
+    for new, old in enumerate(rows.tolist()):
+        assert torch.equal(beams.k[:, new], k_before[:, old]) and torch.equal(beams.v[:, new], v_before[:, old])
+    step2 = torch.tensor([[7], [8], [9]])
+    logits, _ = model(step2, cache=beams)
+    # reference: the full sequences prompt + (token of the surviving beam) + new token
+    seqs = torch.cat([prompt.expand(3, -1), nxt[rows], step2], dim=1)  # (3, 8)
+    full, _ = model(seqs)
+    torch.testing.assert_close(logits[:, -1], full[:, -1], atol=1e-5, rtol=0)
+
+    # reorder also grows a batch-1 cache into n rows (beam search relies on it)
+    c1 = model.new_cache(1, 10)
+    model(prompt, cache=c1)
+    c1.reorder(torch.tensor([0, 0]))
+    assert c1.k.shape[1] == 2 and torch.equal(c1.k[:, 0], c1.k[:, 1])
+
+    with pytest.raises(AssertionError):
+        beams.expand(2)  # only a batch of one can be expanded
+
+
+def test_loss_ignores_minus_one_targets():
+    model = make_model()
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(0, V, (3, 9), generator=g)
+    targets = torch.randint(0, V, (3, 9), generator=g)
+    targets[0, :4] = -1
+    targets[1, 5:] = -1
+    targets[2, ::2] = -1
+    logits, loss = model(idx, targets)
+    keep = targets != -1
+    logp = torch.log_softmax(logits.double(), -1)  # (B, T, V)
+    manual = -logp[keep].gather(-1, targets[keep].unsqueeze(-1)).mean()
+    assert abs(loss.item() - manual.item()) < 1e-5
+    # and the ignored positions really are ignored: changing their logits' targets does not matter
+    t2 = targets.clone()
+    t2[~keep] = -1
+    assert model(idx, t2)[1].item() == loss.item()
+    # a loss over all positions is a different number (so the test can fail)
+    all_t = torch.where(keep, targets, torch.zeros_like(targets))
+    assert abs(model(idx, all_t)[1].item() - loss.item()) > 1e-4
+    _, none = model(idx)
+    assert none is None
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_padded_vocab_rows_never_in_logits(tie):
+    model = make_model(vocab_size=100, pad_vocab_to=64, tie_embeddings=tie)
+    cfg = model.config
+    assert cfg.padded_vocab_size == 128
+    assert model.embed_tokens.weight.shape[0] == 128 and model.lm_head.weight.shape[0] == 128
+    idx = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(1))
+    before, _ = model(idx)
+    # huge padding rows in the head: if they leaked into the logits (or the softmax), results would change
+    model.lm_head.weight[100:] = 1e4 * torch.randn(28, cfg.n_embd, generator=torch.Generator().manual_seed(2))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 5, 100)
+    assert torch.equal(logits, before)
+    assert loss.item() < 20  # log-softmax is over the 100 real tokens only
+    exact = make_model(vocab_size=100, pad_vocab_to=1)
+    assert exact.lm_head.weight.shape[0] == 100 and exact(idx)[0].shape == (2, 5, 100)
+
+
+LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8192}
+
+
+def test_llama3_rope_scaling_changes_only_long_wavelengths():
+    kw = dict(vocab_size=64, n_embd=128, n_head=2, n_kv_head=1, n_layer=1, rope_theta=500000.0)
+    base = rope_frequencies(GPTConfig(**kw)).double()
+    scaled = rope_frequencies(GPTConfig(**kw, rope_scaling=dict(LLAMA31))).double()
+    assert base.shape == scaled.shape == (32,)
+    wavelen = 2 * math.pi / base
+    high, low = 8192 / 4.0, 8192 / 1.0  # wavelength bounds of the interpolated band
+    short, long_ = wavelen < high, wavelen > low
+    mid = ~short & ~long_
+    assert short.any() and long_.any() and mid.any()  # every regime is exercised
+    # short wavelengths (high frequencies) untouched
+    torch.testing.assert_close(scaled[short], base[short], rtol=1e-6, atol=0)
+    # long wavelengths slowed down by the factor
+    torch.testing.assert_close(scaled[long_], base[long_] / 8.0, rtol=1e-6, atol=0)
+    # the band in between: the reference formula, strictly between the two
+    smooth = (8192 / wavelen[mid] - 1.0) / (4.0 - 1.0)
+    ref = (1 - smooth) * base[mid] / 8.0 + smooth * base[mid]
+    torch.testing.assert_close(scaled[mid], ref, rtol=1e-5, atol=0)
+    assert ((scaled[mid] < base[mid]) & (scaled[mid] > base[mid] / 8.0)).all()
+    # the model uses the scaled table; the old "type" key is accepted too
+    m = GPT(GPTConfig(**kw, rope_scaling=dict(LLAMA31)))
+    torch.testing.assert_close(m.inv_freq.double(), scaled)
+    alt = {k: v for k, v in LLAMA31.items() if k != "rope_type"} | {"type": "llama3"}
+    torch.testing.assert_close(rope_frequencies(GPTConfig(**kw, rope_scaling=alt)).double(), scaled)
+
+
+def test_unknown_rope_type_raises():
+    with pytest.raises(ValueError, match="yarn"):
+        rope_frequencies(GPTConfig(vocab_size=64, n_embd=32, n_head=2, n_kv_head=1, rope_scaling={"rope_type": "yarn"}))
+    with pytest.raises(ValueError):
+        GPT(GPTConfig(vocab_size=64, n_embd=32, n_head=2, n_kv_head=1, n_layer=1, rope_scaling={"type": "dynamic"}))
+
+
+def test_config_dict_round_trip_and_unknown_fields():
+    cfg = GPTConfig(vocab_size=77, n_embd=48, n_head=4, n_kv_head=2, head_dim=16, qk_norm=True)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="bogus"):
+        GPTConfig.from_dict({**cfg.to_dict(), "bogus": 1})

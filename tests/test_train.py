@@ -1,0 +1,165 @@
+"""
+Tests for train.py and nanocrs/checkpoint.py: save/load gives identical logits, --resume continues the
+exact loss sequence, and broken checkpoint folders raise CheckpointError naming the problem.
+
+    python -m pytest tests/test_train.py -q
+"""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_train
+from nanocrs import checkpoint
+from nanocrs.checkpoint import CheckpointError
+from nanocrs.model import GPT, GPTConfig
+
+
+def read_log(ckpt):
+    with open(os.path.join(ckpt, "log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def probe(vocab_size, n=3, T=17):
+    return torch.randint(0, vocab_size, (n, T), generator=torch.Generator().manual_seed(0))
+
+
+def test_trained_checkpoint_folder(trained_ckpt):
+    for f in checkpoint.REQUIRED + ("optimizer.safetensors", "log.jsonl"):
+        assert os.path.isfile(os.path.join(trained_ckpt, f)), f
+    assert not [f for f in os.listdir(trained_ckpt) if f.endswith(".tmp")]
+    cfg = json.load(open(os.path.join(trained_ckpt, "config.json")))
+    assert cfg["step"] == 6 and cfg["model"]["n_layer"] == 2 and cfg["model"]["n_embd"] == 64
+    log = read_log(trained_ckpt)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) for r in log)
+    assert [r["step"] for r in log if "val_loss" in r] == [3, 6]
+
+
+@torch.no_grad()
+def test_checkpoint_round_trip_identical_logits(trained_ckpt, tmp_path):
+    m1, cfg1, tok, sids = checkpoint.load(trained_ckpt)
+    m2, *_ = checkpoint.load(trained_ckpt)
+    m1.eval(), m2.eval()
+    x = probe(m1.config.vocab_size)
+    l1, l2 = m1(x)[0], m2(x)[0]
+    assert torch.equal(l1, l2)
+    # the weights are the file's, bit for bit
+    sd = load_file(os.path.join(trained_ckpt, "model.safetensors"))
+    assert torch.equal(m1.embed_tokens.weight, sd["embed_tokens.weight"])
+    assert m1.lm_head.weight.data_ptr() == m1.embed_tokens.weight.data_ptr()  # still tied after loading
+    # and not a fresh initialisation: a new model with the same config gives different logits
+    torch.manual_seed(123)
+    assert not torch.allclose(GPT(m1.config).eval()(x)[0], l1)
+
+    # save the loaded model again (what a resumed run does) and load it: same logits
+    out = str(tmp_path / "again")
+    checkpoint.save(out, m1, {**cfg1, "step": 7}, tokenizer=tok, sids=sids,
+                    items_path=os.path.join(trained_ckpt, "items.jsonl"))
+    m3, cfg3, _, _ = checkpoint.load(out)
+    assert cfg3["step"] == 7
+    assert torch.equal(m3.eval()(x)[0], l1)
+
+
+@pytest.mark.parametrize("extra", [dict(tie_embeddings=False, qkv_bias=True, qk_norm=True, head_dim=24),
+                                   dict(tie_embeddings=True)])
+@torch.no_grad()
+def test_in_memory_model_save_load(trained_ckpt, tmp_path, extra):
+    _, cfg, tok, sids = checkpoint.load(trained_ckpt)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(tok), n_layer=2, n_embd=48, n_head=4, n_kv_head=2, **extra)).eval()
+    for p in model.parameters():  # make every weight (biases and norms too) distinctive
+        p.add_(0.05 * torch.randn_like(p))
+    out = str(tmp_path / "ck")
+    checkpoint.save(out, model, {"model": model.config.to_dict(), "step": 1}, tokenizer=tok, sids=sids,
+                    items_path=os.path.join(trained_ckpt, "items.jsonl"))
+    loaded, config, _, _ = checkpoint.load(out)
+    x = probe(len(tok))
+    assert torch.equal(loaded.eval()(x)[0], model(x)[0])
+    assert loaded.config == model.config
+    if not extra["tie_embeddings"]:
+        assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+        assert loaded.lm_head.weight.data_ptr() != loaded.embed_tokens.weight.data_ptr()
+
+
+def test_resume_continues_the_same_losses(dataset_dir, trained_ckpt, tmp_path):
+    b = str(tmp_path / "B")
+    run_train(dataset_dir, b, ["--max-steps", "3"])
+    assert json.load(open(os.path.join(b, "config.json")))["step"] == 3
+    run_train(dataset_dir, b, ["--max-steps", "6", "--resume"])
+    log_a, log_b = read_log(trained_ckpt), read_log(b)
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(log_a, log_b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-6, (ra, rb)
+        assert ra["lr"] == rb["lr"]
+        if "val_loss" in ra:
+            assert abs(ra["val_loss"] - rb["val_loss"]) <= 1e-6
+    # the losses do move (so equality is not trivial), and the final weights agree too
+    assert len({r["loss"] for r in log_a[3:]}) == 3
+    ma, *_ = checkpoint.load(trained_ckpt)
+    mb, *_ = checkpoint.load(b)
+    for (na, pa), (nb, pb) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        assert na == nb and torch.allclose(pa, pb, atol=1e-6), na
+    # a resume past --max-steps does nothing and appends nothing
+    run_train(dataset_dir, b, ["--max-steps", "6", "--resume"])
+    assert len(read_log(b)) == 6
+
+
+def test_turn_format_trains(dataset_dir, tmp_path):
+    out = run_train(dataset_dir, str(tmp_path / "T"), ["--max-steps", "2", "--format", "turn", "--eval-interval", "0"])
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2] and all("val_loss" not in r for r in log)
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
+
+
+@pytest.fixture
+def ckpt_copy(trained_ckpt, tmp_path):
+    dst = str(tmp_path / "copy")
+    shutil.copytree(trained_ckpt, dst)
+    return dst
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "config.json", "tokenizer.json", "sids.json"])
+def test_load_missing_file(ckpt_copy, missing):
+    os.remove(os.path.join(ckpt_copy, missing))
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(ckpt_copy)
+    assert missing in str(e.value) and ckpt_copy in str(e.value)
+
+
+def test_load_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        checkpoint.load(str(tmp_path / "nope"))
+
+
+def test_inconsistent_step_metadata(ckpt_copy):
+    path = os.path.join(ckpt_copy, "config.json")
+    cfg = json.load(open(path))
+    cfg["step"] = 5
+    json.dump(cfg, open(path, "w"))
+    with pytest.raises(CheckpointError, match="step"):
+        checkpoint.load(ckpt_copy)
+
+
+def test_optimizer_step_mismatch(ckpt_copy):
+    model, cfg, _, _ = checkpoint.load(ckpt_copy)
+    opt = model.configure_optimizer(1e-3, 0.1)
+    checkpoint.load_optimizer(opt, ckpt_copy, cfg["step"])  # consistent: fine
+    assert len(opt.state) > 0
+    with pytest.raises(CheckpointError, match="optimizer"):
+        checkpoint.load_optimizer(opt, ckpt_copy, cfg["step"] - 1)
+    os.remove(os.path.join(ckpt_copy, "optimizer.safetensors"))
+    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+        checkpoint.load_optimizer(opt, ckpt_copy, cfg["step"])
+
+
+def test_invalid_config_json(ckpt_copy):
+    with open(os.path.join(ckpt_copy, "config.json"), "w") as f:
+        f.write("{\"model\": ")
+    with pytest.raises(CheckpointError, match="config.json"):
+        checkpoint.load(ckpt_copy)
