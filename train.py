@@ -37,7 +37,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     # model
     p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--n-embd", type=int, default=192)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-kv-head", type=int, default=2)
     p.add_argument("--block-size", type=int, default=256, help="longest training sequence; contexts are left-truncated to it")
@@ -49,14 +49,14 @@ def get_args(argv=None):
     # optimisation
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-steps", type=int, default=500)
+    p.add_argument("--max-steps", type=int, default=800)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr", type=float, default=3e-4, help="cosine decays to this")
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-interval", type=int, default=100, help="validation loss every N steps (0: never)")
-    p.add_argument("--save-interval", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--eval-interval", type=int, default=200, help="validation loss every N steps (0: never)")
+    p.add_argument("--save-interval", type=int, default=200, help="checkpoint every N steps (and at the end)")
     p.add_argument("--seed", type=int, default=1337)
     # system
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
