@@ -22,14 +22,18 @@ from nanocrs.encoder import tfidf_svd
 from nanocrs.quantizer import QuantizerConfig, quantize
 from nanocrs.tokenizer import ASSISTANT_PREFIX, CONTROL_TOKENS, USER_PREFIX, Tokenizer
 
-DATASETS = ("synthetic",)
+DATASETS = ("synthetic", "redial", "inspired", "custom")
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic", help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--out", default=None, help="output folder (default: data/DATASET)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic world and of k-means")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic world, of k-means and of ReDial's val split")
+    # real datasets (nanocrs/datasets.py)
+    p.add_argument("--raw", default=None, help="folder with the raw redial/inspired files, or the schema files for "
+                                                "custom (redial/inspired without it: download the official files)")
+    p.add_argument("--cache-dir", default=None, help="download cache (default: $NANOCRS_CACHE or ~/.cache/nanocrs)")
     # synthetic world size
     p.add_argument("--n-items", type=int, default=600)
     p.add_argument("--n-train", type=int, default=3000)
@@ -49,12 +53,21 @@ def get_args(argv=None):
 
 
 def build_dialogs(a):
-    """(items, {split: dialogs}) in the normalized schema."""
+    """(items, {split: dialogs}, info) in the normalized schema; info (coverage, skips) goes to dataset.json."""
     if a.dataset == "synthetic":
         from nanocrs.synthetic import describe_world, make_world
         items, splits = make_world(seed=a.seed, n_items=a.n_items, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test)
         print(describe_world(items, splits))
-        return items, splits
+        return items, splits, {}
+    from nanocrs import datasets
+    if a.dataset == "custom":
+        if not a.raw:
+            raise DataError("--dataset custom needs --raw DIR (items.jsonl + train/val/test.jsonl)")
+        return datasets.build_custom(a.raw)
+    if a.dataset in ("redial", "inspired"):
+        raw = a.raw or datasets.download(a.dataset, cache_dir=a.cache_dir)
+        build = datasets.build_redial if a.dataset == "redial" else datasets.build_inspired
+        return build(raw, seed=a.seed)
     raise DataError(f"unknown --dataset {a.dataset!r} (choose from: {', '.join(DATASETS)})")
 
 
@@ -67,7 +80,7 @@ def main(argv=None):
     t0 = time.time()
 
     # 1. dialogs and items, written in the schema and read back through the validating reader
-    items, splits = build_dialogs(a)
+    items, splits, info = build_dialogs(a)
     write_jsonl(os.path.join(out, "items.jsonl"), items)
     for s in SPLITS:
         write_jsonl(os.path.join(out, f"{s}.jsonl"), splits[s])
@@ -101,7 +114,7 @@ def main(argv=None):
     write_json(os.path.join(out, "dataset.json"), {
         "name": a.dataset, "n_items": len(ds["items"]), **{f"n_{s}": len(ds[s]) for s in SPLITS},
         "encoder": f"tfidf-svd-{a.embed_dim}", "quantizer": vars(qcfg) if hasattr(qcfg, "__dict__") else str(qcfg),
-        "vocab_size": len(tok), "args": vars(a)})
+        "vocab_size": len(tok), "args": vars(a), "info": info})
     print(f"wrote {out} in {time.time() - t0:.1f} s")
 
 

@@ -5,6 +5,8 @@ Use a trained nanocrs checkpoint: evaluate it, print sample replies, or chat wit
     python sample.py --ckpt out/synthetic --num-samples 3
     python sample.py --ckpt out/synthetic --chat                  # /reset starts over, /quit leaves
     echo "I want a scary movie from the 80s" | python sample.py --ckpt out/synthetic --chat
+    python sample.py --ckpt out/smol --export-hf out/smol-hf      # a folder transformers can load
+    python sample.py --init-from smollm2 --prompt "The capital of France is" --greedy --max-new-tokens 20
 
 Evaluation follows the paper's protocol: one sample per (assistant turn, item it mentions); the mode
 is forced from the gold turn, the context is followed by  Assistant:<MODE=REC><BOI>  and a
@@ -28,7 +30,9 @@ from nanocrs import checkpoint
 from nanocrs.checkpoint import CheckpointError
 from nanocrs.data import MENTION, DataError, Renderer, load_dataset, load_items, rec_samples
 from nanocrs.generate import Control, SIDTrie, beam_search, sample
-from nanocrs.metrics import Popularity, format_table, rank_metrics, rank_of, repeat_context
+from nanocrs.metrics import (CoOccurrence, Popularity, corpus_bleu, distinct_per_sentence, distinct_ratio,
+                             format_table, perplexity, rank_metrics, rank_of, repeat_context,
+                             repeat_then_cooccurrence, replace_spans)
 from nanocrs.tokenizer import BOI, EOI, MODE_CHAT, MODE_REC, RESP
 
 
@@ -40,6 +44,7 @@ def get_args(argv=None):
     p.add_argument("--json", default=None, help="with --eval: also write the results here")
     p.add_argument("--beam", type=int, default=50, help="beam width of the item search")
     p.add_argument("--max-samples", type=int, default=0, help="with --eval: stop after this many dialogs (0: all)")
+    p.add_argument("--max-gen", type=int, default=200, help="with --eval: generate responses on about this many turns for BLEU/Distinct (0: none)")
     p.add_argument("--num-samples", type=int, default=0, help="print this many test contexts with gold and generated replies")
     p.add_argument("--chat", action="store_true", help="interactive chat (reads stdin, works with pipes)")
     p.add_argument("--temperature", type=float, default=0.7)
@@ -48,6 +53,9 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--export-hf", default=None, metavar="DIR", help="write the checkpoint as a Hugging Face folder")
+    p.add_argument("--init-from", default=None, help='plain text generation from an unmodified pretrained model ("smollm2" or a folder)')
+    p.add_argument("--prompt", default=None, help="with --init-from: the prompt (raw text, no chat template added)")
     return p.parse_args(argv)
 
 
@@ -55,7 +63,7 @@ class Session:
     """Everything loaded from a checkpoint, plus the helpers that turn tokens into readable text."""
 
     def __init__(self, ckpt: str, device: str):
-        self.model, self.config, self.tok, self.sids = checkpoint.load(ckpt, device)
+        self.model, self.config, self.tok, self.sids = checkpoint.load(ckpt, device, merge=True)
         self.model.eval()
         self.items = {it["id"]: it for it in load_items(os.path.join(ckpt, "items.jsonl"))}
         self.rd = Renderer(self.tok, self.sids, self.model.config.block_size)
@@ -101,6 +109,32 @@ class Session:
         words.append(self.tok.decode(text_ids))
         return mode, target, "".join(words).strip()
 
+    def generated_response(self, ids: list[int]):
+        """Generated ids (from the MODE token on) -> (slot item or None, items the response text
+        mentions, response text with each item span as one "<movie>" token), for the dialog metrics."""
+        resp = self.tok.id(RESP)
+        head, body = (ids[:ids.index(resp)], ids[ids.index(resp) + 1:]) if resp in ids else (ids, [])
+        slot = None
+        if self.ctrl.boi in head and self.ctrl.eoi in head:
+            a, b = head.index(self.ctrl.boi), head.index(self.ctrl.eoi)
+            slot = self.sids.item_of_tokens([self.tok.token(t) for t in head[a + 1:b]])
+        words, text_ids, span, items = [], [], None, []
+        for i in body:
+            if i == self.ctrl.eot:
+                break
+            if i == self.ctrl.boi:
+                span = []
+            elif i == self.ctrl.eoi and span is not None:
+                items.append(self.sids.item_of_tokens([self.tok.token(t) for t in span]))
+                words += [self.tok.decode(text_ids), " <movie> "]
+                text_ids, span = [], None
+            elif span is not None:
+                span.append(i)
+            else:
+                text_ids.append(i)
+        words.append(self.tok.decode(text_ids))
+        return slot, items, " ".join("".join(words).split())
+
     def reply(self, context: list[dict], args, generator) -> list[int]:
         prompt = self.rd.prompt(context)
         return sample(self.model, prompt, self.trie, self.ctrl, n=1, max_new_tokens=args.max_new_tokens,
@@ -111,63 +145,113 @@ class Session:
 # evaluation
 
 @torch.no_grad()
-def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0) -> dict:
+def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, max_gen: int = 200,
+             max_new_tokens: int = 64) -> dict:
+    """The recommendation eval (paper protocol, both protocols, baselines) and the dialog metrics.
+
+    Per assistant turn, ONE forward of  context + "Assistant:" + the gold structured turn  gives:
+      - the free-mode intent: the greedy token right after "Assistant:";
+      - the perplexity of the gold response (teacher-forced; each <BOI>..<EOI> span counts as one unit);
+      - on REC turns, the start of the item beam search: the cache is rewound to just after
+        <MODE=REC><BOI>, which is exactly how the gold REC turn begins.
+    On every k-th turn (about max_gen turns in all) a response is also generated greedily with the
+    gold mode forced, for BLEU / Distinct-n and, on REC turns, the target-prediction accuracy (the
+    item the model writes after <BOI>) and faithfulness (the response mentions that same item)."""
     dialogs = ds[split][:max_dialogs] if max_dialogs else ds[split]
-    pop = Popularity(ds["train"], [it["id"] for it in ds["items"]])
+    catalogue = [it["id"] for it in ds["items"]]
+    pop, cooc = Popularity(ds["train"], catalogue), CoOccurrence(ds["train"], catalogue)
     has_oracle = any("oracle" in t for d in dialogs for t in d["turns"])
-    methods = ["model", "popularity", "repeat"] + (["oracle"] if has_oracle else [])
+    methods = ["model", "popularity", "repeat", "cooc", "repeat+cooc"] + (["oracle"] if has_oracle else [])
     ranks = {m: [] for m in methods}
     fresh_flags = []
-    intent_hits, intent_n = 0, 0
-    forced = s.tok.encode(MODE_REC + BOI)
-    n_turns = sum(1 for d in dialogs for t, turn in enumerate(d["turns"]) if turn["role"] == "assistant" and t > 0)
-    pbar = tqdm(total=n_turns, desc=f"eval {split}", dynamic_ncols=True, file=sys.stderr,
-                mininterval=0.2 if sys.stderr.isatty() else 30)
     golds_by_turn = {}
     for d, t, gold, fresh in rec_samples(dialogs):
         golds_by_turn.setdefault((d["id"], t), []).append((gold, fresh))
-    for d in dialogs:
-        for t, turn in enumerate(d["turns"]):
-            if turn["role"] != "assistant" or t == 0:
-                continue
-            context = d["turns"][:t]
-            prompt = s.rd.prompt(context)
-            # one prefill serves the free-mode intent and, continued with <MODE=REC><BOI>, the beam search
-            cache = s.model.new_cache(1, len(prompt) + len(forced) + s.trie.depth + 1)
-            logits, _ = s.model(torch.tensor([prompt], device=s.device), cache=cache)
-            free_mode = logits[0, -1].argmax().item()
-            gold_mode = s.tok.id(MODE_REC) if turn["items"] else s.tok.id(MODE_CHAT)
-            intent_hits += int(free_mode == gold_mode)
-            intent_n += 1
+    turns = [(d, t) for d in dialogs for t, turn in enumerate(d["turns"]) if turn["role"] == "assistant" and t > 0]
+    gen_every = max(1, len(turns) // max_gen) if max_gen else 0
+    mode_rec, mode_chat, resp = s.tok.id(MODE_REC), s.tok.id(MODE_CHAT), s.tok.id(RESP)
+    intent_hits = 0
+    nll_total, nll_units = 0.0, 0
+    hyps, refs = [], []
+    gen = {"rec_turns": 0, "target_hits": 0, "top1_hits": 0, "faithful": 0}
+    for j, (d, t) in enumerate(tqdm(turns, desc=f"eval {split}", dynamic_ncols=True, file=sys.stderr,
+                                    mininterval=0.2 if sys.stderr.isatty() else 30)):
+        turn, context = d["turns"][t], d["turns"][:t]
+        ids, targets = s.rd.example(context, turn)
+        P = next(i for i, x in enumerate(targets) if x != -1) + 1  # tokens up to and including "Assistant:"
+        cache = s.model.new_cache(1, len(ids) + s.trie.depth + 1)
+        logits, _ = s.model(torch.tensor([ids], device=s.device), cache=cache)
+        logits = logits[0]  # (T, V)
+        intent_hits += int(logits[P - 1].argmax().item() == (mode_rec if turn["items"] else mode_chat))
+        # perplexity of the response: the tokens after <RESP>, an item span scored as one unit
+        logp = torch.log_softmax(logits[:-1].float(), -1).gather(1, torch.tensor(ids[1:], device=s.device)[:, None])[:, 0]
+        k = ids.index(resp, P) + 1
+        in_span = False
+        for pos in range(k, len(ids)):
+            in_span = in_span or ids[pos] == s.ctrl.boi
+            nll_total -= logp[pos - 1].item()
+            if not in_span or ids[pos] == s.ctrl.eoi:
+                nll_units += 1
+                in_span = False
+        top1 = None
+        if turn["items"]:
+            assert ids[P:P + 2] == [mode_rec, s.ctrl.boi]
+            cache.pos = P + 2  # rewind to just after <MODE=REC><BOI>
+            top = beam_search(s.model, ids[:P + 2], s.trie, s.ctrl, beam, cache=cache, last_logits=logits[P + 1][None])
+            lists = {"model": [i for i, _ in top], "popularity": pop.rank(context), "repeat": repeat_context(context),
+                     "cooc": cooc.rank(context), "repeat+cooc": repeat_then_cooccurrence(context, cooc)}
+            if has_oracle:
+                lists["oracle"] = turn.get("oracle", [])
+            for gold, fresh in golds_by_turn[(d["id"], t)]:
+                for m in methods:
+                    ranks[m].append(rank_of(lists[m], gold))
+                fresh_flags.append(fresh)
+            top1 = lists["model"][0] if lists["model"] else None
+        if gen_every and j % gen_every == 0:
+            forced = MODE_REC if turn["items"] else MODE_CHAT
+            prompt = s.rd.prompt(context, forced=forced)
+            out = sample(s.model, prompt, s.trie, s.ctrl, max_new_tokens=max_new_tokens, greedy=True)[0]
+            target, text_items, text = s.generated_response([mode_rec if turn["items"] else mode_chat] + out)
+            hyps.append(text)
+            refs.append(replace_spans(turn["text"]))
             if turn["items"]:
-                logits, _ = s.model(torch.tensor([forced], device=s.device), cache=cache)
-                top = beam_search(s.model, prompt + forced, s.trie, s.ctrl, beam, cache=cache, last_logits=logits[:, -1])
-                lists = {"model": [i for i, _ in top], "popularity": pop.rank(context), "repeat": repeat_context(context)}
-                if has_oracle:
-                    lists["oracle"] = turn.get("oracle", [])
-                for gold, fresh in golds_by_turn[(d["id"], t)]:
-                    for m in methods:
-                        ranks[m].append(rank_of(lists[m], gold))
-                    fresh_flags.append(fresh)
-            pbar.update(1)
-    pbar.close()
+                gen["rec_turns"] += 1
+                gen["target_hits"] += int(target in turn["items"])
+                gen["top1_hits"] += int(top1 in turn["items"])
+                gen["faithful"] += int(target is not None and target in text_items)
     res = {"split": split, "n_samples": len(fresh_flags), "n_fresh": sum(fresh_flags), "beam": beam}
     for m in methods:
         res[m] = rank_metrics(ranks[m])
     res["fresh"] = {m: rank_metrics([r for r, f in zip(ranks[m], fresh_flags) if f]) for m in methods}
-    res["intent_accuracy"] = intent_hits / max(intent_n, 1)
-    res["n_intent_turns"] = intent_n
+    res["intent_accuracy"] = intent_hits / max(len(turns), 1)
+    res["n_intent_turns"] = len(turns)
+    n_rec = max(gen["rec_turns"], 1)
+    res["dialog"] = {
+        "perplexity": perplexity(nll_total, nll_units), "ppl_units": nll_units,
+        "bleu": corpus_bleu(hyps, refs) if hyps else 0.0, "n_generated": len(hyps),
+        "distinct_ratio": {n: distinct_ratio(hyps, n) for n in (1, 2, 3, 4)},
+        "distinct_per_sentence": {n: distinct_per_sentence(hyps, n) for n in (1, 2, 3, 4)},
+        "target_accuracy": gen["target_hits"] / n_rec, "beam_top1_accuracy": gen["top1_hits"] / n_rec,
+        "faithfulness": gen["faithful"] / n_rec, "n_generated_rec_turns": gen["rec_turns"]}
     return res
 
 
 def print_eval(res: dict):
     keys = ["recall@1", "recall@5", "recall@10", "recall@20", "recall@50", "ndcg@10", "mrr@10"]
-    methods = [m for m in ("model", "popularity", "repeat", "oracle") if m in res]
+    methods = [m for m in ("model", "popularity", "repeat", "cooc", "repeat+cooc", "oracle") if m in res]
     print(f"\nstandard protocol: {res['n_samples']} samples ({res['split']}), beam {res['beam']}")
     print(format_table({m: res[m] for m in methods}, keys))
     print(f"\nfresh protocol (gold not mentioned earlier): {res['n_fresh']} samples")
     print(format_table({m: res["fresh"][m] for m in methods}, keys))
+    dm = res["dialog"]
     print(f"\nfree-mode intent accuracy: {res['intent_accuracy']:.4f} over {res['n_intent_turns']} assistant turns")
+    print(f"dialog: perplexity {dm['perplexity']:.3f} (gold responses, item span = 1 unit), "
+          f"BLEU {dm['bleu']:.2f} (SacreBLEU-compatible, {dm['n_generated']} generated responses, mode forced)")
+    print("distinct-1..4 ratio (paper): " + " ".join(f"{dm['distinct_ratio'][n]:.4f}" for n in (1, 2, 3, 4))
+          + " | per sentence (CRSLab): " + " ".join(f"{dm['distinct_per_sentence'][n]:.3f}" for n in (1, 2, 3, 4)))
+    print(f"on {dm['n_generated_rec_turns']} generated REC turns: target-prediction accuracy {dm['target_accuracy']:.4f} "
+          f"(greedy item after <BOI>) vs beam top-1 {dm['beam_top1_accuracy']:.4f}; "
+          f"faithfulness {dm['faithfulness']:.4f} (response mentions the predicted item)")
 
 
 # -----------------------------------------------------------------------------
@@ -257,10 +341,49 @@ def _escape(text: str) -> str:
     return text.replace("@{", "@ {")
 
 
+@torch.no_grad()
+def plain_generate(model, ids: list[int], max_new_tokens: int, greedy: bool, temperature: float, top_k: int,
+                   stop: set, generator=None) -> list[int]:
+    """Unconstrained decoding with the KV cache, for checking a backbone against other implementations."""
+    device = model.embed_tokens.weight.device
+    cache = model.new_cache(1, len(ids) + max_new_tokens)
+    logits, _ = model(torch.tensor([ids], device=device), cache=cache)
+    out = []
+    for _ in range(max_new_tokens):
+        x = logits[0, -1].float()
+        if greedy:
+            nxt = int(x.argmax())
+        else:
+            x = x / max(temperature, 1e-5)
+            kth = torch.topk(x, min(top_k, x.numel())).values[-1]
+            nxt = int(torch.multinomial(torch.softmax(x.masked_fill(x < kth, float("-inf")), -1), 1, generator=generator))
+        out.append(nxt)
+        if nxt in stop:
+            break
+        logits, _ = model(torch.tensor([[nxt]], device=device), cache=cache)
+    return out
+
+
 def main(argv=None):
     args = get_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.init_from:
+        from nanocrs.backbone import load_base
+        if args.prompt is None:
+            raise ValueError("--init-from needs --prompt")
+        model, tok = load_base(args.init_from, device)
+        ids = tok.encode(args.prompt)
+        stop = {i for i in (tok.tk.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")) if i is not None}
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        out = plain_generate(model.eval(), ids, args.max_new_tokens, args.greedy, args.temperature, args.top_k, stop, g)
+        print(f"prompt ids: {ids}\ngenerated ids: {out}\n{args.prompt}{tok.decode(out)}")
+        return
     s = Session(args.ckpt, device)
+    if args.export_hf:
+        from nanocrs.hf import export_hf
+        export_hf(s.model, s.tok, args.export_hf)
+        print(f"wrote {args.export_hf} (config.json, model.safetensors, tokenizer.json)")
+        return
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if not (args.eval or args.num_samples or args.chat):
         args.num_samples = 3
@@ -274,7 +397,7 @@ def main(argv=None):
         if args.beam < 50:
             print(f"note: beam {args.beam} < 50, so recall@50 counts only the {args.beam} items returned")
         t0 = time.time()
-        res = evaluate(s, ds, args.eval, args.beam, args.max_samples)
+        res = evaluate(s, ds, args.eval, args.beam, args.max_samples, args.max_gen, args.max_new_tokens)
         res["seconds"] = round(time.time() - t0, 1)
         print_eval(res)
         print(f"eval took {res['seconds']} s")

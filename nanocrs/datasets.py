@@ -1,0 +1,589 @@
+"""
+Real datasets -> the normalized schema of nanocrs/data.py: ReDial, INSPIRED, or your own catalogue.
+
+    python data_prep.py --dataset redial   --raw /path/to/redial   --out data/redial
+    python data_prep.py --dataset inspired --raw /path/to/inspired --out data/inspired
+    python data_prep.py --dataset redial   --out data/redial     # no --raw: download the official files
+    python data_prep.py --dataset custom   --raw my_catalogue/ --out data/mine
+
+Each build_* returns (items, {"train": [...], "val": [...], "test": [...]}, info); info holds the
+coverage and skip statistics that data_prep.py stores in dataset.json.
+
+ReDial (--raw DIR): DIR/test_data.jsonl is the official test split, DIR/movies_with_mentions.csv the
+catalogue (item id = the ReDial movie id), DIR/metadata/id2info.json (optional) the item metadata.
+Every other *.jsonl under DIR (raw ReDial or UniCRS-preprocessed) and every IARD *.json is a train
+source; copies of one conversation are deduplicated by conversationId (raw > UniCRS > IARD), and
+validation is carved from train with --seed (ReDial has no official validation split).
+INSPIRED (--raw DIR): DIR/{train,dev,test}.tsv (raw) where present, else
+DIR/unicrs/{train,valid,test}_data_dbpedia.jsonl. Items are movies keyed by normalized title + year;
+titles are located in the text (INSPIRED marks no spans) and enriched from ReDial's id2info.json
+(DIR/../redial/metadata/id2info.json or DIR/id2info.json) where title and year match.
+custom (--raw DIR): items.jsonl + train/val/test.jsonl already in the schema, validated.
+
+Problems: a dialog that cannot be used (truncated line, unknown item id, empty, no assistant turn,
+malformed row) is skipped and counted, with the first file:line per reason; a missing file or column
+raises DataError. Without --raw the official files are fetched over HTTPS, checked against pinned
+digests and cached in ~/.cache/nanocrs (or --cache-dir / $NANOCRS_CACHE); $NANOCRS_DATA_URL replaces
+the URL base (the tests point it at a local server).
+"""
+
+import ast
+import csv
+import hashlib
+import json
+import os
+import random
+import re
+import unicodedata
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+
+from nanocrs.data import ITEM_ID, MENTION, SPLITS, DataError, load_dialogs, load_items, rec_samples
+
+REDIAL_OFFICIAL_TRAIN = 10006  # dialogs in the official ReDial train split (ReDial datasheet)
+VAL_FRACTION = 0.1  # share of the train dialogs carved out as validation when a dataset has none
+ROLES = {"SEEKER": "user", "RECOMMENDER": "assistant", "seeker": "user", "recommender": "assistant"}
+
+
+# -----------------------------------------------------------------------------
+# small shared pieces
+
+class Skips:
+    """Counts skipped dialogs by reason and remembers where the first few were, so nothing is silent."""
+
+    def __init__(self):
+        self.count, self.where = Counter(), {}
+
+    def add(self, reason: str, where: str):
+        self.count[reason] += 1
+        self.where.setdefault(reason, [])
+        if len(self.where[reason]) < 5:
+            self.where[reason].append(where)
+
+    def summary(self) -> str:
+        parts = [f"{r}: {n} (e.g. {self.where[r][0]})" for r, n in self.count.most_common()]
+        return f"skipped {sum(self.count.values())} dialogs" + (": " + "; ".join(parts) if parts else "")
+
+    def info(self) -> dict:
+        return {r: {"count": n, "examples": self.where[r]} for r, n in self.count.items()}
+
+
+class Skip(Exception):
+    """Raised while converting one dialog: the dialog is skipped with this reason."""
+
+
+def clean(text: str) -> str:
+    # one line per turn in the rendered prompt, so no newlines; "@{" is reserved for mentions
+    return " ".join(str(text).split()).replace("@{", "@ {")
+
+
+def split_title(name: str):
+    """'Heat  (1995)' -> ('Heat', 1995); 'American Pie ' -> ('American Pie', None)."""
+    name = " ".join(name.split())
+    m = re.match(r"^(.*?)\s*\((\d{4})\)$", name)
+    return (m.group(1).strip(), int(m.group(2))) if m else (name, None)
+
+
+def norm_title(title: str) -> str:
+    """Lower case ASCII words: 'Amélie & Co.' -> 'amelie and co'."""
+    t = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode().lower().replace("&", " and ")
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", t).split())
+
+
+def title_slug(title: str, year) -> str:
+    base = norm_title(title).replace(" ", "_") or "t" + hashlib.sha1(title.encode()).hexdigest()[:8]
+    slug = f"{base}_{year}" if year else base
+    assert ITEM_ID.match(slug), slug
+    return slug
+
+
+def item_text(title, year=None, genres=(), director=(), cast=(), plot="") -> str:
+    """'title: ... | year: ... | genres: a, b | director: ... | cast: ... | plot: ...', empty fields left out."""
+    fields = [("title", title), ("year", year or ""), ("genres", ", ".join(genres)), ("director", ", ".join(director)),
+              ("cast", ", ".join(cast)), ("plot", " ".join((plot or "").split()))]
+    return " | ".join(f"{k}: {v}" for k, v in fields if v)
+
+
+def make_item(item_id: str, title: str, year, meta: dict | None) -> dict:
+    """Schema item; `meta` is an id2info.json entry (name, genre, director, star, plot, imdb_id) or None."""
+    meta = meta or {}
+    fields = dict(genres=meta.get("genre") or [], director=meta.get("director") or [], cast=meta.get("star") or [],
+                  plot=meta.get("plot") or "")
+    metadata = {"year": year, **{k: v for k, v in fields.items() if v}, "imdb_id": meta.get("imdb_id")}
+    return {"id": item_id, "title": title, "text": item_text(title, year, **fields),
+            "metadata": {k: v for k, v in metadata.items() if v is not None}}
+
+
+def merge_turns(messages, where: str) -> list[dict]:
+    """[(role, text with @{id} mentions)] -> schema turns: consecutive same-speaker messages joined with
+    a space, empty messages dropped. Raises Skip when the dialog is unusable."""
+    turns = []
+    for role, text in messages:
+        if not text:
+            continue
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["text"] += " " + text
+        else:
+            turns.append({"role": role, "text": text})
+    if not turns:
+        raise Skip("empty dialog")
+    if not any(t["role"] == "assistant" for t in turns):
+        raise Skip("no assistant turn")
+    for t in turns:
+        t["items"] = list(dict.fromkeys(MENTION.findall(t["text"])))
+    return turns
+
+
+def read_jsonl_lenient(path: str, skips: Skips):
+    """Yields (where, object); a line that is not valid JSON (e.g. truncated) is skipped and counted."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{n}", json.loads(line)
+                except json.JSONDecodeError:
+                    skips.add("invalid JSON line", f"{path}:{n}")
+
+
+def carve_val(train: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic in seed and in the set of dialog ids (not in the order the files were read)."""
+    train = sorted(train, key=lambda d: d["id"])
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:round(VAL_FRACTION * len(train))])
+    return [d for i, d in enumerate(train) if i not in val_idx], [d for i, d in enumerate(train) if i in val_idx]
+
+
+def split_stats(items, splits) -> dict:
+    stats = {"items": len(items)}
+    for s in SPLITS:
+        samples = list(rec_samples(splits[s]))
+        stats[s] = {"dialogs": len(splits[s]), "turns": sum(len(d["turns"]) for d in splits[s]),
+                    "rec_samples": len(samples), "rec_samples_fresh": sum(fresh for *_, fresh in samples)}
+    return stats
+
+
+def report(name: str, info: dict, skips: Skips):
+    st = info["stats"]
+    print(f"{name}: {st['items']} items; " + ", ".join(
+        f"{s} {st[s]['dialogs']} dialogs / {st[s]['rec_samples']} rec samples ({st[s]['rec_samples_fresh']} fresh)"
+        for s in SPLITS))
+    print(skips.summary())
+
+
+# -----------------------------------------------------------------------------
+# ReDial
+
+def _redial_file_kind(path: str):
+    """'raw', 'unicrs' or 'iard' if the file holds ReDial dialogs, else None (it is then ignored)."""
+    with open(path, encoding="utf-8") as f:
+        head = f.readline() if path.endswith(".jsonl") or os.path.basename(path) == "train_data" else f.read(4096)
+    if path.endswith(".json"):
+        return "iard" if '"dialogue_info"' in head or '"accepted_recommendation"' in head else None
+    try:
+        rec = json.loads(head)
+    except json.JSONDecodeError:
+        return None  # a truncated first line still leaves us unable to tell what the file is
+    if not (isinstance(rec, dict) and "conversationId" in rec and isinstance(rec.get("messages"), list)):
+        return None
+    return "unicrs" if rec["messages"] and "turn_id" in rec["messages"][0] else "raw"
+
+
+def _redial_records(path: str, kind: str, skips: Skips):
+    """Yields (where, conversation id, [(role, raw text)], movieMentions) from one file."""
+    if kind == "iard":
+        try:
+            data = json.load(open(path, encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        for cid, conv in data.items():
+            utts = sorted(conv.get("dialogue_info", {}).values(), key=lambda u: u.get("utterance_pos", 0))
+            # IARD writes a mention as "@127115 <Hot Fuzz (2007)>": keep the id, drop the title
+            msgs = [(ROLES.get(u.get("role")), re.sub(r"@(\d+)\s*<[^>]*>", r"@\1", u.get("utterance_text", "")))
+                    for u in utts]
+            yield f"{path}:{cid}", str(cid), msgs, {}
+        return
+    for where, rec in read_jsonl_lenient(path, skips):
+        try:
+            seeker, recommender = rec["initiatorWorkerId"], rec["respondentWorkerId"]
+            msgs = [(("user" if m["senderWorkerId"] == seeker else "assistant" if m["senderWorkerId"] == recommender
+                      else None), m["text"]) for m in rec["messages"]]
+            yield where, str(rec["conversationId"]), msgs, rec.get("movieMentions") or {}
+        except (KeyError, TypeError) as e:
+            skips.add(f"record without field {e}", where)
+
+
+def _read_id2info(path: str) -> dict:
+    if not path or not os.path.isfile(path):
+        return {}
+    try:
+        return json.load(open(path, encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def build_redial(raw_dir: str, seed: int = 0):
+    """(items, splits, info) from a folder of ReDial files (layout in the module docstring)."""
+    test_path = next((os.path.join(raw_dir, n) for n in ("test_data.jsonl", "test_data")
+                      if os.path.isfile(os.path.join(raw_dir, n))), None)
+    csv_path = os.path.join(raw_dir, "movies_with_mentions.csv")
+    meta_path = os.path.join(raw_dir, "metadata", "id2info.json")
+    if test_path is None:
+        raise DataError(f"{raw_dir}: no test_data.jsonl (the official ReDial test split)")
+    if not os.path.isfile(csv_path):
+        raise DataError(f"{csv_path}: file not found (the ReDial movie list)")
+
+    # catalogue: every movie of the official list, titles from the CSV, details from id2info.json
+    names = {}
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for col in ("movieId", "movieName"):
+            if col not in (reader.fieldnames or []):
+                raise DataError(f"{csv_path}:1: missing column {col!r}")
+        for n, row in enumerate(reader, 2):
+            if not (row["movieId"] or "").isdigit() or row["movieName"] is None:
+                raise DataError(f"{csv_path}:{n}: malformed row (movieId must be a number)")
+            names[row["movieId"]] = row["movieName"]
+    id2info = _read_id2info(meta_path)
+    skips, added = Skips(), {}
+
+    def convert(where, cid, msgs, mentions) -> dict:
+        def link(m):
+            mid = m.group(1)
+            if mid not in names:
+                if mid not in mentions:  # not in the catalogue nor in the dialog's own mention table
+                    raise Skip("unknown item id")
+                added[mid] = mentions[mid]
+            return "@{" + mid + "}"
+        if any(role is None for role, _ in msgs):
+            raise Skip("message from neither the seeker nor the recommender")
+        return {"id": f"redial-{cid}", "turns": merge_turns([(r, re.sub(r"@(\d+)", link, clean(t))) for r, t in msgs], where)}
+
+    def dialogs_of(records) -> list[dict]:
+        out = []
+        for where, cid, msgs, mentions in records:
+            try:
+                out.append(convert(where, cid, msgs, mentions))
+            except Skip as e:
+                skips.add(str(e), where)
+        return out
+
+    test_records = list(_redial_records(test_path, "raw", skips))
+    test_ids = {cid for _, cid, _, _ in test_records}
+    test = dialogs_of(test_records)
+
+    # train sources: every other dialog file under raw_dir, best form first, deduplicated by conversationId
+    sources, ignored = [], []
+    for root, dirs, files in os.walk(raw_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if path == test_path or path == meta_path or not (name.endswith((".jsonl", ".json")) or name == "train_data"):
+                continue
+            kind = _redial_file_kind(path)
+            (sources if kind else ignored).append((kind, path))
+    rank = {"raw": 0, "unicrs": 1, "iard": 2}
+    sources.sort(key=lambda s: (rank[s[0]], s[1]))
+    chosen, in_test, src_info = {}, 0, []
+    for kind, path in sources:
+        n = new = 0
+        for rec in _redial_records(path, kind, skips):
+            n += 1
+            if rec[1] in test_ids:
+                in_test += 1  # IARD and re-split copies hold some test dialogs: never train on them
+            elif rec[1] not in chosen:
+                chosen[rec[1]] = rec
+                new += 1
+        src_info.append({"file": os.path.relpath(path, raw_dir), "format": kind, "dialogs": n, "new": new})
+        print(f"  train source {os.path.relpath(path, raw_dir)} ({kind}): {n} dialogs, {new} new")
+    if ignored:
+        print(f"  ignored (not ReDial dialogs): {', '.join(os.path.relpath(p, raw_dir) for _, p in ignored)}")
+    train = dialogs_of(sorted(chosen.values(), key=lambda r: (len(r[1]), r[1])))
+    if not train:
+        raise DataError(f"{raw_dir}: no usable train dialogs found (any *.jsonl of ReDial dialogs besides the test file)")
+    train, val = carve_val(train, seed)
+
+    items = []
+    for mid, name in list(names.items()) + list(added.items()):
+        title, year = split_title(name)
+        meta = id2info.get(mid)
+        if meta and year is None:
+            year = split_title(meta.get("name", ""))[1]
+        items.append(make_item(mid, title, year, meta))
+    splits = {"train": train, "val": val, "test": test}
+    has_meta = {it["id"] for it in items if it["id"] in id2info}
+    mentions = [i for s in SPLITS for d in splits[s] for t in d["turns"] for i in t["items"]]
+    used = len(train) + len(val)
+    info = {
+        "source": os.path.abspath(raw_dir), "test_file": os.path.relpath(test_path, raw_dir), "train_sources": src_info,
+        "official_train_dialogs": REDIAL_OFFICIAL_TRAIN, "official_train_used": used,
+        "official_train_used_fraction": round(used / REDIAL_OFFICIAL_TRAIN, 4),
+        "train_copies_of_test_dialogs_dropped": in_test, "val": f"{VAL_FRACTION:.0%} of train, carved with seed {seed}",
+        "items_from_movieMentions_only": len(added), "items_with_metadata": len(has_meta),
+        "metadata_coverage_items": round(len(has_meta) / len(items), 4),
+        "metadata_coverage_mentions": round(sum(i in has_meta for i in mentions) / max(1, len(mentions)), 4),
+        "skipped": skips.info(), "stats": split_stats(items, splits)}
+    print(f"ReDial train: {used} of the {REDIAL_OFFICIAL_TRAIN} official train dialogs used "
+          f"({used / REDIAL_OFFICIAL_TRAIN:.1%}); val = {len(val)} carved from them with seed {seed}")
+    print(f"item metadata (id2info.json): {len(has_meta)}/{len(items)} items ({info['metadata_coverage_items']:.1%}), "
+          f"{info['metadata_coverage_mentions']:.1%} of mentions; the rest have title and year only")
+    report("ReDial", info, skips)
+    return items, splits, info
+
+
+# -----------------------------------------------------------------------------
+# INSPIRED
+
+def _title_regex(title: str):
+    """A pattern finding `title` in free text the way people type it: any case, any punctuation or
+    spacing between its letters ("Avengers End Game" for "Avengers: Endgame"), leading article optional."""
+    core = re.sub(r"^(the|a|an)\s+", "", title.strip(), flags=re.I)
+    chars = [c for c in core if c.isalnum()]
+    if not chars:
+        return None
+    if len(chars) <= 3:  # "It", "Up", "Us": only as written or in capitals, or every pronoun becomes a movie
+        alts = {re.escape(core), re.escape(core.upper())}
+        return re.compile(r"(?<![^\W_])(?:" + "|".join(sorted(alts)) + r")(?![^\W_])")
+    body = r"[\W_]*".join(re.escape(c) for c in chars)
+    return re.compile(r"(?<![^\W_])(?:(?:the|a|an)[\W_]+)?" + body + r"(?![^\W_])", re.I)
+
+
+def link_titles(text: str, movies: list[tuple[str, str]]) -> tuple[str, int]:
+    """Replace each candidate movie's title in `text` by @{id}; movies = [(title, id)]. Returns the
+    new text and how many candidates were found. Longest titles first, so "It" cannot eat into
+    "It Chapter Two"; found spans become placeholders so that later titles never match inside them."""
+    found, slots = 0, []
+    for title, item_id in sorted(movies, key=lambda m: -len(m[0])):
+        pat = _title_regex(title)
+        if pat is None:
+            continue
+        text, n = pat.subn(lambda m: f"\x00{len(slots)}\x00", text)
+        if n:
+            found += 1
+            slots.append(item_id)
+    return re.sub(r"\x00(\d+)\x00", lambda m: "@{" + slots[int(m.group(1))] + "}", text), found
+
+
+def _tsv_dialogs(path: str, skips: Skips):
+    """Yields (where, dialog id, [(role, text, [movie names])]) from a raw INSPIRED TSV."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(rows, None) or []
+        for col in ("dialog_id", "speaker", "text", "text_with_placeholder", "movies", "movie_dict"):
+            if col not in header:
+                raise DataError(f"{path}:1: missing column {col!r}")
+        cur, bad, start, msgs = None, None, 0, []
+        for n, row in enumerate(rows, 2):
+            if len(row) != len(header):
+                r = dict(dialog_id=row[0] if row else "", bad=f"malformed row ({len(row)} of {len(header)} fields)")
+            else:
+                r = dict(zip(header, row))
+            if r["dialog_id"] != cur:
+                if cur is not None:
+                    yield f"{path}:{start}", cur, msgs, bad
+                cur, bad, start, msgs = r["dialog_id"], None, n, []
+            if "bad" in r:
+                bad = bad or (r["bad"], f"{path}:{n}")
+                continue
+            try:  # a per-dialog title -> index dict, written as a Python literal
+                movie_dict = ast.literal_eval(r["movie_dict"]) if r["movie_dict"].strip() else {}
+                assert isinstance(movie_dict, dict)
+            except (ValueError, SyntaxError, AssertionError):
+                bad = bad or ("malformed movie_dict", f"{path}:{n}")
+                continue
+            by_index = {v: k for k, v in movie_dict.items()}
+            names = [m.strip() for m in r["movies"].split(";") if m.strip()]
+            names += [by_index[int(i)] for i in re.findall(r"\[MOVIE_TITLE_(\d+)\]", r["text_with_placeholder"])
+                      if int(i) in by_index]
+            msgs.append((ROLES.get(r["speaker"]), r["text"].replace("QUOTATION_MARK", '"'), names))
+        if cur is not None:
+            yield f"{path}:{start}", cur, msgs, bad
+
+
+def _unicrs_dialogs(path: str, split: str, skips: Skips):
+    for where, turns in read_jsonl_lenient(path, skips):
+        try:
+            msgs = [(ROLES.get(t["role"]), t["text"], list(t.get("movie") or [])) for t in turns]
+        except (KeyError, TypeError) as e:
+            skips.add(f"turn without field {e}", where)
+            continue
+        yield where, f"{split}-{where.rsplit(':', 1)[1]}", msgs, None
+
+
+def build_inspired(raw_dir: str, seed: int = 0, redial_metadata_path: str | None = None):
+    """(items, splits, info) from a folder of INSPIRED files (layout in the module docstring)."""
+    if redial_metadata_path is None:
+        redial_metadata_path = next((p for p in (os.path.join(raw_dir, "id2info.json"),
+                                                 os.path.join(raw_dir, "..", "redial", "metadata", "id2info.json"))
+                                     if os.path.isfile(p)), None)
+    id2info = _read_id2info(redial_metadata_path)
+    by_title = {}  # (normalized title, year) -> id2info entry, for the enrichment
+    for meta in id2info.values():
+        t, y = split_title(meta.get("name", ""))
+        by_title.setdefault((norm_title(t), y), meta)
+
+    skips, sources, raw_splits = Skips(), {}, {}
+    for split, tsv_name, uni_name in (("train", "train", "train"), ("val", "dev", "valid"), ("test", "test", "test")):
+        tsv = os.path.join(raw_dir, f"{tsv_name}.tsv")
+        uni = [p for p in (os.path.join(raw_dir, "unicrs", f"{uni_name}_data_dbpedia.jsonl"),
+                           os.path.join(raw_dir, f"{uni_name}_data_dbpedia.jsonl")) if os.path.isfile(p)]
+        if os.path.isfile(tsv):
+            sources[split], raw_splits[split] = os.path.relpath(tsv, raw_dir), list(_tsv_dialogs(tsv, skips))
+        elif uni:
+            sources[split], raw_splits[split] = os.path.relpath(uni[0], raw_dir), list(_unicrs_dialogs(uni[0], split, skips))
+        elif split != "val":
+            raise DataError(f"{raw_dir}: no {tsv_name}.tsv nor unicrs/{uni_name}_data_dbpedia.jsonl")
+
+    items, linked, unlocated = {}, 0, 0
+    splits = {}
+    for split, records in raw_splits.items():
+        splits[split] = []
+        for where, did, msgs, bad in records:
+            try:
+                if bad:
+                    raise Skip(bad[0])
+                if any(role is None for role, _, _ in msgs):
+                    raise Skip("unknown speaker")
+                out = []
+                for role, text, names in msgs:
+                    movies = {}
+                    for name in names:
+                        title, year = split_title(name)
+                        if norm_title(title):
+                            movies.setdefault(title_slug(title, year), (title, year))
+                    text, found = link_titles(clean(text), [(t, i) for i, (t, _) in movies.items()])
+                    linked, unlocated = linked + found, unlocated + len(movies) - found
+                    for i in MENTION.findall(text):
+                        items.setdefault(i, movies[i])
+                    out.append((role, text))
+                splits[split].append({"id": "inspired-" + did.removesuffix(".pkl"), "turns": merge_turns(out, where)})
+            except Skip as e:
+                skips.add(str(e), bad[1] if bad else where)
+    if "val" not in splits:
+        splits["train"], splits["val"] = carve_val(splits["train"], seed)
+        sources["val"] = f"{VAL_FRACTION:.0%} of train, carved with seed {seed}"
+
+    item_list, enriched = [], set()
+    for i, (title, year) in sorted(items.items()):
+        meta = by_title.get((norm_title(title), year))
+        if meta:
+            enriched.add(i)
+        item_list.append(make_item(i, title, year, meta))
+    mentions = [i for s in SPLITS for d in splits[s] for t in d["turns"] for i in t["items"]]
+    info = {
+        "source": os.path.abspath(raw_dir), "split_sources": sources, "redial_metadata": redial_metadata_path,
+        "titles_linked_in_text": linked, "titles_not_found_in_text": unlocated,
+        "items_with_metadata": len(enriched), "metadata_coverage_items": round(len(enriched) / max(1, len(items)), 4),
+        "metadata_coverage_mentions": round(sum(i in enriched for i in mentions) / max(1, len(mentions)), 4),
+        "skipped": skips.info(), "stats": split_stats(item_list, splits)}
+    print(f"INSPIRED splits from: {', '.join(f'{s}={v}' for s, v in sources.items())}")
+    print(f"movie titles located in the text: {linked}; candidates not found and dropped: {unlocated} "
+          f"(the source's automatic matches are noisy)")
+    print(f"item metadata matched in ReDial's id2info.json by title + year: {len(enriched)}/{len(items)} items "
+          f"({info['metadata_coverage_items']:.1%}), {info['metadata_coverage_mentions']:.1%} of mentions"
+          + ("" if id2info else " (no id2info.json found)"))
+    report("INSPIRED", info, skips)
+    return item_list, splits, info
+
+
+# -----------------------------------------------------------------------------
+# your own catalogue, already in the schema
+
+def build_custom(raw_dir: str):
+    """(items, splits, info) from DIR/items.jsonl and DIR/{train,val,test}.jsonl, validated."""
+    items = load_items(os.path.join(raw_dir, "items.jsonl"))
+    ids = {it["id"] for it in items}
+    splits = {s: load_dialogs(os.path.join(raw_dir, f"{s}.jsonl"), ids) for s in SPLITS}
+    for s in SPLITS:
+        for d in splits[s]:
+            if not any(t["role"] == "assistant" for t in d["turns"]):
+                raise DataError(f"{raw_dir}/{s}.jsonl: dialog {d['id']} has no assistant turn")
+    info = {"source": os.path.abspath(raw_dir), "stats": split_stats(items, splits)}
+    report("custom", info, Skips())
+    return items, splits, info
+
+
+# -----------------------------------------------------------------------------
+# download and cache the official files
+
+DEFAULT_URL_BASE = "https://raw.githubusercontent.com"
+REDIAL_REPO = "ReDialData/website/849e9eb1bb60e312f8bf4daa82fc10a285e9318b"  # the initial commit, unzipped data
+INSPIRED_REPO = "sweetpeach/Inspired/782d7c1845d11f75d2542809c7f2a51b63ef0304/data/dialog_data"
+# (cache path, URL path, pinned digest). There is no internet where this was written, so the official
+# files' sha256 could not be computed. Pins are therefore either
+#   sha256:  of the copies in our data folder that are byte-identical to the official files (their git
+#            blob id matches the one in the official repository), or
+#   gitsha1: the official git blob id (sha1 of "blob <size>\0" + bytes) for files we have no copy of.
+OFFICIAL = {
+    "redial": [
+        ("test_data.jsonl", f"{REDIAL_REPO}/test_data",
+         "sha256:d7781750787d104ac005e829cc7e6277d25b14644a223b0c2445aaaded6b19ac"),
+        ("train_data.jsonl", f"{REDIAL_REPO}/train_data", "gitsha1:bb882d7e398062df7b7e08e1261e05cf75f3268c"),
+        ("movies_with_mentions.csv", f"{REDIAL_REPO}/movies_with_mentions.csv",
+         "sha256:0d408daa474ac95b959a739a261dddd997dd800f5ea585da15a434a26187dbb0"),
+        ("metadata/id2info.json", "RUCAIBox/iEvaLM-CRS/main/data/redial/id2info.json",  # built by iEvaLM-CRS
+         "sha256:7bdfe9a9c7f1b4d59aa9a5aeba0029071fd5a7232b61c8257212a335ffe424f7"),
+    ],
+    "inspired": [
+        ("train.tsv", f"{INSPIRED_REPO}/train.tsv", "gitsha1:e6044150da12d630d9cd5d40ca2ec36c498f20a6"),
+        ("dev.tsv", f"{INSPIRED_REPO}/dev.tsv",
+         "sha256:15a955be002222ba9e95f886802e06a91fb5e457f8a25deae3e7908d58faa947"),
+        ("test.tsv", f"{INSPIRED_REPO}/test.tsv",
+         "sha256:a10f63ff26045158460730d4829ffba74bee86fb744d9f48c1c1c511ef609993"),
+        # for the title + year enrichment (build_inspired finds it as ../redial/metadata/id2info.json)
+        ("../redial/metadata/id2info.json", "RUCAIBox/iEvaLM-CRS/main/data/redial/id2info.json",
+         "sha256:7bdfe9a9c7f1b4d59aa9a5aeba0029071fd5a7232b61c8257212a335ffe424f7"),
+    ],
+}
+
+
+def digest(path: str, kind: str) -> str:
+    h = hashlib.sha256() if kind == "sha256" else hashlib.sha1(b"blob %d\0" % os.path.getsize(path))
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(url: str, dest: str, pin: str) -> str:
+    """Download url to dest unless a verified copy is cached; the pin ('sha256:...' or 'gitsha1:...') is
+    checked before the file is moved into place, so the cache only ever holds verified files."""
+    kind, want = pin.split(":")
+    if os.path.isfile(dest) and digest(dest, kind) == want:
+        return dest
+    host = urllib.parse.urlparse(url).hostname
+    if not url.startswith("https://") and host not in ("127.0.0.1", "localhost"):
+        raise DataError(f"refusing to download {url}: only https (or a local test server) is allowed")
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = dest + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            while block := r.read(1 << 20):
+                f.write(block)
+    except (urllib.error.URLError, OSError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = getattr(e, "reason", e)
+        raise DataError(f"cannot download {url} ({reason}); offline? download the files yourself and pass --raw DIR") from None
+    got = digest(tmp, kind)
+    if got != want:
+        os.remove(tmp)
+        raise DataError(f"{url}: {kind} mismatch (got {got}, pinned {want}); not cached, pass --raw DIR with files you trust")
+    os.replace(tmp, dest)
+    return dest
+
+
+def download(dataset: str, cache_dir: str | None = None, url_base: str | None = None) -> str:
+    """Fetch (or reuse from the cache) the official files of `dataset`; returns the folder for build_*."""
+    if dataset not in OFFICIAL:
+        raise DataError(f"--dataset {dataset} has no official download; pass --raw DIR")
+    cache_dir = cache_dir or os.environ.get("NANOCRS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanocrs")
+    url_base = (url_base or os.environ.get("NANOCRS_DATA_URL") or DEFAULT_URL_BASE).rstrip("/")
+    root = os.path.join(cache_dir, dataset)
+    for rel, url_path, pin in OFFICIAL[dataset]:
+        dest = os.path.normpath(os.path.join(root, rel))
+        print(f"  {dest}")
+        fetch(f"{url_base}/{url_path}", dest, pin)
+    return root
