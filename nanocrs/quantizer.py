@@ -1,9 +1,14 @@
 """
-Residual k-means quantizer: item embeddings -> semantic IDs (SIDs) like <a_17><b_3><c_40><d_0>.
+Semantic-ID quantizers: item embeddings -> semantic IDs (SIDs) like <a_17><b_3><c_40><d_0>.
 
-Each item embedding is quantized level by level: level 0 runs k-means on the embeddings, level l runs
-k-means on what is left after subtracting the chosen level-(l-1) codewords (the residuals). Items that
-end up with the same L codes ("collisions") are made unique in one of two ways:
+Two ways to get L codes per item (QuantizerConfig.method):
+  - "rqkmeans" (default): residual k-means. Level 0 runs k-means on the embeddings, level l runs
+    k-means on what is left after subtracting the chosen level-(l-1) codewords (the residuals).
+  - "rqvae" (the paper, §1.3 / Table 7): an MLP autoencoder (in_dim->2048->...->64->32, mirrored
+    decoder) whose 32-d latent is residual-quantized by L codebooks, initialised by residual k-means on
+    the first batch's latents and trained with reconstruction + codebook + beta * commitment losses
+    (straight-through estimator, AdamW). The codes are read from the trained latents.
+Items that end up with the same L codes ("collisions") are made unique in one of two ways:
   - "suffix" (default): append one extra level holding the item's rank inside its collision group;
   - "reassign" (paper Appendix A / MQL4GRec): move the less confident items of a group to their next
     nearest free codeword, backtracking to earlier levels when a level runs out of free codes.
@@ -12,11 +17,13 @@ The result is a SemanticIDs table, an explicit bijection item id <-> code tuple,
 Usage:
     from nanocrs.quantizer import QuantizerConfig, quantize, SemanticIDs
     sids = quantize(emb, QuantizerConfig(levels=3, codebook_size=32), item_ids=ids)  # emb: (N, D) float32
+    sids = quantize(emb, QuantizerConfig(method="rqvae", levels=4, codebook_size=64, collisions="reassign"))
     sids.tokens("m0042")   # ['<a_17>', '<b_3>', '<c_40>', '<d_0>']
     sids.save("data/NAME/sids.json"); sids = SemanticIDs.load("data/NAME/sids.json")
 
 Everything runs on CPU in float32. The k-means assignment step uses chunked matmul distances so that
-1M x 384 embeddings fit in a few GB (never an N x N or a full N x K float64 matrix).
+1M x 384 embeddings fit in a few GB (never an N x N or a full N x K float64 matrix). The RQ-VAE is
+meant for catalogues of thousands of items (the paper's 1.8k-7k), not millions, on CPU.
 """
 import itertools
 import json
@@ -26,17 +33,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 CHUNK = 65536  # rows per distance chunk: CHUNK x K float32 stays small (64 MB at K=256)
 
 
 @dataclass
 class QuantizerConfig:
-    levels: int = 3            # residual k-means levels
+    levels: int = 3            # residual levels (RQ-KMeans and RQ-VAE alike)
     codebook_size: int = 32    # codes per level
-    kmeans_iters: int = 50
+    kmeans_iters: int = 50     # also used for the RQ-VAE codebook initialisation
     seed: int = 0
     collisions: str = "suffix"  # "suffix" (default) or "reassign" (paper Appendix A)
+    method: str = "rqkmeans"   # "rqkmeans" (residual k-means) or "rqvae" (the paper's RQ-VAE)
+    # RQ-VAE (paper Table 7 = LC-Rec's settings: 7 linear layers in_dim->2048->...->64->32, lr 1e-3,
+    # wd 1e-4, batch 1024, beta 0.25). LC-Rec trains 10,000 epochs on a GPU; 300 epochs (= 300 AdamW
+    # steps when N <= 1024) bring the synthetic world's 600 items to a plateau in ~1 min on 2 CPU cores.
+    hidden: tuple = (2048, 1024, 512, 256, 128, 64)
+    latent_dim: int = 32
+    epochs: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 1024
+    beta: float = 0.25         # commitment weight: the encoder is pulled 4x less than the codebook
 
 
 # -----------------------------------------------------------------------------
@@ -151,6 +171,125 @@ def residual_kmeans(x, cfg, keep_distances=True):
         mse.append(float(mind.double().mean()))                  # = mean ||r^(l+1)||^2
     return dict(codes=codes, codebooks=codebooks, distances=distances,
                 final_dist=mind.numpy(), mse=mse)
+
+
+# -----------------------------------------------------------------------------
+# RQ-VAE (paper §1.3): an MLP autoencoder whose latent is residual-quantized by L learned codebooks
+
+class RQVAE(nn.Module):
+    """in_dim -> hidden... -> latent_dim (ReLU between layers, none after the last), L codebooks of K
+    latent vectors, and the mirrored decoder. Codebooks start as zeros and are set by init_codebooks."""
+
+    def __init__(self, in_dim, cfg):
+        super().__init__()
+        dims = [in_dim, *cfg.hidden, cfg.latent_dim]
+
+        def mlp(ds):
+            layers = []
+            for i in range(len(ds) - 1):
+                layers.append(nn.Linear(ds[i], ds[i + 1]))
+                if i < len(ds) - 2:
+                    layers.append(nn.ReLU())
+            return nn.Sequential(*layers)
+
+        self.encoder = mlp(dims)
+        self.decoder = mlp(dims[::-1])
+        self.codebooks = nn.Parameter(torch.zeros(cfg.levels, cfg.codebook_size, cfg.latent_dim))  # (L, K, e)
+        self.beta = cfg.beta
+        for m in self.modules():
+            if isinstance(m, nn.Linear):  # Xavier as LC-Rec: keeps the 7-layer ReLU stack's scale sane
+                nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def init_codebooks(self, x, kmeans_iters, seed):
+        """Residual k-means on the latents of x: training starts from RQ-KMeans in latent space, so no
+        code starts dead and the first steps do not have to pull random codewords onto the data."""
+        r = self.encoder(x)                                       # (B, e)
+        for l in range(self.codebooks.shape[0]):
+            C, a = kmeans(r, self.codebooks.shape[1], kmeans_iters, seed + 1000 * l)
+            self.codebooks[l] = torch.from_numpy(C)
+            r = r - self.codebooks[l][torch.from_numpy(a)]
+
+    def quantize_latent(self, z):
+        """z (B, e) -> codes (B, L), quantized z (B, e) with the straight-through gradient, and the
+        quantization loss sum_l ||sg[r_l] - c_l||^2 + beta ||r_l - sg[c_l]||^2 (means over elements)."""
+        r, q, codes, loss = z, torch.zeros_like(z), [], 0.0
+        for l in range(self.codebooks.shape[0]):
+            C = self.codebooks[l]                                 # (K, e)
+            a, _, _ = _assign(r.detach(), C.detach())             # (B,) nearest codeword, no gradient
+            c = C[a]                                              # (B, e)
+            loss = loss + F.mse_loss(c, r.detach()) + self.beta * F.mse_loss(r, c.detach())
+            # sg[c]: the next residual is z - sg(c_0 + ... + c_l), so later levels' commitment terms
+            # pull the encoder toward the whole partial reconstruction, as in the RQ-VAE paper
+            r = r - c.detach()
+            q = q + c
+            codes.append(a)
+        z_q = z + (q - z).detach()                                # straight-through: d z_q / d z = I
+        return torch.stack(codes, 1), z_q, loss
+
+    def forward(self, x):
+        z = self.encoder(x)                                       # (B, e)
+        codes, z_q, qloss = self.quantize_latent(z)
+        recon = self.decoder(z_q)                                 # (B, D)
+        rloss = F.mse_loss(recon, x)
+        return codes, rloss, qloss
+
+
+def train_rqvae(x, cfg, verbose=False, keep_distances=True):
+    """Trains an RQ-VAE on x (N, D) and returns the same dict as residual_kmeans, computed on the latent
+    residuals: codes (N, L), codebooks [L x (K, e)], distances (N, L, K) or None, final_dist (N,),
+    mse [L] mean ||latent residual||^2 after each level; plus losses (epochs + 1,) = the full-data
+    loss (recon + quantization) before training and after each epoch, and recon_mse (start, end).
+    Deterministic for cfg.seed; the global torch RNG is left untouched (fork_rng)."""
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    N, L, K = x.shape[0], cfg.levels, cfg.codebook_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)                               # nn.Linear init draws from the global RNG
+        g = torch.Generator().manual_seed(cfg.seed + 1)           # batch order
+        model = RQVAE(x.shape[1], cfg)
+        perm = torch.randperm(N, generator=g)
+        model.init_codebooks(x[perm[:cfg.batch_size]], cfg.kmeans_iters, cfg.seed)  # the first batch
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        def full_loss():  # on all items, so the curve is not batch noise
+            with torch.no_grad():
+                _, rl, ql = model(x)
+            return float(rl), float(rl + ql)
+
+        r0, l0 = full_loss()
+        losses = [l0]
+        for epoch in range(cfg.epochs):
+            if epoch > 0:
+                perm = torch.randperm(N, generator=g)
+            for s in range(0, N, cfg.batch_size):
+                _, rl, ql = model(x[perm[s:s + cfg.batch_size]])
+                opt.zero_grad(set_to_none=True)
+                (rl + ql).backward()
+                opt.step()
+            losses.append(full_loss()[1])
+        r1 = full_loss()[0]
+        if verbose:
+            print(f"rqvae: {cfg.epochs} epochs, recon mse {r0:.4g} -> {r1:.4g}, "
+                  f"total loss {losses[0]:.4g} -> {losses[-1]:.4g}")
+
+        # final codes and distances from the trained encoder, exactly as the collision step needs them
+        with torch.no_grad():
+            r = model.encoder(x)                                  # (N, e) latent residual
+            codes = np.empty((N, L), dtype=np.int64)
+            distances = np.empty((N, L, K), dtype=np.float32) if keep_distances else None
+            mse = []
+            for l in range(L):
+                C = model.codebooks[l].detach().clone()           # (K, e)
+                a, mind, dist = _assign(r, C, full=keep_distances)
+                if keep_distances:
+                    distances[:, l] = dist.numpy()
+                r = r - C[a]
+                codes[:, l] = a.numpy()
+                mse.append(float(mind.double().mean()))
+            codebooks = [cb.numpy().copy() for cb in model.codebooks.detach()]
+    return dict(codes=codes, codebooks=codebooks, distances=distances, final_dist=mind.numpy(),
+                mse=mse, losses=np.array(losses), recon_mse=(r0, r1))
 
 
 # -----------------------------------------------------------------------------
@@ -319,13 +458,22 @@ def quantize(x, cfg, verbose=True, item_ids=None):
         raise ValueError(f"quantize: bad QuantizerConfig levels/codebook_size/kmeans_iters: {cfg}")
     if cfg.collisions not in ("suffix", "reassign"):
         raise ValueError(f"quantize: collisions must be 'suffix' or 'reassign', got {cfg.collisions!r}")
+    if cfg.method not in ("rqkmeans", "rqvae"):
+        raise ValueError(f"quantize: method must be 'rqkmeans' or 'rqvae', got {cfg.method!r}")
+    if cfg.method == "rqvae" and (cfg.epochs < 0 or cfg.batch_size < 1 or cfg.latent_dim < 1 or cfg.lr <= 0
+                                  or any(h < 1 for h in cfg.hidden)):
+        raise ValueError(f"quantize: bad QuantizerConfig RQ-VAE settings (epochs/batch_size/latent_dim/lr/hidden): {cfg}")
     N, L, K = x.shape[0], cfg.levels, cfg.codebook_size
     if item_ids is None:
         item_ids = [str(i) for i in range(N)]
     if len(item_ids) != N:
         raise ValueError(f"quantize: {len(item_ids)} item_ids for {N} embeddings")
 
-    out = residual_kmeans(x, cfg, keep_distances=(cfg.collisions == "reassign"))
+    keep = cfg.collisions == "reassign"
+    if cfg.method == "rqkmeans":
+        out = residual_kmeans(x, cfg, keep_distances=keep)
+    else:
+        out = train_rqvae(x, cfg, verbose=verbose, keep_distances=keep)
     codes = out["codes"]                                          # (N, L)
     _, inv, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
     collided = float((counts[inv.reshape(-1)] > 1).mean())        # share of items sharing their L-code
@@ -338,13 +486,16 @@ def quantize(x, cfg, verbose=True, item_ids=None):
     sids = SemanticIDs(item_ids=list(item_ids), codes=final.tolist(), level_sizes=level_sizes)
 
     if verbose:
-        print(f"quantizer: {N} items, dim {x.shape[1]}, {L} levels x {K} codes, collisions={cfg.collisions}")
+        print(f"quantizer: {cfg.method}, {N} items, dim {x.shape[1]}, {L} levels x {K} codes, "
+              f"collisions={cfg.collisions}")
+        space = "latent residual" if cfg.method == "rqvae" else "residual"
         for l in range(L):
             p = np.bincount(codes[:, l], minlength=K) / N
             ppl = math.exp(-float((p[p > 0] * np.log(p[p > 0])).sum()))
             print(f"  level {l} ({chr(ord('a') + l)}): used {int((p > 0).sum())}/{K}, perplexity {ppl:.1f}, "
-                  f"mean ||residual||^2 after it {out['mse'][l]:.4g}")
-        print(f"  collided before fix: {collided:.1%} of items, largest group {int(counts.max())}")
+                  f"mean ||{space}||^2 after it {out['mse'][l]:.4g}")
+        print(f"  collided before fix: {collided:.1%} of items ({N - len(counts)} beyond the first of their "
+              f"group), largest group {int(counts.max())}")
         if cfg.collisions == "suffix":
             print(f"  largest suffix: {int(final[:, -1].max())}")
         else:
