@@ -66,11 +66,23 @@ def tfidf_svd(texts: list[str], dim: int = 64, min_df: int = 2, max_words: int =
                 X[i, j] = (1.0 + np.log(c)) * idf[j]
     X /= np.linalg.norm(X, axis=1, keepdims=True).clip(min=1e-12)
     X -= X.mean(axis=0, keepdims=True)  # centre so the first direction is not just "the average item"
-    # the SVD is exact and deterministic (LAPACK); the sign of each direction is fixed by making its
-    # largest-magnitude entry positive, so the output does not depend on the library's choice
-    U, S, _ = np.linalg.svd(X, full_matrices=False)
-    k = min(dim, len(S))
-    E = U[:, :k] * S[:k]
+    # Top singular directions through the smaller Gram matrix, in float64 with torch (a full numpy
+    # SVD of 7k x 8k takes minutes on some BLAS builds; this takes seconds). The sign of each
+    # direction is fixed by making its largest-magnitude entry positive, so the output does not
+    # depend on the eigensolver's choice.
+    Xt = torch.from_numpy(X).double()
+    k = min(dim, N, V)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # multithreaded LAPACK eigh was 100x slower on a busy 2-core machine
+    if N <= V:
+        evals, evecs = torch.linalg.eigh(Xt @ Xt.T)                  # ascending, (N,), (N, N)
+        U = evecs[:, -k:].flip(1)                                     # (N, k)
+        S = evals[-k:].flip(0).clamp(min=0).sqrt()                    # (k,)
+        E = (U * S).numpy()                                           # = X V_k
+    else:
+        evals, evecs = torch.linalg.eigh(Xt.T @ Xt)                  # (V, V)
+        E = (Xt @ evecs[:, -k:].flip(1)).numpy()                      # (N, k) = U_k S_k
+    torch.set_num_threads(threads)
     signs = np.sign(E[np.abs(E).argmax(axis=0), np.arange(k)])
     E *= np.where(signs == 0, 1, signs)
     E /= np.linalg.norm(E, axis=1, keepdims=True).clip(min=1e-12)
