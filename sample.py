@@ -81,59 +81,47 @@ class Session:
         """Dialog text with @{id} mentions shown as titles."""
         return MENTION.sub(lambda m: self.title(m.group(1)), text)
 
-    def parse(self, ids: list[int]):
-        """Generated ids after "Assistant:" -> (mode, first item, response text with spans as titles)."""
-        mode, target, text_ids, words, span = None, None, [], [], None
-        seen_resp = False
-        for i in ids:
-            if i in self.mode_ids and mode is None and not seen_resp:
-                mode = self.mode_ids[i]
-            elif i == self.ctrl.boi:
-                span = []
-            elif i == self.ctrl.eoi and span is not None:
-                item = self.sids.item_of_tokens([self.tok.token(t) for t in span])
-                if not seen_resp and mode == "REC":
-                    target = target or item  # the structured slot, before <RESP>
-                if seen_resp:
-                    words.append(self.tok.decode(text_ids)); text_ids = []
-                    words.append(self.title(item))
-                span = None
-            elif span is not None:
-                span.append(i)
-            elif i == self.tok.id(RESP):
-                seen_resp = True
-            elif i == self.ctrl.eot:
-                break
-            elif seen_resp:
-                text_ids.append(i)
-        words.append(self.tok.decode(text_ids))
-        return mode, target, "".join(words).strip()
-
-    def generated_response(self, ids: list[int]):
-        """Generated ids (from the MODE token on) -> (slot item or None, items the response text
-        mentions, response text with each item span as one "<movie>" token), for the dialog metrics."""
+    def read(self, ids: list[int]):
+        """Generated ids after "Assistant:" -> (mode "REC"/"CHAT"/None, slot item or None, response),
+        where the response is a list of pieces: decoded text strings and ("item", id) for each span."""
         resp = self.tok.id(RESP)
         head, body = (ids[:ids.index(resp)], ids[ids.index(resp) + 1:]) if resp in ids else (ids, [])
+        mode = self.mode_ids.get(head[0]) if head else None
         slot = None
-        if self.ctrl.boi in head and self.ctrl.eoi in head:
+        if mode == "REC" and self.ctrl.boi in head and self.ctrl.eoi in head:
             a, b = head.index(self.ctrl.boi), head.index(self.ctrl.eoi)
             slot = self.sids.item_of_tokens([self.tok.token(t) for t in head[a + 1:b]])
-        words, text_ids, span, items = [], [], None, []
+        pieces, text_ids, span = [], [], None
         for i in body:
             if i == self.ctrl.eot:
                 break
             if i == self.ctrl.boi:
                 span = []
             elif i == self.ctrl.eoi and span is not None:
-                items.append(self.sids.item_of_tokens([self.tok.token(t) for t in span]))
-                words += [self.tok.decode(text_ids), " <movie> "]
+                pieces += [self.tok.decode(text_ids), ("item", self.sids.item_of_tokens([self.tok.token(t) for t in span]))]
                 text_ids, span = [], None
             elif span is not None:
                 span.append(i)
             else:
                 text_ids.append(i)
-        words.append(self.tok.decode(text_ids))
-        return slot, items, " ".join("".join(words).split())
+        pieces.append(self.tok.decode(text_ids))
+        return mode, slot, pieces
+
+    @staticmethod
+    def join(pieces, item_text) -> str:
+        """The response as one string, each item span written by item_text(item_id)."""
+        return " ".join("".join(p if isinstance(p, str) else item_text(p[1]) for p in pieces).split())
+
+    def parse(self, ids: list[int]):
+        """(mode, slot item, response with item spans shown as titles), for people."""
+        mode, slot, pieces = self.read(ids)
+        return mode, slot, self.join(pieces, self.title)
+
+    def generated_response(self, ids: list[int]):
+        """(slot item, items the response mentions, response with each span as one "<movie>" token),
+        for the dialog metrics."""
+        _, slot, pieces = self.read(ids)
+        return slot, [p[1] for p in pieces if not isinstance(p, str)], self.join(pieces, lambda i: " <movie> ")
 
     def reply(self, context: list[dict], args, generator) -> list[int]:
         prompt = self.rd.prompt(context)
@@ -315,25 +303,8 @@ def chat(s: Session, args, generator):
 
 def _reply_text(s: Session, ids: list[int]) -> str:
     """The response part of generated ids, written back in the schema's @{id} form."""
-    resp = s.tok.id(RESP)
-    if resp in ids:
-        ids = ids[ids.index(resp) + 1:]
-    out, text_ids, span = [], [], None
-    for i in ids:
-        if i == s.ctrl.eot:
-            break
-        if i == s.ctrl.boi:
-            span = []
-        elif i == s.ctrl.eoi and span is not None:
-            out.append(_escape(s.tok.decode(text_ids))); text_ids = []
-            out.append("@{" + s.sids.item_of_tokens([s.tok.token(t) for t in span]) + "}")
-            span = None
-        elif span is not None:
-            span.append(i)
-        else:
-            text_ids.append(i)
-    out.append(_escape(s.tok.decode(text_ids)))
-    return "".join(out).strip()
+    _, _, pieces = s.read(ids)
+    return s.join([_escape(p) if isinstance(p, str) else p for p in pieces], lambda i: "@{" + i + "}")
 
 
 def _escape(text: str) -> str:
