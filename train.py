@@ -85,6 +85,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start, faster to run)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block (less memory, ~1/3 more compute)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     preset = p.parse_known_args(argv)[0].preset
     if preset:
@@ -188,6 +189,7 @@ def main(argv=None):
         if step >= a.max_steps:
             print(f"checkpoint is at step {step} >= --max-steps {a.max_steps}: nothing to do")
             return
+    model.grad_checkpointing = a.grad_checkpoint
     fwd = torch.compile(model) if a.compile else model
 
     def save(final=False):

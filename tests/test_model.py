@@ -213,3 +213,20 @@ def test_config_dict_round_trip_and_unknown_fields():
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="bogus"):
         GPTConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+@torch.enable_grad()
+def test_grad_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_kv_head=2))
+    x = torch.randint(0, 300, (2, 16))
+    _, loss = m(x, x)
+    loss.backward()
+    plain = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m.grad_checkpointing = True
+    _, loss2 = m(x, x)
+    loss2.backward()
+    assert torch.equal(loss, loss2)
+    for a, b in zip(plain, (p.grad for p in m.parameters())):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
