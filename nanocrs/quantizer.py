@@ -239,8 +239,9 @@ class RQVAE(nn.Module):
 def train_rqvae(x, cfg, verbose=False, keep_distances=True):
     """Trains an RQ-VAE on x (N, D) and returns the same dict as residual_kmeans, computed on the latent
     residuals: codes (N, L), codebooks [L x (K, e)], distances (N, L, K) or None, final_dist (N,),
-    mse [L] mean ||latent residual||^2 after each level; plus losses (epochs + 1,) = the full-data
-    loss (recon + quantization) before training and after each epoch, and recon_mse (start, end).
+    mse [L] mean ||latent residual||^2 after each level; plus losses (epochs + 1,) = the loss (recon +
+    quantization) on all items before training, then each epoch's mean training loss, and recon_mse
+    (before, after) on all items.
     Deterministic for cfg.seed; the global torch RNG is left untouched (fork_rng)."""
     x = torch.as_tensor(np.asarray(x, dtype=np.float32))
     N, L, K = x.shape[0], cfg.levels, cfg.codebook_size
@@ -252,7 +253,7 @@ def train_rqvae(x, cfg, verbose=False, keep_distances=True):
         model.init_codebooks(x[perm[:cfg.batch_size]], cfg.kmeans_iters, cfg.seed)  # the first batch
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-        def full_loss():  # on all items, so the curve is not batch noise
+        def full_loss():  # (recon, recon + quantization) on all items
             with torch.no_grad():
                 _, rl, ql = model(x)
             return float(rl), float(rl + ql)
@@ -262,16 +263,19 @@ def train_rqvae(x, cfg, verbose=False, keep_distances=True):
         for epoch in range(cfg.epochs):
             if epoch > 0:
                 perm = torch.randperm(N, generator=g)
+            total = 0.0
             for s in range(0, N, cfg.batch_size):
-                _, rl, ql = model(x[perm[s:s + cfg.batch_size]])
+                idx = perm[s:s + cfg.batch_size]
+                _, rl, ql = model(x[idx])
                 opt.zero_grad(set_to_none=True)
                 (rl + ql).backward()
                 opt.step()
-            losses.append(full_loss()[1])
-        r1 = full_loss()[0]
+                total += float(rl + ql) * len(idx)
+            losses.append(total / N)  # training loss (before each step): no extra full pass per epoch
+        r1, l1 = full_loss()
         if verbose:
             print(f"rqvae: {cfg.epochs} epochs, recon mse {r0:.4g} -> {r1:.4g}, "
-                  f"total loss {losses[0]:.4g} -> {losses[-1]:.4g}")
+                  f"recon + quantization loss {l0:.4g} -> {l1:.4g}")
 
         # final codes and distances from the trained encoder, exactly as the collision step needs them
         with torch.no_grad():
