@@ -5,6 +5,7 @@ target  Assistant:<MODE=REC><BOI>SID<EOI><RESP> text<EOT>  or  Assistant:<MODE=C
     python train.py --data data/synthetic --out out/synthetic               # CPU quickstart, ~5 min
     python train.py --data data/synthetic --out out/synthetic --resume      # continue where it stopped
     python train.py --data data/synthetic --out out/big --n-layer 8 --n-embd 512 --compile   # on a GPU
+    torchrun --nproc_per_node=2 train.py --data data/synthetic --out out/ddp    # DDP: NCCL on GPUs, gloo on CPUs
     python train.py --data data/synthetic --out out/smol --init-from smollm2 --lora-rank 16   # pretrained + LoRA
     python train.py --data data/inspired --out out/qwen --init-from /models/Qwen2.5-7B-Instruct --preset gcrs-inspired
 
@@ -26,6 +27,9 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from nanocrs import checkpoint
@@ -35,6 +39,12 @@ from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import CONTROL_TOKENS, Tokenizer
 
+
+# bf16 dense peak FLOP/s of the GPU, for the MFU figure (None: unknown, not shown)
+PEAK_FLOPS = None
+if torch.cuda.is_available():
+    _name = torch.cuda.get_device_name()
+    PEAK_FLOPS = 989e12 if "H100" in _name or "H200" in _name else 312e12 if "A100" in _name else None
 
 # The paper's Table 7 recipes (LoRA r16/a32/dropout 0.05 on all linear layers, batch 72 through
 # accumulation, max length 768, weight decay 0). The schedule after warmup is not stated: cosine to lr/10.
@@ -137,6 +147,16 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device_type = "cuda" if device.startswith("cuda") else "cpu"
+    # torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (NCCL), or per CPU worker (gloo)
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world, master = 0, 1, True
+    if ddp:
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        master = rank == 0
+        if device_type == "cuda":
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
     dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
     autocast = (torch.autocast(device_type=device_type, dtype=torch.bfloat16)
                 if dtype == "bfloat16" else nullcontext())
@@ -179,9 +199,10 @@ def main(argv=None):
     val_ex = build_examples(rd, ds["val"], a.format)
     n_tok = sum(len(x) for x, _ in train_ex)
     n_sup = sum(sum(1 for t in y if t != -1) for _, y in train_ex)
-    print(f"data: {len(ds['items'])} items, {len(ds['train'])} train dialogs -> {len(train_ex)} sequences, "
+    say = print if master else (lambda *args, **kw: None)
+    say(f"data: {len(ds['items'])} items, {len(ds['train'])} train dialogs -> {len(train_ex)} sequences, "
           f"{n_tok:,} tokens ({n_sup:,} supervised); {len(val_ex)} val sequences")
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(cfg.to_dict())}")
+    say(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(cfg.to_dict())}")
 
     opt = model.configure_optimizer(a.lr, a.weight_decay, device_type=device_type)
     if a.resume:
@@ -191,8 +212,12 @@ def main(argv=None):
             return
     model.grad_checkpointing = a.grad_checkpoint
     fwd = torch.compile(model) if a.compile else model
+    if ddp:
+        fwd = DDP(fwd, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
 
     def save(final=False):
+        if not master:
+            return
         config = {"model": cfg.to_dict(), "train": vars(a), "step": step, "data": os.path.abspath(a.data),
                   "init_from": os.path.abspath(a.init_from) if a.init_from and a.init_from != "smollm2" else a.init_from,
                   "lora": lora,
@@ -202,64 +227,95 @@ def main(argv=None):
                         sids=sids if first or final else None,
                         items_path=os.path.join(a.data, "items.jsonl") if first or final else None)
 
-    # ---- the loop. Micro-batch g of the whole run is batch g % nb of epoch g // nb (a pure function
-    # of seed and g), so a resumed run sees exactly the batches the uninterrupted one would have.
-    nb = len(epoch_batches(train_ex, a.batch_size, a.seed, 0))
+    # ---- the loop. Step s takes global batch s % nb of epoch s // nb, a pure function of (seed, s),
+    # so a resumed run sees exactly the batches the uninterrupted one would have. A global batch of
+    # batch_size * grad_accum * world sequences is cut into micro-batches of batch_size; rank r does
+    # micro-batches r, r + world, ... Every micro-batch's summed loss is divided by the number of
+    # supervised tokens in the WHOLE global batch, so one process, gradient accumulation and N
+    # processes compute the same gradient (up to float summation order).
+    global_bs = a.batch_size * a.grad_accum * world
+    nb = len(epoch_batches(train_ex, global_bs, a.seed, 0))
     epoch_cache = {}
 
-    def micro_batch(g):
-        e = g // nb
+    def global_batch(s):
+        e = s // nb
         if e not in epoch_cache:
             epoch_cache.clear()
-            epoch_cache[e] = epoch_batches(train_ex, a.batch_size, a.seed, e)
-        return collate([train_ex[i] for i in epoch_cache[e][g % nb]])
+            epoch_cache[e] = epoch_batches(train_ex, global_bs, a.seed, e)
+        return epoch_cache[e][s % nb]
+
+    def to_device(t):
+        return t.pin_memory().to(device, non_blocking=True) if device_type == "cuda" else t
 
     os.makedirs(a.out, exist_ok=True)
-    log = open(os.path.join(a.out, "log.jsonl"), "a")
+    log = open(os.path.join(a.out, "log.jsonl"), "a") if master else None
     model.train()
     # in a log file (not a terminal) redraw the bar rarely, so the log stays readable
     pbar = tqdm(total=a.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout,
-                mininterval=0.2 if sys.stdout.isatty() else 30)
+                mininterval=0.2 if sys.stdout.isatty() else 30, disable=not master)
     t0, tokens_seen = time.time(), 0
+    flops_per_token = 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
     try:
         while step < a.max_steps:
             lr = lr_at(step, a)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            idx = global_batch(step)
+            n_sup = sum(1 for i in idx for t in train_ex[i][1] if t != -1)
+            loss_sum = torch.zeros((), device=device)
             for micro in range(a.grad_accum):
-                x, y = micro_batch(step * a.grad_accum + micro)
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                with autocast:
-                    _, loss = fwd(x, y)
-                (loss / a.grad_accum).backward()
-                loss_sum += loss.item() / a.grad_accum
+                part = idx[(micro * world + rank) * a.batch_size:(micro * world + rank + 1) * a.batch_size]
+                weight = 1.0
+                if not part:  # a short last batch: still run, so every rank joins the gradient all-reduce
+                    part, weight = idx[:1], 0.0
+                x, y = collate([train_ex[i] for i in part])
+                x, y = to_device(x), to_device(y)
+                sync = nullcontext() if not ddp or micro == a.grad_accum - 1 else fwd.no_sync()
+                with sync:
+                    with autocast:
+                        logits, _ = fwd(x)
+                    s = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum")
+                    (s * (weight * world / n_sup)).backward()  # DDP averages over ranks: * world undoes it
+                loss_sum += s.detach() * weight
                 tokens_seen += x.numel()
+            if ddp:
+                dist.all_reduce(loss_sum)
+            loss = loss_sum.item() / n_sup
             if a.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            rec = {"step": step, "lr": lr, "loss": loss_sum}
+            if not master:
+                continue
+            rec = {"step": step, "lr": lr, "loss": loss}
             if a.eval_interval and (step % a.eval_interval == 0 or step == a.max_steps):
                 rec["val_loss"] = evaluate_loss(model, val_ex, 32, device, autocast)
-                tqdm.write(f"step {step}: train loss {loss_sum:.4f}, val loss {rec['val_loss']:.4f}")
+                tqdm.write(f"step {step}: train loss {loss:.4f}, val loss {rec['val_loss']:.4f}")
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            pbar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
+            rate = tokens_seen * world / (time.time() - t0)
+            post = {"loss": f"{loss:.3f}", "tok_s": f"{rate:.0f}"}
+            if device_type == "cuda" and PEAK_FLOPS:  # model FLOPs utilisation against the GPU's bf16 peak
+                post["mfu"] = f"{rate * flops_per_token / (PEAK_FLOPS * world):.1%}"
+            pbar.set_postfix(**post)
             pbar.update(1)
             if step % a.save_interval == 0 or step == a.max_steps:
                 save(final=step == a.max_steps)
     except KeyboardInterrupt:
         pbar.close()
-        print(f"\ninterrupted: saving step {step} to {a.out} (continue with --resume)")
-        save(final=True)
+        if master:
+            print(f"\ninterrupted: saving step {step} to {a.out} (continue with --resume)")
+            save(final=True)
         sys.exit(130)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
     pbar.close()
     elapsed = time.time() - t0
-    print(f"done: {step} steps, {tokens_seen:,} tokens in {elapsed:.0f} s "
-          f"({tokens_seen / max(elapsed, 1e-9):.0f} tokens/s); checkpoint in {a.out}")
+    if master:
+        print(f"done: {step} steps, {tokens_seen * world:,} tokens in {elapsed:.0f} s "
+              f"({tokens_seen * world / max(elapsed, 1e-9):.0f} tokens/s); checkpoint in {a.out}")
 
 
 if __name__ == "__main__":

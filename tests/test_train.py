@@ -9,15 +9,19 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_train
+from conftest import TRAIN_ARGS, run_train
 from nanocrs import checkpoint
 from nanocrs.checkpoint import CheckpointError
 from nanocrs.model import GPT, GPTConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_log(ckpt):
@@ -163,3 +167,41 @@ def test_invalid_config_json(ckpt_copy):
         f.write("{\"model\": ")
     with pytest.raises(CheckpointError, match="config.json"):
         checkpoint.load(ckpt_copy)
+
+
+# -----------------------------------------------------------------------------
+# one global batch, three ways: plain, gradient accumulation, two DDP processes
+
+
+def _losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def test_gradient_accumulation_matches_one_big_batch(dataset_dir, tmp_path):
+    run_train(dataset_dir, str(tmp_path / "big"), ["--max-steps", "4", "--batch-size", "8", "--grad-accum", "1"])
+    run_train(dataset_dir, str(tmp_path / "acc"), ["--max-steps", "4", "--batch-size", "2", "--grad-accum", "4"])
+    big, acc = _losses(tmp_path / "big"), _losses(tmp_path / "acc")
+    assert len(big) == len(acc) == 4
+    assert big[0] > big[-1]  # it trains at all
+    for b, a in zip(big, acc):
+        assert abs(b - a) < 1e-4, (big, acc)
+
+
+def test_ddp_two_cpu_processes_match_one_process(dataset_dir, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_train(dataset_dir, str(tmp_path / "one"), ["--max-steps", "4", "--batch-size", "8"])
+    args = [a for a in TRAIN_ARGS] + ["--data", dataset_dir, "--out", str(tmp_path / "two"),
+                                      "--max-steps", "4", "--batch-size", "4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", os.path.join(REPO, "train.py")] + args
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert abs(a - b) < 1e-4, (one, two)

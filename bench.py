@@ -1,0 +1,419 @@
+"""
+Benchmarks for nanocrs, each against the obvious alternative, printed as one table.
+
+    python bench.py --quick                         # tiny sizes, about a minute: a smoke test
+    python bench.py --json out/bench.json           # quickstart-size model; quantizer on 10k and 100k
+    python bench.py --compile --full --json out/bench.json   # + torch.compile'd training, + 1M quantizer
+    python bench.py --sections train,decode --threads 1      # a subset, one CPU thread
+
+1. Training throughput: tokens/s of one training step (forward, backward, AdamW) of nanocrs' GPT
+   against transformers' LlamaForCausalLM built from the same config with the same weights, batch,
+   sequence length and thread count (fp32 on the CPU, bf16 autocast on CUDA). With --compile, also
+   nanocrs under torch.compile against transformers eager.
+2. Recommendation decoding: nanocrs.generate.beam_search (width 50; one prefill, the KV cache copied
+   to the beams) against transformers' generate(num_beams=50, num_return_sequences=50,
+   prefix_allowed_tokens_fn=<the same trie>, max_new_tokens=SID length, length_penalty=0). Both rank
+   by the summed log-probability of the SID (every SID has the same length, so the length penalty
+   could not matter anyway): the top-50 item lists must be identical. Also trie-constrained sampling
+   against the same sampling loop with the trie mask switched off: the constraint's overhead.
+3. Quantizer scale: residual k-means (3 levels x 256 codes) + collision suffixes on random 384-d
+   vectors, each size in its own subprocess so that its peak RSS (getrusage) is its own.
+4. Evaluation throughput: rec samples/s of sample.evaluate (paper protocol, beam 50, no response
+   generation) on a small synthetic dataset and a 2-step checkpoint built in a temp folder.
+
+Sections 1-2 use a model of the quickstart's shape (4 layers, n_embd 192, 4 heads / 2 kv heads,
+tied, vocabulary 1387 of which 6 control tokens and 51 SID tokens) with random weights scaled so
+that logits are O(1): near-ties between items would make the list comparison meaningless. Timed
+runs are interleaved (A B, B A, ...) and medians are reported: the 2-core machine is noisy.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+from unittest import mock
+
+import numpy as np
+import torch
+
+from nanocrs import generate
+from nanocrs.generate import Control, SIDTrie, beam_search, sample
+from nanocrs.model import GPT, GPTConfig
+from nanocrs.quantizer import QuantizerConfig, quantize
+from nanocrs.tokenizer import CONTROL_TOKENS
+
+# model / data sizes: the quickstart's, and tiny ones for --quick and the test
+FULL = dict(n_bpe=1330, n_items=600, levels=3, codes=16, n_layer=4, n_embd=192, n_head=4, n_kv_head=2,
+            batch=8, seq=256, train_rounds=5, prompt_len=128, n_prompts=4, beam_rounds=3,
+            sample_tokens=64, sample_rounds=5, quant_sizes=[10_000, 100_000],
+            data_args=["--n-items", "600", "--n-train", "300", "--n-val", "20", "--n-test", "40"])
+QUICK = dict(n_bpe=300, n_items=160, levels=2, codes=8, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+             batch=4, seq=64, train_rounds=3, prompt_len=32, n_prompts=2, beam_rounds=2,
+             sample_tokens=48, sample_rounds=5, quant_sizes=[10_000],
+             data_args=["--n-items", "160", "--n-train", "100", "--n-val", "10", "--n-test", "20",
+                        "--levels", "2", "--codebook-size", "8", "--vocab-size", "400"])
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p.add_argument("--full", action="store_true", help="also the 1M-vector quantizer run (~5 min)")
+    p.add_argument("--compile", action="store_true", help="also time nanocrs training under torch.compile")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--sections", default="train,decode,quantizer,eval", help="comma-separated subset")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads for every run (0: torch's default)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (sections 1-2)")
+    p.add_argument("--quantizer-child", type=int, default=0, help=argparse.SUPPRESS)  # internal: one quantizer run
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# the shared setup: a random SID catalogue, its trie, a random model and its transformers twin
+
+class Vocab:
+    """Stands in for the tokenizer: [text tokens][control tokens][SID tokens], and the id() lookup
+    that SIDTrie.build and Control.of need. Text tokens have no strings, only ids."""
+
+    def __init__(self, n_bpe, added):
+        self.ids = {t: n_bpe + i for i, t in enumerate(added)}
+        self.n_bpe, self.size = n_bpe, n_bpe + len(added)
+
+    def id(self, token):
+        return self.ids[token]
+
+
+def scaled_init_(model, seed=0):
+    """Weights ~ N(0, 1/fan_in), norms ~ 1 + N(0, 0.1): logits of order one, as in a trained model.
+    (The 0.02 init makes every logit ~0, so item scores would be near-ties decided by rounding.)"""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+            else:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+
+
+def build_world(sz, device="cpu", seed=0):
+    """SIDs of sz['n_items'] random items (residual k-means + suffix, so all SIDs have one length),
+    the trie, and a random GPT over the vocabulary."""
+    emb = np.random.default_rng(seed).standard_normal((sz["n_items"], 64)).astype(np.float32)
+    sids = quantize(emb, QuantizerConfig(levels=sz["levels"], codebook_size=sz["codes"], seed=seed),
+                    verbose=False, item_ids=[f"m{i:04d}" for i in range(sz["n_items"])])
+    vocab = Vocab(sz["n_bpe"], CONTROL_TOKENS + sids.all_token_strings())
+    trie, ctrl = SIDTrie.build(sids, vocab), Control.of(vocab)
+    assert all(len(ids) == trie.depth for ids, _ in trie.items()), "equal-length SIDs"
+    cfg = GPTConfig(vocab_size=vocab.size, block_size=256, n_layer=sz["n_layer"], n_embd=sz["n_embd"],
+                    n_head=sz["n_head"], n_kv_head=sz["n_kv_head"])
+    model = GPT(cfg)
+    scaled_init_(model, seed)
+    return SimpleNamespace(sids=sids, vocab=vocab, trie=trie, ctrl=ctrl, model=model.to(device), device=device)
+
+
+def hf_twin(model):
+    """transformers' LlamaForCausalLM with nanocrs' hyper-parameters and a copy of its weights."""
+    from nanocrs.hf import hf_config_from
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = model.config
+    d = {k: v for k, v in hf_config_from(cfg, "llama").items() if k not in ("architectures", "model_type")}
+    hf = LlamaForCausalLM(LlamaConfig(**d, bos_token_id=None, eos_token_id=None, pad_token_id=None))
+    # explicit name map: ours are Hugging Face's minus the "model." prefix (the head has none)
+    sd = {}
+    for name, t in model.state_dict().items():
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            t = t[:cfg.vocab_size]  # our vocabulary padding rows (a speed detail) are not weights
+        sd[name if name == "lm_head.weight" else "model." + name] = t.detach().clone()
+    hf.load_state_dict(sd, strict=True)
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr(), "still tied"
+    return hf.to(model.embed_tokens.weight.device)
+
+
+@torch.no_grad()
+def assert_same_logits(model, hf, vocab_size, T=48):
+    device = model.embed_tokens.weight.device
+    x = torch.randint(vocab_size, (2, T), generator=torch.Generator().manual_seed(1)).to(device)
+    model.eval(), hf.eval()
+    ours, theirs = model(x)[0].float(), hf(input_ids=x).logits.float()  # (2, T, V)
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
+
+
+def interleaved(jobs, rounds):
+    """jobs: {name: fn() -> units of work}. Each round runs every job once, the order reversed every
+    other round, so that load from other processes falls on all of them alike. Median units/s."""
+    rates = {k: [] for k in jobs}
+    for r in range(rounds):
+        for k in (list(jobs) if r % 2 == 0 else list(jobs)[::-1]):
+            t0 = time.perf_counter()
+            n = jobs[k]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            rates[k].append(n / (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+# -----------------------------------------------------------------------------
+# 1. training throughput
+
+def bench_train(w, hf, sz, compile_too):
+    B, T, V = sz["batch"], sz["seq"], w.model.config.vocab_size
+    xy = torch.randint(w.vocab.n_bpe, (B, T + 1), generator=torch.Generator().manual_seed(2)).to(w.device)
+    x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()  # (B, T) each
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if w.device.startswith("cuda")
+                else contextlib.nullcontext())
+
+    def stepper(loss_of, model, steps=1):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)  # the same optimizer for both models
+
+        def run():
+            for _ in range(steps):
+                with autocast:
+                    loss = loss_of()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return steps * B * T
+        run()  # warm-up (and, for the compiled model, the compilation)
+        return run
+
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (w.model, hf)]
+    w.model.train(), hf.train()
+    # nanocrs takes shifted targets, transformers shifts the labels itself: the same B x T logits
+    jobs = {"nanocrs": stepper(lambda: w.model(x, y)[1], w.model),
+            "transformers": stepper(lambda: hf(input_ids=x, labels=x).loss, hf)}
+    compile_s = None
+    if compile_too:
+        compiled = torch.compile(w.model)
+        t0 = time.perf_counter()
+        jobs["nanocrs compiled"] = stepper(lambda: compiled(x, y)[1], w.model)
+        compile_s = time.perf_counter() - t0
+    rates = interleaved(jobs, sz["train_rounds"])
+    for m, sd in zip((w.model, hf), before):  # the decoding comparison needs the twins equal again
+        m.load_state_dict(sd)
+    return dict(tokens_per_s=rates, batch=B, seq=T, compile_seconds=compile_s,
+                speedup=rates["nanocrs"] / rates["transformers"],
+                speedup_compiled=rates["nanocrs compiled"] / rates["transformers"] if compile_too else None)
+
+
+# -----------------------------------------------------------------------------
+# 2. decoding: beam search against transformers, constrained against free sampling
+
+def make_prompts(w, n, length, seed=3):
+    """Random text-token contexts that end with <BOI>, as the eval's do."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(w.vocab.n_bpe, (length - 1,), generator=g).tolist() + [w.ctrl.boi] for _ in range(n)]
+
+
+@torch.no_grad()
+def hf_beam(hf, w, prompt, width):
+    """transformers' constrained beam search -> [(item, summed log-prob)], best first."""
+    P, trie = len(prompt), w.trie
+
+    def allowed(batch_id, ids):  # the trie children of the SID prefix generated so far
+        node = trie.walk(ids[P:].tolist())
+        kids = [t for t in node if t != SIDTrie.LEAF] if node is not None else []
+        return kids or [w.ctrl.eoi]  # transformers refuses an empty list (a finished or dead beam)
+    out = hf.generate(torch.tensor([prompt], device=w.device), attention_mask=torch.ones(1, P, dtype=torch.long, device=w.device),
+                      num_beams=width, num_return_sequences=width, do_sample=False, max_new_tokens=trie.depth,
+                      prefix_allowed_tokens_fn=allowed, length_penalty=0.0, early_stopping=True,
+                      output_scores=True, return_dict_in_generate=True, pad_token_id=w.ctrl.eot)
+    order = torch.argsort(out.sequences_scores, descending=True, stable=True).tolist()
+    return [(trie.walk(out.sequences[i, P:].tolist())[SIDTrie.LEAF], float(out.sequences_scores[i])) for i in order]
+
+
+def compare_beams(w, hf, prompts, width=50, rounds=2):
+    """Top-k lists of both implementations on every prompt, then (rounds > 0) their speeds."""
+    w.model.eval(), hf.eval()
+    identical, max_diff = True, 0.0
+    for p in prompts:
+        ours, theirs = beam_search(w.model, p, w.trie, w.ctrl, width), hf_beam(hf, w, p, width)
+        identical &= [i for i, _ in ours] == [i for i, _ in theirs]
+        max_diff = max(max_diff, max(abs(a[1] - b[1]) for a, b in zip(ours, theirs)))
+    res = dict(identical=identical, max_score_diff=max_diff, width=width, prompts=len(prompts), prompt_len=len(prompts[0]))
+    if rounds:
+        def all_prompts(search):
+            for p in prompts:
+                search(p)
+            return len(prompts)
+        rates = interleaved({"nanocrs": lambda: all_prompts(lambda p: beam_search(w.model, p, w.trie, w.ctrl, width)),
+                             "transformers": lambda: all_prompts(lambda p: hf_beam(hf, w, p, width))}, rounds)
+        res.update(prompts_per_s=rates, speedup=rates["nanocrs"] / rates["transformers"])
+    return res
+
+
+class AnyPrefix(dict):
+    """A trie node that accepts every token and never completes: with it (and the mask switched
+    off) generate.sample runs its own loop with no constraint at all."""
+
+    def __missing__(self, key):
+        return self
+
+
+def bench_sampling(w, prompts, max_new, rounds):
+    """Decoding steps/s of generate.sample (4 rows, temperature 0.8, top-k 50) with the trie and
+    without it. Steps, not tokens: rows that stop early (<EOT>) still ride along in the batch, and the
+    free rows never close a span, so token counts differ while the cost per step is what we compare."""
+    V = w.model.config.vocab_size
+    free_trie = SIDTrie()
+    free_trie.root = AnyPrefix()
+    everything = torch.ones(V, dtype=torch.bool, device=w.device)
+
+    def run(constrained):
+        g = torch.Generator(device=w.device).manual_seed(0)
+        steps = 0
+        for p in prompts:
+            if constrained:
+                outs = sample(w.model, p, w.trie, w.ctrl, n=4, max_new_tokens=max_new, temperature=0.8, top_k=50, generator=g)
+            else:  # the same loop; the trie walk and the mask construction replaced by no-ops
+                with mock.patch.object(generate, "allowed_mask", lambda *a: everything):
+                    outs = sample(w.model, p, free_trie, w.ctrl, n=4, max_new_tokens=max_new, temperature=0.8, top_k=50, generator=g)
+            steps += max(len(o) for o in outs)  # the rows advance together: one forward per step
+        return steps
+    rates = interleaved({"constrained": lambda: run(True), "free": lambda: run(False)}, rounds)
+    return dict(steps_per_s=rates, overhead=rates["free"] / rates["constrained"] - 1.0)
+
+
+# -----------------------------------------------------------------------------
+# 3. quantizer scale (each size in a fresh process, so peak RSS is that run's alone)
+
+def quantizer_child(n, threads):
+    if threads:
+        torch.set_num_threads(threads)
+    x = np.random.default_rng(0).standard_normal((n, 384), dtype=np.float32)  # (N, 384)
+    t0 = time.perf_counter()
+    sids = quantize(x, QuantizerConfig(levels=3, codebook_size=256, kmeans_iters=50), verbose=False)
+    secs = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"seconds": secs, "peak_rss_mb": peak_kb / 1024, "id_length": len(sids.level_sizes)}))
+
+
+def bench_quantizer(sizes, threads):
+    res = {}
+    for n in sizes:
+        cmd = [sys.executable, os.path.abspath(__file__), "--quantizer-child", str(n), "--threads", str(threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        res[n] = json.loads(out.stdout.strip().splitlines()[-1])
+    return res
+
+
+# -----------------------------------------------------------------------------
+# 4. evaluation throughput
+
+def bench_eval(sz, device, threads):
+    import data_prep
+    import sample as sample_py
+    import train
+    from nanocrs.data import load_dataset
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        data, ckpt = os.path.join(tmp, "data"), os.path.join(tmp, "ckpt")
+        data_prep.main(["--dataset", "synthetic", "--out", data] + sz["data_args"])
+        train.main(["--data", data, "--out", ckpt, "--max-steps", "2", "--n-layer", str(sz["n_layer"]),
+                    "--n-embd", str(sz["n_embd"]), "--n-head", str(sz["n_head"]), "--n-kv-head", str(sz["n_kv_head"]),
+                    "--batch-size", "8", "--eval-interval", "0", "--device", device, "--threads", str(threads)])
+        s = sample_py.Session(ckpt, device)
+        ds = load_dataset(data)
+        t0 = time.perf_counter()
+        res = sample_py.evaluate(s, ds, "test", beam=50, max_gen=0)
+        secs = time.perf_counter() - t0
+    return dict(samples=res["n_samples"], seconds=secs, samples_per_s=res["n_samples"] / secs)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quantizer_child:
+        return quantizer_child(args.quantizer_child, args.threads)
+    sz = QUICK if args.quick else FULL
+    sections = set(args.sections.split(","))
+    unknown = sections - {"train", "decode", "quantizer", "eval"}
+    if unknown:
+        raise ValueError(f"--sections: unknown {sorted(unknown)} (use train, decode, quantizer, eval)")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = torch.get_num_threads()
+    rows = []  # (benchmark, figure, target)
+
+    def add(name, result, target=""):
+        rows.append((name, result, target))
+        print(f"{name}: {result}", flush=True)  # progress; the table comes at the end
+
+    fig = dict(train_speedup=None, train_speedup_compiled=None, beam_speedup=None, beam_identical=None,
+               constrained_overhead=None, rqkmeans_1m_seconds=None, rqkmeans_1m_peak_rss_mb=None,
+               eval_samples_per_s=None, quick=args.quick, device=device, threads=threads,
+               torch=torch.__version__, python=platform.python_version())
+    if sections & {"train", "decode"}:
+        import transformers
+        transformers.logging.set_verbosity_error()
+        fig["transformers"] = transformers.__version__
+        w = build_world(sz, device)
+        hf = hf_twin(w.model)
+        assert_same_logits(w.model, hf, w.vocab.size)
+        fig["model"] = dict(params=w.model.num_params(), vocab=w.vocab.size, items=len(w.sids), sid_length=w.trie.depth,
+                            **{k: sz[k] for k in ("n_layer", "n_embd", "n_head", "n_kv_head")})
+        print(f"model: {w.model.num_params() / 1e6:.2f}M params, vocab {w.vocab.size}, {len(w.sids)} items, "
+              f"SID length {w.trie.depth}; logits equal transformers'; {device}, {threads} threads", flush=True)
+    if "train" in sections:
+        r = bench_train(w, hf, sz, args.compile)
+        fig.update(train=r, train_speedup=r["speedup"], train_speedup_compiled=r["speedup_compiled"])
+        tps = r["tokens_per_s"]
+        add(f"train step, batch {r['batch']}x{r['seq']}: tokens/s nanocrs / transformers",
+            f"{tps['nanocrs']:.0f} / {tps['transformers']:.0f} = {r['speedup']:.2f}x", ">= 1.2x")
+        if args.compile:
+            add(f"  nanocrs torch.compile (compiled in {r['compile_seconds']:.0f} s) / transformers eager",
+            f"{tps['nanocrs compiled']:.0f} / {tps['transformers']:.0f} = {r['speedup_compiled']:.2f}x", ">= 1.2x")
+    if "decode" in sections:
+        prompts = make_prompts(w, sz["n_prompts"], sz["prompt_len"])
+        r = compare_beams(w, hf, prompts, 50, sz["beam_rounds"])
+        fig.update(beam=r, beam_speedup=r["speedup"], beam_identical=r["identical"])
+        pps = r["prompts_per_s"]
+        add(f"beam search w50, {r['prompts']} prompts x {r['prompt_len']} tok: prompts/s nanocrs / transformers",
+            f"{pps['nanocrs']:.1f} / {pps['transformers']:.1f} = {r['speedup']:.1f}x", ">= 5x")
+        add("  top-50 item lists identical (max |score diff|)", f"{r['identical']} ({r['max_score_diff']:.1e})", "True")
+        r = bench_sampling(w, prompts, sz["sample_tokens"], sz["sample_rounds"])
+        fig.update(sampling=r, constrained_overhead=r["overhead"])
+        t = r["steps_per_s"]
+        add("sampling n=4, decoding steps/s: trie-constrained / free",
+            f"{t['constrained']:.0f} / {t['free']:.0f}: overhead {r['overhead']:+.1%}", "<= 10%")
+    if "quantizer" in sections:
+        sizes = sz["quant_sizes"] + ([1_000_000] if args.full else [])
+        r = bench_quantizer(sizes, args.threads)
+        fig["rqkmeans"] = {str(n): v for n, v in r.items()}
+        for n, v in r.items():
+            add(f"RQ-KMeans 3x256 + suffix, {n:,} x 384", f"{v['seconds']:.1f} s, peak RSS {v['peak_rss_mb']:.0f} MB",
+            "<= 300 s, <= 4096 MB" if n == 1_000_000 else "")
+        if 1_000_000 in r:
+            fig.update(rqkmeans_1m_seconds=r[1_000_000]["seconds"], rqkmeans_1m_peak_rss_mb=r[1_000_000]["peak_rss_mb"])
+    if "eval" in sections:
+        r = bench_eval(sz, device, args.threads)
+        fig.update(eval=r, eval_samples_per_s=r["samples_per_s"])
+        add(f"eval (sample.evaluate, beam 50, no generation): {r['samples']} rec samples",
+            f"{r['samples_per_s']:.1f} samples/s", "")
+    width = max(len(r[0]) for r in rows) if rows else 0
+    print(f"\n{'benchmark':<{width}}  {'result':<34} target")
+    for name, result, target in rows:
+        print(f"{name:<{width}}  {result:<34} {target}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(fig, f, indent=1)
+        print(f"wrote {args.json}")
+    return fig
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
