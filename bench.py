@@ -267,14 +267,15 @@ def bench_sampling(w, prompts, max_new, rounds):
     everything = torch.ones(V, dtype=torch.bool, device=w.device)
 
     def run(constrained):
-        g = torch.Generator(device=w.device).manual_seed(0)
+        kw = dict(n=4, max_new_tokens=max_new, temperature=0.8, top_k=50,
+                  generator=torch.Generator(device=w.device).manual_seed(0))
         steps = 0
         for p in prompts:
             if constrained:
-                outs = sample(w.model, p, w.trie, w.ctrl, n=4, max_new_tokens=max_new, temperature=0.8, top_k=50, generator=g)
+                outs = sample(w.model, p, w.trie, w.ctrl, **kw)
             else:  # the same loop; the trie walk and the mask construction replaced by no-ops
                 with mock.patch.object(generate, "allowed_mask", lambda *a: everything):
-                    outs = sample(w.model, p, free_trie, w.ctrl, n=4, max_new_tokens=max_new, temperature=0.8, top_k=50, generator=g)
+                    outs = sample(w.model, p, free_trie, w.ctrl, **kw)
             steps += max(len(o) for o in outs)  # the rows advance together: one forward per step
         return steps
     rates = interleaved({"constrained": lambda: run(True), "free": lambda: run(False)}, rounds)
@@ -371,7 +372,7 @@ def main(argv=None):
             f"{tps['nanocrs']:.0f} / {tps['transformers']:.0f} = {r['speedup']:.2f}x", ">= 1.2x")
         if args.compile:
             add(f"  nanocrs torch.compile (compiled in {r['compile_seconds']:.0f} s) / transformers eager",
-            f"{tps['nanocrs compiled']:.0f} / {tps['transformers']:.0f} = {r['speedup_compiled']:.2f}x", ">= 1.2x")
+                f"{tps['nanocrs compiled']:.0f} / {tps['transformers']:.0f} = {r['speedup_compiled']:.2f}x", ">= 1.2x")
     if "decode" in sections:
         prompts = make_prompts(w, sz["n_prompts"], sz["prompt_len"])
         r = compare_beams(w, hf, prompts, 50, sz["beam_rounds"])
@@ -391,7 +392,7 @@ def main(argv=None):
         fig["rqkmeans"] = {str(n): v for n, v in r.items()}
         for n, v in r.items():
             add(f"RQ-KMeans 3x256 + suffix, {n:,} x 384", f"{v['seconds']:.1f} s, peak RSS {v['peak_rss_mb']:.0f} MB",
-            "<= 300 s, <= 4096 MB" if n == 1_000_000 else "")
+                "<= 300 s, <= 4096 MB" if n == 1_000_000 else "")
         if 1_000_000 in r:
             fig.update(rqkmeans_1m_seconds=r[1_000_000]["seconds"], rqkmeans_1m_peak_rss_mb=r[1_000_000]["peak_rss_mb"])
     if "eval" in sections:
