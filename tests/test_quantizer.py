@@ -1,5 +1,5 @@
 """
-Tests for nanocrs/quantizer.py (residual k-means semantic IDs + collision handling).
+Tests for nanocrs/quantizer.py (residual k-means and RQ-VAE semantic IDs + collision handling).
 Run: . /work/venv/bin/activate && cd /work/main && python -m pytest -q tests/test_quantizer.py
 """
 import itertools
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanocrs.quantizer import (QuantizerConfig, SemanticIDs, add_collision_suffix, kmeans, quantize,
-                               reassign_collisions, residual_kmeans)
+                               reassign_collisions, residual_kmeans, train_rqvae)
 
 
 def blobs(n_per=50, k=4, d=8, seed=0):
@@ -202,3 +202,76 @@ def test_bad_inputs():
         quantize(np.zeros(10, np.float32), QuantizerConfig(), verbose=False)
     with pytest.raises(ValueError, match="item_ids"):
         quantize(np.zeros((10, 4), np.float32), QuantizerConfig(codebook_size=2), verbose=False, item_ids=["a"])
+
+
+# -----------------------------------------------------------------------------
+# RQ-VAE: a small MLP so the tests take seconds; the paper-sized default is exercised by data_prep.py
+
+def small_vae(**kw):
+    return QuantizerConfig(method="rqvae", levels=3, codebook_size=8, hidden=(64, 32), latent_dim=8,
+                           epochs=60, kmeans_iters=10, **kw)
+
+
+def test_rqvae_trains_and_outputs_are_consistent():
+    x, _, _ = blobs(n_per=50, k=4, d=16)
+    x /= np.abs(x).max()                                          # the MLP likes O(1) inputs
+    cfg = small_vae()
+    out = train_rqvae(x, cfg)
+    L, K, N = cfg.levels, cfg.codebook_size, len(x)
+    assert out["losses"].shape == (cfg.epochs + 1,)
+    assert out["losses"][-1] < 0.5 * out["losses"][0]             # it learns
+    assert out["recon_mse"][1] < out["recon_mse"][0]
+    assert out["codes"].shape == (N, L) and out["codes"].min() >= 0 and out["codes"].max() < K
+    assert out["distances"].shape == (N, L, K) and len(out["codebooks"]) == L
+    assert out["codebooks"][0].shape == (K, cfg.latent_dim)
+    # codes are the nearest codewords of the latent residuals, and final_dist is the last level's distance
+    assert (out["distances"].argmin(2) == out["codes"]).mean() > 0.99
+    last = out["distances"][np.arange(N), L - 1, out["codes"][:, L - 1]]
+    assert np.allclose(last, out["final_dist"], rtol=1e-4, atol=1e-6)
+    # the 4 well separated blobs land on different level-0 codes
+    assert len({int(c) for c in out["codes"][::50, 0]}) == 4
+
+
+def test_rqvae_deterministic_and_no_global_rng_side_effects():
+    x = np.random.default_rng(3).standard_normal((120, 16)).astype(np.float32)
+    torch_state = torch.get_rng_state().clone()
+    a = train_rqvae(x, small_vae(seed=5, epochs=20))
+    b = train_rqvae(x, small_vae(seed=5, epochs=20))
+    assert (a["codes"] == b["codes"]).all() and np.array_equal(a["losses"], b["losses"])
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    c = train_rqvae(x, small_vae(seed=6, epochs=20))
+    assert not np.array_equal(a["losses"], c["losses"])           # the seed matters
+
+
+@pytest.mark.parametrize("mode", ["suffix", "reassign"])
+def test_rqvae_unique_sids(mode):
+    x = duplicated(n_distinct=40, copies=4)                       # 160 items, groups of 4 identical ones
+    s = quantize(x, small_vae(collisions=mode, epochs=20), verbose=False)
+    assert len(s) == len(x) == len(set(s.codes))
+    for c in s.codes:
+        assert all(0 <= v < n for v, n in zip(c, s.level_sizes))
+    assert s.level_sizes == ([8, 8, 8, s.level_sizes[-1]] if mode == "suffix" else [8, 8, 8])
+    if mode == "suffix":
+        assert s.level_sizes[-1] >= 4
+
+
+def test_quantize_rqvae_end_to_end(capsys):
+    import time
+    x = np.random.default_rng(0).standard_normal((200, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)                 # unit rows, like the encoders give
+    t = time.time()
+    s = quantize(x, QuantizerConfig(method="rqvae", levels=3, codebook_size=16, hidden=(128, 64),
+                                    epochs=100, collisions="reassign"), item_ids=[f"m{i}" for i in range(200)])
+    assert time.time() - t < 15
+    out = capsys.readouterr().out
+    assert "rqvae" in out and "recon mse" in out and "used" in out and "final ID length: 3" in out
+    assert len(set(s.codes)) == 200 and s.level_sizes == [16, 16, 16]
+    assert s.item_of_tokens(s.tokens("m7")) == "m7"
+
+
+def test_rqvae_bad_inputs():
+    x = np.zeros((10, 4), np.float32)
+    with pytest.raises(ValueError, match="method"):
+        quantize(x, QuantizerConfig(method="vqvae"), verbose=False)
+    with pytest.raises(ValueError, match="RQ-VAE"):
+        quantize(x, QuantizerConfig(method="rqvae", epochs=-1), verbose=False)
