@@ -222,9 +222,10 @@ def hf_beam(hf, w, prompt, width):
         kids = [t for t in node if t != SIDTrie.LEAF] if node is not None else []
         return kids or [w.ctrl.eoi]  # transformers refuses an empty list (a finished or dead beam)
     ids = torch.tensor([prompt], device=w.device)  # (1, P)
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), num_beams=width, num_return_sequences=width, do_sample=False, max_new_tokens=trie.depth,
-                      prefix_allowed_tokens_fn=allowed, length_penalty=0.0, early_stopping=True,
-                      output_scores=True, return_dict_in_generate=True, pad_token_id=w.ctrl.eot)
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), num_beams=width, num_return_sequences=width,
+                      do_sample=False, max_new_tokens=trie.depth, prefix_allowed_tokens_fn=allowed,
+                      length_penalty=0.0, early_stopping=True, output_scores=True, return_dict_in_generate=True,
+                      pad_token_id=w.ctrl.eot)
     order = torch.argsort(out.sequences_scores, descending=True, stable=True).tolist()
     return [(trie.walk(out.sequences[i, P:].tolist())[SIDTrie.LEAF], float(out.sequences_scores[i])) for i in order]
 

@@ -49,6 +49,9 @@ def get_args(argv=None):
     p.add_argument("--collisions", choices=["suffix", "reassign"], default="suffix",
                    help="suffix: one extra level numbering the items that share a code; "
                         "reassign: the paper's distance-rank reassignment (no extra level)")
+    p.add_argument("--quantizer", choices=["rqkmeans", "rqvae"], default="rqkmeans",
+                   help="rqkmeans: residual k-means on the embeddings; rqvae: the paper's RQ-VAE "
+                        "(MLP autoencoder + residual codebooks, 300 epochs on CPU)")
     # tokenizer
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary before the added tokens")
     return p.parse_args(argv)
@@ -96,7 +99,7 @@ def main(argv=None):
 
     # 3. semantic IDs
     qcfg = QuantizerConfig(levels=a.levels, codebook_size=a.codebook_size, kmeans_iters=a.kmeans_iters,
-                           seed=a.seed, collisions=a.collisions)
+                           seed=a.seed, collisions=a.collisions, method=a.quantizer)
     sids = quantize(emb, qcfg, verbose=True, item_ids=[it["id"] for it in ds["items"]])
     sids.save(os.path.join(out, "sids.json"))
     example = ds["items"][0]
