@@ -175,6 +175,8 @@ def main(argv=None):
     if a.resume:
         model, config, tok, _ = checkpoint.load(a.out, device)
         step = config["step"]
+        # the model's structure comes from the checkpoint, whatever the command line says
+        a.init_from, lora = config.get("init_from") or "", config.get("lora", lora)
         saved = config["train"]
         for k in ("data", "format", "batch_size", "grad_accum", "seed", "block_size"):
             if saved[k] != getattr(a, k):  # these decide the batches: changing them breaks exact resumption
@@ -219,7 +221,7 @@ def main(argv=None):
         if not master:
             return
         config = {"model": cfg.to_dict(), "train": vars(a), "step": step, "data": os.path.abspath(a.data),
-                  "init_from": os.path.abspath(a.init_from) if a.init_from and a.init_from != "smollm2" else a.init_from,
+                  "init_from": a.init_from if a.init_from in ("", "smollm2") else os.path.abspath(a.init_from),
                   "lora": lora,
                   "dataset": ds["meta"].get("name", os.path.basename(a.data.rstrip("/")))}
         first = not os.path.isfile(os.path.join(a.out, "tokenizer.json"))
