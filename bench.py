@@ -1,7 +1,7 @@
 """
 Benchmarks for nanocrs, each against the obvious alternative, printed as one table.
 
-    python bench.py --quick                         # tiny sizes, about a minute: a smoke test
+    python bench.py --quick                         # tiny sizes, about 30 s: a smoke test
     python bench.py --json out/bench.json           # quickstart-size model; quantizer on 10k and 100k
     python bench.py --compile --full --json out/bench.json   # + torch.compile'd training, + 1M quantizer
     python bench.py --sections train,decode --threads 1      # a subset, one CPU thread
