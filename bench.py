@@ -5,6 +5,7 @@ Benchmarks for nanocrs, each against the obvious alternative, printed as one tab
     python bench.py --json out/bench.json           # quickstart-size model; quantizer on 10k and 100k
     python bench.py --compile --full --json out/bench.json   # + torch.compile'd training, + 1M quantizer
     python bench.py --sections train,decode --threads 1      # a subset, one CPU thread
+    OMP_NUM_THREADS=1 python bench.py --load-memory [--load-dtype bf16|fp32] [--load-params 1e9]  # section 5 only
 
 1. Training throughput: tokens/s of one training step (forward, backward, AdamW) of nanocrs' GPT
    against transformers' LlamaForCausalLM built from the same config with the same weights, batch,
@@ -20,6 +21,11 @@ Benchmarks for nanocrs, each against the obvious alternative, printed as one tab
    vectors, each size in its own subprocess so that its peak RSS (getrusage) is its own.
 4. Evaluation throughput: rec samples/s of sample.evaluate (paper protocol, beam 50, no response
    generation) on a small synthetic dataset and a 2-step checkpoint built in a temp folder.
+5. Load memory (--load-memory, or --sections load; not run by default: minutes, ~3x the checkpoint in
+   RAM): a random ~1B-parameter Llama written as sharded safetensors into a temp folder (deleted after),
+   then, each in a fresh process, the peak RSS of nanocrs.hf.load_hf against transformers'
+   from_pretrained (+ a sum over every weight, so lazily mapped weights are really read), both in the
+   checkpoint's dtype and less the RSS of the same process that only imports. Target: <= 1.3x disk.
 
 Sections 1-2 use a model of the quickstart's shape (4 layers, n_embd 192, 4 heads / 2 kv heads,
 tied, vocabulary 1387 of which 6 control tokens and 51 SID tokens) with random weights scaled so
@@ -33,7 +39,9 @@ import io
 import json
 import os
 import platform
+import math
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,6 +52,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from nanocrs import generate
 from nanocrs.generate import Control, SIDTrie, beam_search, sample
@@ -61,6 +70,7 @@ QUICK = dict(n_bpe=300, n_items=160, levels=2, codes=8, n_layer=2, n_embd=64, n_
              sample_tokens=48, sample_rounds=5, quant_sizes=[10_000],
              data_args=["--n-items", "160", "--n-train", "100", "--n-val", "10", "--n-test", "20",
                         "--levels", "2", "--codebook-size", "8", "--vocab-size", "400"])
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def get_args(argv=None):
@@ -72,7 +82,11 @@ def get_args(argv=None):
     p.add_argument("--sections", default="train,decode,quantizer,eval", help="comma-separated subset")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads for every run (0: torch's default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (sections 1-2)")
+    p.add_argument("--load-memory", action="store_true", help="run only section 5, the load-memory benchmark")
+    p.add_argument("--load-dtype", default="bf16", choices=list(DTYPES), help="section 5: checkpoint dtype")
+    p.add_argument("--load-params", type=float, default=1e9, help="section 5: about this many parameters")
     p.add_argument("--quantizer-child", type=int, default=0, help=argparse.SUPPRESS)  # internal: one quantizer run
+    p.add_argument("--load-child", nargs=3, default=None, help=argparse.SUPPRESS)  # internal: WHICH FOLDER DTYPE
     return p.parse_args(argv)
 
 
@@ -330,6 +344,94 @@ def bench_eval(sz, device, threads):
 
 
 # -----------------------------------------------------------------------------
+# 5. load memory: peak RSS of loading a sharded ~1B checkpoint, against its size on disk
+
+def write_random_llama(folder, n_params, dtype, n_shards=4):
+    """A random Llama in Hugging Face layout: about n_shards safetensors shards + index, config.json and
+    a one-token tokenizer.json. Written one shard at a time, so this never holds the whole model.
+    Returns the exact parameter count."""
+    from nanocrs.hf import hf_config_from
+    from tokenizers import Tokenizer as HFTokenizer, models
+    # 16 layers, head_dim 64, 4 query heads per kv head, SwiGLU 2.75x, 32k vocabulary, untied:
+    # params = 16 * 10.75 H^2 + 2 * 32000 H, solved for the width H, rounded to a multiple of 256
+    V, L, a = 32000, 16, 16 * 10.75
+    H = 256 * max(1, round((math.sqrt(4 * V * V + 4 * a * n_params) - 2 * V) / (2 * a) / 256))
+    cfg = GPTConfig(vocab_size=V, pad_vocab_to=1, block_size=2048, n_layer=L, n_embd=H, n_head=H // 64,
+                    n_kv_head=H // 256, intermediate_size=256 * round(2.75 * H / 256), tie_embeddings=False)
+    with torch.device("meta"):  # names and shapes only; ours are Hugging Face's minus "model." (not the head)
+        shapes = [(n if n == "lm_head.weight" else "model." + n, p.shape) for n, p in GPT(cfg).named_parameters()]
+    elem = torch.empty((), dtype=dtype).element_size()
+    total = sum(math.prod(s) for _, s in shapes) * elem
+    groups, size = [[]], 0  # tensors -> shards of about total / n_shards bytes, in checkpoint order
+    for name, shape in shapes:
+        if groups[-1] and size + math.prod(shape) * elem > total / n_shards:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += math.prod(shape) * elem
+    g, weight_map = torch.Generator().manual_seed(0), {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {name: (0.02 * torch.randn(shape, generator=g)).to(dtype) for name, shape in group}
+        save_file(tensors, os.path.join(folder, fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, fname))
+        del tensors
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).save(os.path.join(folder, "tokenizer.json"))
+    hf = hf_config_from(cfg, "llama")
+    hf["dtype"] = hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    return total // elem
+
+
+def load_child(which, folder, dtype, threads):
+    """One measurement in a fresh process. which: nanocrs or transformers (load, then sum every weight),
+    or the same + "-imports" (only the imports: the baseline subtracted from the load's peak)."""
+    if threads:
+        torch.set_num_threads(threads)
+    if which.startswith("transformers"):
+        import transformers
+        from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401 (the model code is an import)
+        transformers.logging.set_verbosity_error()
+    else:
+        from nanocrs.hf import load_hf
+    t0 = time.perf_counter()
+    if not which.endswith("-imports"):
+        if which == "nanocrs":
+            model = load_hf(folder, dtype=DTYPES[dtype])[0]
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+        with torch.no_grad():  # a memory-mapped weight takes RAM only once read: read them all
+            sum(float(p.sum()) for p in model.parameters())
+    secs = time.perf_counter() - t0
+    print(json.dumps({"seconds": secs, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def bench_load_memory(n_params, dtype, threads):
+    def child(which):
+        cmd = [sys.executable, os.path.abspath(__file__), "--load-child", which, folder, dtype, "--threads", str(threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    folder = tempfile.mkdtemp(prefix="nanocrs-load-")  # on disk (TMPDIR), not in RAM
+    try:
+        n = write_random_llama(folder, n_params, DTYPES[dtype])
+        shards = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+        disk_mb = sum(os.path.getsize(os.path.join(folder, f)) for f in shards) / 2**20
+        res = dict(params=n, dtype=dtype, shards=len(shards), disk_mb=disk_mb)
+        for which in ("nanocrs", "transformers"):
+            base, peak = child(which + "-imports"), child(which)
+            net = peak["peak_rss_mb"] - base["peak_rss_mb"]
+            res[which] = dict(peak_rss_mb=peak["peak_rss_mb"], imports_rss_mb=base["peak_rss_mb"], net_rss_mb=net,
+                              ratio_to_disk=net / disk_mb, seconds=peak["seconds"])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return res
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     args = get_args(argv)
@@ -337,11 +439,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.quantizer_child:
         return quantizer_child(args.quantizer_child, args.threads)
+    if args.load_child:
+        return load_child(*args.load_child, args.threads)
     sz = QUICK if args.quick else FULL
-    sections = set(args.sections.split(","))
-    unknown = sections - {"train", "decode", "quantizer", "eval"}
+    sections = {"load"} if args.load_memory else set(args.sections.split(","))
+    unknown = sections - {"train", "decode", "quantizer", "eval", "load"}
     if unknown:
-        raise ValueError(f"--sections: unknown {sorted(unknown)} (use train, decode, quantizer, eval)")
+        raise ValueError(f"--sections: unknown {sorted(unknown)} (use train, decode, quantizer, eval, load)")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
     rows = []  # (benchmark, figure, target)
@@ -352,7 +456,7 @@ def main(argv=None):
 
     fig = dict(train_speedup=None, train_speedup_compiled=None, beam_speedup=None, beam_identical=None,
                constrained_overhead=None, rqkmeans_1m_seconds=None, rqkmeans_1m_peak_rss_mb=None,
-               eval_samples_per_s=None, quick=args.quick, device=device, threads=threads,
+               eval_samples_per_s=None, load_memory=None, quick=args.quick, device=device, threads=threads,
                torch=torch.__version__, python=platform.python_version())
     if sections & {"train", "decode"}:
         import transformers
@@ -401,6 +505,15 @@ def main(argv=None):
         fig.update(eval=r, eval_samples_per_s=r["samples_per_s"])
         add(f"eval (sample.evaluate, beam 50, no generation): {r['samples']} rec samples",
             f"{r['samples_per_s']:.1f} samples/s", "")
+    if "load" in sections:
+        r = fig["load_memory"] = bench_load_memory(args.load_params, args.load_dtype, args.threads)
+        add(f"load a {r['params'] / 1e9:.2f}B {r['dtype']} checkpoint ({r['shards']} shards): size on disk",
+            f"{r['disk_mb']:.0f} MB")
+        for name, label in (("nanocrs", "nanocrs load_hf"), ("transformers", "transformers from_pretrained + read")):
+            m = r[name]
+            add(f"  {label}: peak RSS - imports (raw peak)",
+                f"{m['net_rss_mb']:.0f} MB ({m['peak_rss_mb']:.0f}): {m['ratio_to_disk']:.2f}x disk",
+                "<= 1.3x" if name == "nanocrs" else "")
     width = max(len(r[0]) for r in rows) if rows else 0
     print(f"\n{'benchmark':<{width}}  {'result':<34} target")
     for name, result, target in rows:
