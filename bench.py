@@ -347,9 +347,8 @@ def bench_eval(sz, device, threads):
 # 5. load memory: peak RSS of loading a sharded ~1B checkpoint, against its size on disk
 
 def write_random_llama(folder, n_params, dtype, n_shards=4):
-    """A random Llama in Hugging Face layout: about n_shards safetensors shards + index, config.json and
-    a one-token tokenizer.json. Written one shard at a time, so this never holds the whole model.
-    Returns the exact parameter count."""
+    """A random Llama in Hugging Face layout (n_shards safetensors + index, config.json, a one-token
+    tokenizer.json), written one shard at a time: never the whole model in memory. -> parameter count"""
     from nanocrs.hf import hf_config_from
     from tokenizers import Tokenizer as HFTokenizer, models
     # 16 layers, head_dim 64, 4 query heads per kv head, SwiGLU 2.75x, 32k vocabulary, untied:
@@ -362,13 +361,11 @@ def write_random_llama(folder, n_params, dtype, n_shards=4):
         shapes = [(n if n == "lm_head.weight" else "model." + n, p.shape) for n, p in GPT(cfg).named_parameters()]
     elem = torch.empty((), dtype=dtype).element_size()
     total = sum(math.prod(s) for _, s in shapes) * elem
-    groups, size = [[]], 0  # tensors -> shards of about total / n_shards bytes, in checkpoint order
+    groups, done = [[] for _ in range(n_shards)], 0  # tensors -> shards by their byte offset, in order
     for name, shape in shapes:
-        if groups[-1] and size + math.prod(shape) * elem > total / n_shards:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, shape))
-        size += math.prod(shape) * elem
+        groups[min(n_shards - 1, n_shards * done // total)].append((name, shape))
+        done += math.prod(shape) * elem
+    groups = [group for group in groups if group]  # a tensor bigger than a shard leaves one empty
     g, weight_map = torch.Generator().manual_seed(0), {}
     for i, group in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -386,11 +383,15 @@ def write_random_llama(folder, n_params, dtype, n_shards=4):
     return total // elem
 
 
-def load_child(which, folder, dtype, threads):
-    """One measurement in a fresh process. which: nanocrs or transformers (load, then sum every weight),
-    or the same + "-imports" (only the imports: the baseline subtracted from the load's peak)."""
-    if threads:
-        torch.set_num_threads(threads)
+def peak_rss_mb():
+    """This process's peak RSS. Not getrusage's ru_maxrss: on Linux that includes the high-water mark of
+    the parent a process was spawned from (folded in at exec), so a small child of a big parent reads big."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB -> MB
+
+
+def load_child(which, folder, dtype):
+    """One fresh process: which = nanocrs or transformers (load, read every weight), or + "-imports"."""
     if which.startswith("transformers"):
         import transformers
         from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401 (the model code is an import)
@@ -406,7 +407,7 @@ def load_child(which, folder, dtype, threads):
         with torch.no_grad():  # a memory-mapped weight takes RAM only once read: read them all
             sum(float(p.sum()) for p in model.parameters())
     secs = time.perf_counter() - t0
-    print(json.dumps({"seconds": secs, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"seconds": secs, "peak_rss_mb": peak_rss_mb()}))
 
 
 def bench_load_memory(n_params, dtype, threads):
@@ -440,7 +441,7 @@ def main(argv=None):
     if args.quantizer_child:
         return quantizer_child(args.quantizer_child, args.threads)
     if args.load_child:
-        return load_child(*args.load_child, args.threads)
+        return load_child(*args.load_child)
     sz = QUICK if args.quick else FULL
     sections = {"load"} if args.load_memory else set(args.sections.split(","))
     unknown = sections - {"train", "decode", "quantizer", "eval", "load"}
