@@ -11,6 +11,7 @@ The output folder layout is documented in nanocrs/data.py.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -118,7 +119,7 @@ def main(argv=None):
 
     write_json(os.path.join(out, "dataset.json"), {
         "name": a.dataset, "n_items": len(ds["items"]), **{f"n_{s}": len(ds[s]) for s in SPLITS},
-        "encoder": f"tfidf-svd-{a.embed_dim}" if a.encoder == "tfidf" else a.encoder, "quantizer": vars(qcfg) if hasattr(qcfg, "__dict__") else str(qcfg),
+        "encoder": f"tfidf-svd-{a.embed_dim}" if a.encoder == "tfidf" else a.encoder, "quantizer": dataclasses.asdict(qcfg),
         "vocab_size": len(tok), "args": vars(a), "info": info})
     print(f"wrote {out} in {time.time() - t0:.1f} s")
 

@@ -43,7 +43,7 @@ def get_args(argv=None):
     p.add_argument("--eval", default=None, metavar="SPLIT", help="run the recommendation eval on val or test")
     p.add_argument("--json", default=None, help="with --eval: also write the results here")
     p.add_argument("--beam", type=int, default=50, help="beam width of the item search")
-    p.add_argument("--max-samples", type=int, default=0, help="with --eval: stop after this many dialogs (0: all)")
+    p.add_argument("--max-samples", type=int, default=0, help="with --eval: evaluate only the first N dialogs of the split (0: all)")
     p.add_argument("--max-gen", type=int, default=200, help="with --eval: generate responses on about this many turns for BLEU/Distinct (0: none)")
     p.add_argument("--num-samples", type=int, default=0, help="print this many test contexts with gold and generated replies")
     p.add_argument("--chat", action="store_true", help="interactive chat (reads stdin, works with pipes)")

@@ -171,16 +171,20 @@ def main(argv=None):
     lora = {"rank": a.lora_rank, "alpha": a.lora_alpha, "dropout": a.lora_dropout}
 
     # ---- model and optimizer, fresh or resumed
+    if not a.resume and os.path.isfile(os.path.join(a.out, "config.json")):
+        raise CheckpointError(f"{a.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     step = 0
     if a.resume:
-        model, config, tok, _ = checkpoint.load(a.out, device)
+        model, config, tok, sids = checkpoint.load(a.out, device)
         step = config["step"]
         # the model's structure comes from the checkpoint, whatever the command line says
         a.init_from, lora = config.get("init_from") or "", config.get("lora", lora)
         saved = config["train"]
-        for k in ("data", "format", "batch_size", "grad_accum", "seed", "block_size"):
-            if saved[k] != getattr(a, k):  # these decide the batches: changing them breaks exact resumption
+        for k in ("format", "batch_size", "grad_accum", "seed", "block_size", "max_steps", "lr", "min_lr", "warmup"):
+            if saved[k] != getattr(a, k):  # these decide the batches and the schedule: exact resumption breaks
                 print(f"note: --{k.replace('_', '-')} {getattr(a, k)} differs from the checkpoint's {saved[k]}")
+        if config.get("world", 1) != world:
+            print(f"note: {world} processes, the checkpoint was trained with {config.get('world', 1)}: the batches change")
         cfg = model.config
     elif a.init_from:
         from nanocrs.backbone import prepare
@@ -217,17 +221,20 @@ def main(argv=None):
     if ddp:
         fwd = DDP(fwd, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
 
-    def save(final=False):
+    static_written = False  # tokenizer, item table and catalogue: written by this process's first save
+
+    def save():
+        nonlocal static_written
         if not master:
             return
-        config = {"model": cfg.to_dict(), "train": vars(a), "step": step, "data": os.path.abspath(a.data),
+        config = {"model": cfg.to_dict(), "train": vars(a), "step": step, "world": world, "data": os.path.abspath(a.data),
                   "init_from": a.init_from if a.init_from in ("", "smollm2") else os.path.abspath(a.init_from),
                   "lora": lora,
                   "dataset": ds["meta"].get("name", os.path.basename(a.data.rstrip("/")))}
-        first = not os.path.isfile(os.path.join(a.out, "tokenizer.json"))
-        checkpoint.save(a.out, model, config, opt, tokenizer=tok if first or final else None,
-                        sids=sids if first or final else None,
-                        items_path=os.path.join(a.data, "items.jsonl") if first or final else None)
+        first = not static_written
+        checkpoint.save(a.out, model, config, opt, tokenizer=tok if first else None, sids=sids if first else None,
+                        items_path=os.path.join(a.data, "items.jsonl") if first else None)
+        static_written = True
 
     # ---- the loop. Step s takes global batch s % nb of epoch s // nb, a pure function of (seed, s),
     # so a resumed run sees exactly the batches the uninterrupted one would have. A global batch of
@@ -250,7 +257,14 @@ def main(argv=None):
         return t.pin_memory().to(device, non_blocking=True) if device_type == "cuda" else t
 
     os.makedirs(a.out, exist_ok=True)
-    log = open(os.path.join(a.out, "log.jsonl"), "a") if master else None
+    log_path = os.path.join(a.out, "log.jsonl")
+    if a.resume and master and os.path.isfile(log_path):  # drop lines of steps after the checkpoint
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+    log = open(log_path, "a") if master else None
     model.train()
     # in a log file (not a terminal) redraw the bar rarely, so the log stays readable
     pbar = tqdm(total=a.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout,
@@ -262,6 +276,8 @@ def main(argv=None):
             lr = lr_at(step, a)
             for group in opt.param_groups:
                 group["lr"] = lr
+            # dropout masks from (seed, step, rank) alone, so a resumed run draws the same ones
+            torch.manual_seed(a.seed * 1_000_003 + step * world + rank)
             idx = global_batch(step)
             n_sup = sum(1 for i in idx for t in train_ex[i][1] if t != -1)
             loss_sum = torch.zeros((), device=device)
@@ -302,13 +318,13 @@ def main(argv=None):
                 post["mfu"] = f"{rate * flops_per_token / (PEAK_FLOPS * world):.1%}"
             pbar.set_postfix(**post)
             pbar.update(1)
-            if step % a.save_interval == 0 or step == a.max_steps:
-                save(final=step == a.max_steps)
+            if (a.save_interval and step % a.save_interval == 0) or step == a.max_steps:
+                save()
     except KeyboardInterrupt:
         pbar.close()
         if master:
             print(f"\ninterrupted: saving step {step} to {a.out} (continue with --resume)")
-            save(final=True)
+            save()
         sys.exit(130)
     finally:
         if ddp:

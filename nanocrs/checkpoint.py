@@ -2,17 +2,20 @@
 Checkpoints: a folder a user can read, with no pickle anywhere.
 
     out/synthetic/
-      config.json           {"model": GPTConfig, "train": train.py arguments, "step": N, "data": ...}
+      config.json           {"model": GPTConfig, "train": train.py arguments, "step": N, "world": processes,
+                             "data": ..., "init_from": backbone or "", "lora": {...}, "dataset": name}
       model.safetensors     weights (metadata: step)
       optimizer.safetensors AdamW moments (metadata: step, hyperparameters as JSON)
       tokenizer.json        the tokenizer, added tokens included
       sids.json             the item <-> semantic-ID table
       items.jsonl           the catalogue (titles for printing)
-      log.jsonl             one line per optimizer step: step, lr, loss (appended)
+      log.jsonl             one line per optimizer step: step, lr, loss, val_loss (appended)
 
 Every file is written to a temporary name and renamed into place. model.safetensors and
 optimizer.safetensors carry the step in their metadata and config.json is written last, so a
-crash in the middle of a save is detected on load instead of silently mixing two steps.
+crash in the middle of a save is detected on load instead of silently mixing two steps. (Such a
+crash does leave the folder unusable until the next save: the files are replaced one by one, not
+as a set. Writing each save to its own folder and swapping it in is the fix, not done yet.)
 """
 
 import json
@@ -52,8 +55,8 @@ def model_state(model: GPT, trainable_only: bool = False) -> dict:
     (LoRA matrices, new token rows); the frozen backbone is read again from init_from on load."""
     if trainable_only:
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
-    # tied weights are stored once (safetensors refuses shared storage); _orig_mod. is torch.compile's prefix
-    sd = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
+    # tied weights are stored once (safetensors refuses shared storage)
+    sd = dict(model.state_dict())
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
     return sd
@@ -65,7 +68,7 @@ def _adapter_only(config: dict) -> bool:
 
 def save(out_dir: str, model: GPT, config: dict, optimizer=None, tokenizer=None, sids=None, items_path=None):
     """Write the checkpoint; config must hold "step". Static files (tokenizer, table, items) are
-    written only when given (the first save of a run)."""
+    written only when given (train.py gives them on its first save)."""
     os.makedirs(out_dir, exist_ok=True)
     meta = {"step": str(config["step"])}
     if tokenizer is not None:
@@ -117,7 +120,8 @@ def read_config(ckpt_dir: str) -> dict:
     if missing:
         raise CheckpointError(f"{ckpt_dir}: not a complete checkpoint, missing {', '.join(missing)}")
     try:
-        return json.load(open(os.path.join(ckpt_dir, "config.json")))
+        with open(os.path.join(ckpt_dir, "config.json")) as f:
+            return json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{ckpt_dir}/config.json: invalid JSON ({e.msg})") from None
 

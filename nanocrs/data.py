@@ -16,7 +16,8 @@ Rendering (the paper's structured generation; every assistant turn, in context o
     User: <text with every mention as <BOI>SID<EOI>>\n
     Assistant:<MODE=REC><BOI>SID(item)<EOI><RESP> <text><EOT>          (REC turn, target item)
     Assistant:<MODE=CHAT><RESP> <text><EOT>                            (CHAT turn)
-Loss is on the target turn's tokens after "Assistant:" (mode, item, <RESP>, text, <EOT>), nowhere else.
+Loss is on the assistant's tokens after "Assistant:" (mode, item, <RESP>, text, <EOT>), nowhere else:
+on the one target turn of Renderer.example, or on every assistant turn of Renderer.dialog_windows.
 """
 
 import json
@@ -123,7 +124,10 @@ def load_dataset(data_dir: str, splits=SPLITS) -> dict:
     for s in splits:
         ds[s] = load_dialogs(os.path.join(data_dir, f"{s}.jsonl"), ids)
     meta_path = os.path.join(data_dir, "dataset.json")
-    ds["meta"] = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+    ds["meta"] = {}
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            ds["meta"] = json.load(f)
     return ds
 
 

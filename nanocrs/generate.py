@@ -3,7 +3,7 @@ Decoding with a prefix trie of valid semantic IDs: the model can never name an i
 
     trie = SIDTrie.build(sids, tokenizer)
     out = sample(model, prompt_ids, trie, ctrl, n=4, temperature=0.8, top_k=50)     # text + items
-    top = beam_search(model, prompt_ids_ending_in_BOI, trie, beam_width=50)       # [(item, logprob)]
+    top = beam_search(model, prompt_ids_ending_in_BOI, trie, ctrl, beam_width=50)  # [(item, logprob)]
 
 Outside an item span the sampler may write any text token or <BOI>, but never a bare SID token or
 <EOI>. After <BOI> every step is restricted to the trie children of the span's prefix, and once the
@@ -130,8 +130,7 @@ def sample(model, prompt: list[int], trie: SIDTrie, ctrl: Control, n: int = 1, m
     done = [False] * n
     out = [[] for _ in range(n)]
     while not all(done):
-        must_finish = [s is not None for s in state]  # open spans are finished past the budget
-        if cache.pos >= max_len or (len(out[0]) >= max_new_tokens and not any(must_finish)):
+        if cache.pos >= max_len:
             break
         mask = torch.stack([allowed_mask(s, V, trie, ctrl, device) for s in state])  # (n, V)
         if max_len - cache.pos <= trie.depth + 2:

@@ -205,3 +205,20 @@ def test_ddp_two_cpu_processes_match_one_process(dataset_dir, tmp_path):
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         assert abs(a - b) < 1e-4, (one, two)
+
+
+def test_resume_with_dropout_continues_the_same_losses(dataset_dir, tmp_path):
+    # dropout masks come from (seed, step, rank), so they survive a restart too
+    extra = ["--dropout", "0.1", "--save-interval", "2"]
+    run_train(dataset_dir, str(tmp_path / "a"), extra + ["--max-steps", "4"])
+    run_train(dataset_dir, str(tmp_path / "b"), extra + ["--max-steps", "2"])
+    run_train(dataset_dir, str(tmp_path / "b"), extra + ["--max-steps", "4", "--resume"])
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert len(a) == len(b) == 4
+    assert a == b
+
+
+def test_fresh_run_refuses_to_overwrite_a_checkpoint(dataset_dir, tmp_path):
+    run_train(dataset_dir, str(tmp_path / "c"), ["--max-steps", "1"])
+    with pytest.raises(CheckpointError, match="--resume"):
+        run_train(dataset_dir, str(tmp_path / "c"), ["--max-steps", "1"])
