@@ -74,7 +74,7 @@ def build_dialogs(a):
         raw = a.raw or datasets.download(a.dataset, cache_dir=a.cache_dir)
         build = datasets.build_redial if a.dataset == "redial" else datasets.build_inspired
         return build(raw, seed=a.seed)
-    raise DataError(f"unknown --dataset {a.dataset!r} (choose from: {', '.join(DATASETS)})")
+    raise AssertionError(f"main() checks --dataset first, got {a.dataset!r}")
 
 
 def main(argv=None):

@@ -123,6 +123,11 @@ def build_examples(renderer: Renderer, dialogs: list[dict], fmt: str) -> list:
     return ex
 
 
+def summed_loss(logits, y):
+    """Cross-entropy summed (not averaged) over positions whose target is not -1, in fp32."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum")
+
+
 @torch.no_grad()
 def evaluate_loss(model, examples, batch_size, device, autocast) -> float:
     """Mean loss per supervised token over all examples (deterministic order)."""
@@ -133,10 +138,8 @@ def evaluate_loss(model, examples, batch_size, device, autocast) -> float:
         x, y = x.to(device), y.to(device)
         with autocast:
             logits, _ = model(x)
-        n = (y != -1).sum().item()
-        total += torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
-                                                   ignore_index=-1, reduction="sum").item()
-        count += n
+        total += summed_loss(logits, y).item()
+        count += (y != -1).sum().item()
     model.train()
     return total / max(count, 1)
 
@@ -292,7 +295,7 @@ def main(argv=None):
                 with sync:
                     with autocast:
                         logits, _ = fwd(x)
-                    s = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum")
+                    s = summed_loss(logits, y)
                     (s * (weight * world / n_sup)).backward()  # DDP averages over ranks: * world undoes it
                 loss_sum += s.detach() * weight
                 tokens_seen += x.numel()
