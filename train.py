@@ -76,6 +76,8 @@ def get_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="the paper's recipe; explicit flags still override it")
     # data
+    p.add_argument("--train-splits", default="train",
+                   help='comma-separated splits to train on ("train,val" = train+dev, as the paper does for INSPIRED)')
     p.add_argument("--format", choices=["dialog", "turn"], default="dialog",
                    help="dialog: one sequence per dialog, all assistant turns supervised (O(turns) tokens); "
                         "turn: one example per (assistant turn, item), as in the paper (O(turns^2))")
@@ -183,8 +185,8 @@ def main(argv=None):
         # the model's structure comes from the checkpoint, whatever the command line says
         a.init_from, lora = config.get("init_from") or "", config.get("lora", lora)
         saved = config["train"]
-        for k in ("format", "batch_size", "grad_accum", "seed", "block_size", "max_steps", "lr", "min_lr", "warmup"):
-            if saved[k] != getattr(a, k):  # these decide the batches and the schedule: exact resumption breaks
+        for k in ("train_splits", "format", "batch_size", "grad_accum", "seed", "block_size", "max_steps", "lr", "min_lr", "warmup"):
+            if saved.get(k, getattr(a, k)) != getattr(a, k):  # these decide the batches and the schedule: exact resumption breaks
                 print(f"note: --{k.replace('_', '-')} {getattr(a, k)} differs from the checkpoint's {saved[k]}")
         if config.get("world", 1) != world:
             print(f"note: {world} processes, the checkpoint was trained with {config.get('world', 1)}: the batches change")
@@ -204,12 +206,17 @@ def main(argv=None):
                         n_kv_head=a.n_kv_head, n_embd=a.n_embd, dropout=a.dropout)
         model = GPT(cfg).to(device)
     rd = Renderer(tok, sids, cfg.block_size)
-    train_ex = build_examples(rd, ds["train"], a.format)
-    val_ex = build_examples(rd, ds["val"], a.format)
+    splits = a.train_splits.split(",")
+    for name in splits:
+        if name not in ("train", "val"):
+            raise ValueError(f"--train-splits: unknown split {name!r} (train, val; the test split is never trained on)")
+    train_dialogs = [d for name in splits for d in ds[name]]
+    train_ex = build_examples(rd, train_dialogs, a.format)
+    val_ex = build_examples(rd, ds["val"], a.format)  # with "train,val" this is no longer held out
     n_tok = sum(len(x) for x, _ in train_ex)
     n_sup = sum(sum(1 for t in y if t != -1) for _, y in train_ex)
     say = print if master else (lambda *args, **kw: None)
-    say(f"data: {len(ds['items'])} items, {len(ds['train'])} train dialogs -> {len(train_ex)} sequences, "
+    say(f"data: {len(ds['items'])} items, {len(train_dialogs)} {'+'.join(splits)} dialogs -> {len(train_ex)} sequences, "
           f"{n_tok:,} tokens ({n_sup:,} supervised); {len(val_ex)} val sequences")
     say(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(cfg.to_dict())}")
 

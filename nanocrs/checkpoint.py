@@ -3,23 +3,25 @@ Checkpoints: a folder a user can read, with no pickle anywhere.
 
     out/synthetic/
       config.json           {"model": GPTConfig, "train": train.py arguments, "step": N, "world": processes,
-                             "data": ..., "init_from": backbone or "", "lora": {...}, "dataset": name}
-      model.safetensors     weights (metadata: step)
-      optimizer.safetensors AdamW moments (metadata: step, hyperparameters as JSON)
+                             "data": ..., "init_from": backbone or "", "lora": {...}, "dataset": name,
+                             "files": {"model": "model-000800.safetensors", "optimizer": "optimizer-000800.safetensors"}}
+      model-000800.safetensors      weights of step 800 (metadata: step)
+      optimizer-000800.safetensors  AdamW moments (metadata: step, hyperparameters as JSON)
       tokenizer.json        the tokenizer, added tokens included
       sids.json             the item <-> semantic-ID table
       items.jsonl           the catalogue (titles for printing)
       log.jsonl             one line per optimizer step: step, lr, loss, val_loss (appended)
 
-Every file is written to a temporary name and renamed into place. model.safetensors and
-optimizer.safetensors carry the step in their metadata and config.json is written last, so a
-crash in the middle of a save is detected on load instead of silently mixing two steps. (Such a
-crash does leave the folder unusable until the next save: the files are replaced one by one, not
-as a set. Writing each save to its own folder and swapping it in is the fix, not done yet.)
+A save is atomic as a whole. The tensors of step N go to files named after N (each written to a
+temporary name, flushed to disk and renamed), and only then is config.json replaced: that one rename
+is the commit. A crash at any moment before it leaves config.json naming the previous step's files,
+which are untouched; the files of the step that did not finish are deleted by the next save. The
+tensor files also carry their step in their metadata, which load() checks against config.json.
 """
 
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -30,24 +32,45 @@ from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import Tokenizer
 
-REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "sids.json", "items.jsonl")
+REQUIRED = ("config.json", "tokenizer.json", "sids.json", "items.jsonl")  # + the files config.json names
+LEGACY_FILES = {"model": "model.safetensors", "optimizer": "optimizer.safetensors"}  # before per-step names
+_STEP_FILE = re.compile(r"^(model|optimizer)(-\d+)?\.safetensors$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder that can not be used; one line, naming the folder and the problem."""
 
 
+def _fsync(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: str, path: str):
+    """Flush tmp to disk, then rename it onto path (atomic on POSIX and Windows)."""
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
 def _save_tensors(tensors: dict, path: str, metadata: dict):
     tmp = path + ".tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    _commit(tmp, path)
 
 
 def _write_json(path: str, obj):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    _commit(tmp, path)
+
+
+def files_of(config: dict) -> dict:
+    """{"model": file name, "optimizer": file name} of the step config.json commits to."""
+    return config.get("files", LEGACY_FILES)
 
 
 def model_state(model: GPT, trainable_only: bool = False) -> dict:
@@ -67,10 +90,12 @@ def _adapter_only(config: dict) -> bool:
 
 
 def save(out_dir: str, model: GPT, config: dict, optimizer=None, tokenizer=None, sids=None, items_path=None):
-    """Write the checkpoint; config must hold "step". Static files (tokenizer, table, items) are
-    written only when given (train.py gives them on its first save)."""
+    """Write the checkpoint of config["step"], atomically as a whole (see the top of this file).
+    Static files (tokenizer, table, items) are written only when given (train.py gives them on its
+    first save; they never change during a run)."""
     os.makedirs(out_dir, exist_ok=True)
-    meta = {"step": str(config["step"])}
+    step = config["step"]
+    meta = {"step": str(step)}
     if tokenizer is not None:
         tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
     if sids is not None:
@@ -78,12 +103,22 @@ def save(out_dir: str, model: GPT, config: dict, optimizer=None, tokenizer=None,
     if items_path is not None:
         tmp = os.path.join(out_dir, "items.jsonl.tmp")
         shutil.copyfile(items_path, tmp)
-        os.replace(tmp, os.path.join(out_dir, "items.jsonl"))
-    _save_tensors(model_state(model, _adapter_only(config)), os.path.join(out_dir, "model.safetensors"), meta)
+        _commit(tmp, os.path.join(out_dir, "items.jsonl"))
+    files = {"model": f"model-{step:06d}.safetensors"}
+    _save_tensors(model_state(model, _adapter_only(config)), os.path.join(out_dir, files["model"]), meta)
     if optimizer is not None:
+        files["optimizer"] = f"optimizer-{step:06d}.safetensors"
         tensors, hyper = optimizer_state(optimizer)
-        _save_tensors(tensors, os.path.join(out_dir, "optimizer.safetensors"), {**meta, "hyper": json.dumps(hyper)})
-    _write_json(os.path.join(out_dir, "config.json"), config)  # last: marks the save as complete
+        _save_tensors(tensors, os.path.join(out_dir, files["optimizer"]), {**meta, "hyper": json.dumps(hyper)})
+    _write_json(os.path.join(out_dir, "config.json"), {**config, "files": files})  # the commit
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+        os.close(fd)
+    # the previous step's tensors, and those of a save that crashed before its commit
+    for name in os.listdir(out_dir):
+        if (_STEP_FILE.match(name) and name not in files.values()) or name.endswith(".safetensors.tmp"):
+            os.remove(os.path.join(out_dir, name))
 
 
 def optimizer_state(opt: torch.optim.Optimizer):
@@ -97,13 +132,14 @@ def optimizer_state(opt: torch.optim.Optimizer):
 
 
 def load_optimizer(opt: torch.optim.Optimizer, ckpt_dir: str, step: int):
-    path = os.path.join(ckpt_dir, "optimizer.safetensors")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{ckpt_dir}: optimizer.safetensors is missing, can not resume")
+    name = files_of(read_config(ckpt_dir)).get("optimizer")
+    path = os.path.join(ckpt_dir, name or "optimizer-*.safetensors")
+    if not name or not os.path.isfile(path):
+        raise CheckpointError(f"{path}: the optimizer state is missing, can not resume")
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     if int(meta["step"]) != step:
-        raise CheckpointError(f"{ckpt_dir}: optimizer.safetensors is from step {meta['step']}, config.json from {step} (interrupted save?)")
+        raise CheckpointError(f"{path}: optimizer state of step {meta['step']}, config.json is at step {step}")
     flat = load_file(path)
     state = {}
     for key, v in flat.items():
@@ -114,16 +150,21 @@ def load_optimizer(opt: torch.optim.Optimizer, ckpt_dir: str, step: int):
 
 
 def read_config(ckpt_dir: str) -> dict:
+    """config.json, after checking that every file the checkpoint needs is there."""
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: checkpoint folder not found (train one with: python train.py --out {ckpt_dir})")
-    missing = [f for f in REQUIRED if not os.path.isfile(os.path.join(ckpt_dir, f))]
+    config = None
+    if os.path.isfile(os.path.join(ckpt_dir, "config.json")):
+        try:
+            with open(os.path.join(ckpt_dir, "config.json")) as f:
+                config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{ckpt_dir}/config.json: invalid JSON ({e.msg})") from None
+    needed = REQUIRED + ((files_of(config)["model"],) if config is not None else ())
+    missing = [f for f in needed if not os.path.isfile(os.path.join(ckpt_dir, f))]
     if missing:
         raise CheckpointError(f"{ckpt_dir}: not a complete checkpoint, missing {', '.join(missing)}")
-    try:
-        with open(os.path.join(ckpt_dir, "config.json")) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{ckpt_dir}/config.json: invalid JSON ({e.msg})") from None
+    return config
 
 
 def load(ckpt_dir: str, device="cpu", merge: bool = False):
@@ -140,11 +181,11 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False):
                               lora.get("rank", 0), lora.get("alpha", 1.0), lora.get("dropout", 0.0), device)
     else:
         model = GPT(cfg)
-    path = os.path.join(ckpt_dir, "model.safetensors")
+    path = os.path.join(ckpt_dir, files_of(config)["model"])
     with safe_open(path, "pt") as f:
         step = int(f.metadata()["step"])
     if step != config["step"]:
-        raise CheckpointError(f"{ckpt_dir}: model.safetensors is from step {step}, config.json from {config['step']} (interrupted save?)")
+        raise CheckpointError(f"{path}: weights of step {step}, config.json is at step {config['step']}")
     sd = load_file(path)
     adapter = _adapter_only(config)
     expected = set(model_state(model, adapter))

@@ -50,7 +50,7 @@ def test_train_resume_without_checkpoint(dataset_dir, tmp_path):
     out = str(tmp_path / "empty")
     os.makedirs(out)
     p = run("train.py", "--data", dataset_dir, "--out", out, "--resume", "--max-steps", "1")
-    assert_one_line_error(p, out, "model.safetensors")
+    assert_one_line_error(p, out, "config.json")
 
 
 def test_sample_missing_checkpoint():
@@ -60,9 +60,9 @@ def test_sample_missing_checkpoint():
 def test_sample_incomplete_checkpoint(trained_ckpt, tmp_path):
     ck = str(tmp_path / "ck")
     shutil.copytree(trained_ckpt, ck)
-    os.remove(os.path.join(ck, "model.safetensors"))
+    os.remove(os.path.join(ck, "model-000006.safetensors"))
     os.remove(os.path.join(ck, "sids.json"))
-    assert_one_line_error(run("sample.py", "--ckpt", ck), ck, "model.safetensors", "sids.json")
+    assert_one_line_error(run("sample.py", "--ckpt", ck), ck, "model-000006.safetensors", "sids.json")
 
 
 def test_sample_bad_eval_split(trained_ckpt):
@@ -83,7 +83,7 @@ def test_malformed_dataset_names_file_and_line(dataset_dir, tmp_path):
     dst, path = corrupt(dataset_dir, tmp_path, "train", 5, '{"id": "syn-train-00004", "turns": [')
     p = run("train.py", "--data", dst, "--out", str(tmp_path / "o"), "--max-steps", "1")
     assert_one_line_error(p, f"{path}:5:", "invalid JSON")
-    assert not os.path.exists(str(tmp_path / "o" / "model.safetensors"))
+    assert not os.path.exists(str(tmp_path / "o" / "config.json"))
 
 
 def test_unknown_item_in_eval_split(dataset_dir, trained_ckpt, tmp_path):

@@ -34,10 +34,13 @@ def probe(vocab_size, n=3, T=17):
 
 
 def test_trained_checkpoint_folder(trained_ckpt):
-    for f in checkpoint.REQUIRED + ("optimizer.safetensors", "log.jsonl"):
-        assert os.path.isfile(os.path.join(trained_ckpt, f)), f
-    assert not [f for f in os.listdir(trained_ckpt) if f.endswith(".tmp")]
     cfg = json.load(open(os.path.join(trained_ckpt, "config.json")))
+    assert cfg["files"] == {"model": "model-000006.safetensors", "optimizer": "optimizer-000006.safetensors"}
+    for f in checkpoint.REQUIRED + tuple(cfg["files"].values()) + ("log.jsonl",):
+        assert os.path.isfile(os.path.join(trained_ckpt, f)), f
+    # the step-3 save was replaced as a whole: no older tensors, no temporaries
+    assert sorted(f for f in os.listdir(trained_ckpt) if f.endswith(".safetensors")) == sorted(cfg["files"].values())
+    assert not [f for f in os.listdir(trained_ckpt) if f.endswith(".tmp")]
     assert cfg["step"] == 6 and cfg["model"]["n_layer"] == 2 and cfg["model"]["n_embd"] == 64
     log = read_log(trained_ckpt)
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
@@ -54,7 +57,7 @@ def test_checkpoint_round_trip_identical_logits(trained_ckpt, tmp_path):
     l1, l2 = m1(x)[0], m2(x)[0]
     assert torch.equal(l1, l2)
     # the weights are the file's, bit for bit
-    sd = load_file(os.path.join(trained_ckpt, "model.safetensors"))
+    sd = load_file(os.path.join(trained_ckpt, cfg1["files"]["model"]))
     assert torch.equal(m1.embed_tokens.weight, sd["embed_tokens.weight"])
     assert m1.lm_head.weight.data_ptr() == m1.embed_tokens.weight.data_ptr()  # still tied after loading
     # and not a fresh initialisation: a new model with the same config gives different logits
@@ -128,7 +131,7 @@ def ckpt_copy(trained_ckpt, tmp_path):
     return dst
 
 
-@pytest.mark.parametrize("missing", ["model.safetensors", "config.json", "tokenizer.json", "sids.json"])
+@pytest.mark.parametrize("missing", ["model-000006.safetensors", "config.json", "tokenizer.json", "sids.json"])
 def test_load_missing_file(ckpt_copy, missing):
     os.remove(os.path.join(ckpt_copy, missing))
     with pytest.raises(CheckpointError) as e:
@@ -157,9 +160,77 @@ def test_optimizer_step_mismatch(ckpt_copy):
     assert len(opt.state) > 0
     with pytest.raises(CheckpointError, match="optimizer"):
         checkpoint.load_optimizer(opt, ckpt_copy, cfg["step"] - 1)
-    os.remove(os.path.join(ckpt_copy, "optimizer.safetensors"))
-    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+    os.remove(os.path.join(ckpt_copy, "optimizer-000006.safetensors"))
+    with pytest.raises(CheckpointError, match="optimizer-000006.safetensors"):
         checkpoint.load_optimizer(opt, ckpt_copy, cfg["step"])
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer", "commit"])
+def test_crash_while_saving_keeps_the_last_checkpoint(ckpt_copy, monkeypatch, where):
+    """A save that dies half way (while writing the weights, the optimizer state, or just before the
+    config.json rename) leaves the folder loading as the previous step, bit for bit, and resumable;
+    the next save that completes removes what the crashed one left behind."""
+    model, cfg, _, _ = checkpoint.load(ckpt_copy)
+    opt = model.configure_optimizer(1e-3, 0.1)
+    checkpoint.load_optimizer(opt, ckpt_copy, 6)
+    x = probe(model.config.vocab_size)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)[0]
+        for p in model.parameters():
+            p.add_(0.01)  # "step 7" weights differ from step 6
+    real_save_file, real_write_json = checkpoint.save_file, checkpoint._write_json
+
+    def dying_save_file(tensors, path, metadata=None):
+        if os.path.basename(path).startswith(where):
+            with open(path, "wb") as f:
+                f.write(b"half a file")  # torn write of the temporary
+            raise Crash
+        real_save_file(tensors, path, metadata=metadata)
+
+    def dying_write_json(path, obj):
+        if where == "commit" and path.endswith("config.json"):
+            raise Crash
+        real_write_json(path, obj)
+
+    monkeypatch.setattr(checkpoint, "save_file", dying_save_file)
+    monkeypatch.setattr(checkpoint, "_write_json", dying_write_json)
+    with pytest.raises(Crash):
+        checkpoint.save(ckpt_copy, model, {**cfg, "step": 7}, opt)
+    monkeypatch.undo()
+
+    m6, cfg6, _, _ = checkpoint.load(ckpt_copy)  # still step 6, every file consistent
+    assert cfg6["step"] == 6
+    m6.eval()
+    with torch.no_grad():
+        assert torch.equal(m6(x)[0], before)
+    checkpoint.load_optimizer(m6.configure_optimizer(1e-3, 0.1), ckpt_copy, 6)
+
+    checkpoint.save(ckpt_copy, model, {**cfg, "step": 7}, opt)  # a save that completes
+    tensors = sorted(f for f in os.listdir(ckpt_copy) if ".safetensors" in f)
+    assert tensors == ["model-000007.safetensors", "optimizer-000007.safetensors"]
+    m7, cfg7, _, _ = checkpoint.load(ckpt_copy)
+    m7.eval()
+    with torch.no_grad():
+        assert cfg7["step"] == 7 and torch.equal(m7(x)[0], model(x)[0])
+
+
+def test_loads_checkpoints_from_before_per_step_names(ckpt_copy):
+    """Folders written before the tensor files carried the step (model.safetensors,
+    optimizer.safetensors, no "files" in config.json) still load and resume."""
+    path = os.path.join(ckpt_copy, "config.json")
+    cfg = json.load(open(path))
+    for kind, name in cfg.pop("files").items():
+        os.replace(os.path.join(ckpt_copy, name), os.path.join(ckpt_copy, checkpoint.LEGACY_FILES[kind]))
+    json.dump(cfg, open(path, "w"))
+    model, cfg2, _, _ = checkpoint.load(ckpt_copy)
+    checkpoint.load_optimizer(model.configure_optimizer(1e-3, 0.1), ckpt_copy, 6)
+    checkpoint.save(ckpt_copy, model, {**cfg2, "step": 7})  # the next save replaces the old names
+    assert sorted(f for f in os.listdir(ckpt_copy) if f.endswith(".safetensors")) == ["model-000007.safetensors"]
 
 
 def test_invalid_config_json(ckpt_copy):
