@@ -148,7 +148,11 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
     item the model writes after <BOI>) and faithfulness (the response mentions that same item)."""
     dialogs = ds[split][:max_dialogs] if max_dialogs else ds[split]
     catalogue = [it["id"] for it in ds["items"]]
-    pop, cooc = Popularity(ds["train"], catalogue), CoOccurrence(ds["train"], catalogue)
+    # the baselines count what the model was trained on (train, or train+val with --train-splits)
+    seen = [d for name in s.config["train"].get("train_splits", "train").split(",") for d in ds[name]]
+    pop, cooc = Popularity(seen, catalogue), CoOccurrence(seen, catalogue)
+    trained_targets = {i for d in seen for turn in d["turns"] if turn["role"] == "assistant" for i in turn["items"]}
+    cold_flags, top_lists = [], {}
     has_oracle = any("oracle" in t for d in dialogs for t in d["turns"])
     methods = ["model", "popularity", "repeat", "cooc", "repeat+cooc"] + (["oracle"] if has_oracle else [])
     ranks = {m: [] for m in methods}
@@ -195,6 +199,9 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
                 for m in methods:
                     ranks[m].append(rank_of(lists[m], gold))
                 fresh_flags.append(fresh)
+                cold_flags.append(gold not in trained_targets)
+            for m in methods:
+                top_lists.setdefault(m, []).append(lists[m][:10])
             top1 = lists["model"][0] if lists["model"] else None
         if gen_every and j % gen_every == 0:
             forced = MODE_REC if turn["items"] else MODE_CHAT
@@ -212,6 +219,14 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
     for m in methods:
         res[m] = rank_metrics(ranks[m])
     res["fresh"] = {m: rank_metrics([r for r, f in zip(ranks[m], fresh_flags) if f]) for m in methods}
+    # why a model wins or loses: can it recommend items it never saw as a target, and how many
+    # different items does it recommend at all (a model stuck on a few popular IDs shows here)?
+    res["diagnostics"] = {
+        "cold_share": sum(cold_flags) / max(len(cold_flags), 1),
+        "recall@10_cold": {m: rank_metrics([r for r, c in zip(ranks[m], cold_flags) if c])["recall@10"] for m in methods},
+        "recall@10_warm": {m: rank_metrics([r for r, c in zip(ranks[m], cold_flags) if not c])["recall@10"] for m in methods},
+        "top1_distinct": {m: len({x[0] for x in top_lists.get(m, []) if x}) for m in methods},
+        "coverage@10": {m: len({i for x in top_lists.get(m, []) for i in x}) / len(catalogue) for m in methods}}
     res["intent_accuracy"] = intent_hits / max(len(turns), 1)
     res["n_intent_turns"] = len(turns)
     n_rec = max(gen["rec_turns"], 1)
@@ -232,6 +247,12 @@ def print_eval(res: dict):
     print(format_table({m: res[m] for m in methods}, keys))
     print(f"\nfresh protocol (gold not mentioned earlier): {res['n_fresh']} samples")
     print(format_table({m: res["fresh"][m] for m in methods}, keys))
+    dg = res["diagnostics"]
+    print(f"\ngold items never a training target: {dg['cold_share']:.1%} of samples. "
+          "recall@10 on those / on the others, distinct top-1 items, share of the catalogue in some top-10:")
+    for m in methods:
+        print(f"  {m:<13} {dg['recall@10_cold'][m]:.4f} / {dg['recall@10_warm'][m]:.4f}   "
+              f"{dg['top1_distinct'][m]:5d}   {dg['coverage@10'][m]:.4f}")
     dm = res["dialog"]
     print(f"\nfree-mode intent accuracy: {res['intent_accuracy']:.4f} over {res['n_intent_turns']} assistant turns")
     print(f"dialog: perplexity {dm['perplexity']:.3f} (gold responses, item span = 1 unit), "

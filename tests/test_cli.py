@@ -131,6 +131,12 @@ def test_eval_json(trained_ckpt, tmp_path):
     assert set(res["fresh"]) >= {"model", "popularity", "repeat", "oracle"}
     assert res["n_samples"] > 0 and 0.0 <= res["intent_accuracy"] <= 1.0
     assert res["oracle"]["recall@50"] == 1.0  # the generator's own list always holds the gold item
+    dg = res["diagnostics"]
+    assert 0.0 <= dg["cold_share"] <= 1.0 and all(0.0 < dg["coverage@10"][m] <= 1.0 for m in ("model", "popularity"))
+    assert dg["top1_distinct"]["popularity"] == 1  # the same list for every context
+    # popularity counts recommendation targets: an item never a target can not reach its top 10
+    assert dg["recall@10_cold"]["popularity"] == 0.0
+    assert "never a training target" in p.stdout
     assert not os.path.exists(out + ".tmp")
 
 
