@@ -125,11 +125,6 @@ def build_examples(renderer: Renderer, dialogs: list[dict], fmt: str) -> list:
     return ex
 
 
-def summed_loss(logits, y):
-    """Cross-entropy summed (not averaged) over positions whose target is not -1, in fp32."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum")
-
-
 @torch.no_grad()
 def evaluate_loss(model, examples, batch_size, device, autocast) -> float:
     """Mean loss per supervised token over all examples (deterministic order)."""
@@ -139,8 +134,8 @@ def evaluate_loss(model, examples, batch_size, device, autocast) -> float:
         x, y = collate(examples[i:i + batch_size])
         x, y = x.to(device), y.to(device)
         with autocast:
-            logits, _ = model(x)
-        total += summed_loss(logits, y).item()
+            _, loss_sum = model(x, y, reduction="sum")
+        total += loss_sum.item()
         count += (y != -1).sum().item()
     model.train()
     return total / max(count, 1)
@@ -301,8 +296,7 @@ def main(argv=None):
                 sync = nullcontext() if not ddp or micro == a.grad_accum - 1 else fwd.no_sync()
                 with sync:
                     with autocast:
-                        logits, _ = fwd(x)
-                    s = summed_loss(logits, y)
+                        _, s = fwd(x, y, reduction="sum")  # summed over supervised tokens, fp32
                     (s * (weight * world / n_sup)).backward()  # DDP averages over ranks: * world undoes it
                 loss_sum += s.detach() * weight
                 tokens_seen += x.numel()

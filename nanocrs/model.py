@@ -16,7 +16,8 @@ position, which beam search expands (one prefill, many beams) and reorders.
 
     from nanocrs.model import GPT, GPTConfig
     model = GPT(GPTConfig(vocab_size=3000))
-    logits, loss = model(idx, targets)        # idx, targets: (B, T) int64, targets -1 = no loss
+    logits, _ = model(idx)                    # idx: (B, T) int64 -> logits (B, T, vocab)
+    _, loss = model(idx, targets)             # targets: (B, T) int64, -1 = no loss
 """
 
 import math
@@ -269,10 +270,13 @@ class GPT(nn.Module):
         freqs = torch.outer(pos, self.inv_freq.to(device))  # (T, hd/2)
         return freqs.cos(), freqs.sin()
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
-        """idx: (B, T) token ids. Returns logits (B, T, vocab_size) and, with targets, the mean
-        cross-entropy over positions whose target is not -1 (else None). With a cache, the block is
-        placed at cache.pos and the cache advances by T."""
+    def forward(self, idx, targets=None, cache: KVCache | None = None, reduction: str = "mean"):
+        """idx: (B, T) token ids. Without targets: (logits (B, T, vocab_size), None). With targets
+        (B, T), -1 = no loss: (None, cross-entropy over the positions whose target is not -1, "mean"
+        or "sum"). The output head then runs on those positions only: in dialog training most tokens
+        are the user's and carry no loss, so this skips much of the head's compute and never holds a
+        (B, T, vocab) logits tensor (for an 8B model with a 152k vocabulary, the largest activation).
+        With a cache, the block is placed at cache.pos and the cache advances by T."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         cos, sin = self.rope(start, T, idx.device)
@@ -285,11 +289,13 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.norm(x)
-        logits = self.lm_head(x)[..., :self.config.vocab_size]  # drop the padding rows
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return self.lm_head(x)[..., :self.config.vocab_size], None  # drop the padding rows
+        keep = targets.view(-1) != -1                               # (B*T,)
+        h = x.view(B * T, -1)[keep]                                 # (N, C): supervised positions only
+        logits = self.lm_head(h)[:, :self.config.vocab_size]        # (N, V)
+        # fp32 softmax even under bf16 autocast
+        return None, F.cross_entropy(logits.float(), targets.view(-1)[keep], reduction=reduction)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.embed_tokens.weight

@@ -138,6 +138,8 @@ def test_loss_ignores_minus_one_targets():
     targets[1, 5:] = -1
     targets[2, ::2] = -1
     logits, loss = model(idx, targets)
+    assert logits is None  # with targets the head runs only where there is a loss
+    logits, _ = model(idx)
     keep = targets != -1
     logp = torch.log_softmax(logits.double(), -1)  # (B, T, V)
     manual = -logp[keep].gather(-1, targets[keep].unsqueeze(-1)).mean()
@@ -151,6 +153,13 @@ def test_loss_ignores_minus_one_targets():
     assert abs(model(idx, all_t)[1].item() - loss.item()) > 1e-4
     _, none = model(idx)
     assert none is None
+    # reduction="sum" (train.py's, for exact accumulation) is the mean times the count
+    assert abs(model(idx, targets, reduction="sum")[1].item() - loss.item() * keep.sum().item()) < 1e-4
+    # no supervised position at all: a zero sum (that still backpropagates), not a NaN
+    with torch.enable_grad():
+        s = model(idx, torch.full_like(targets, -1), reduction="sum")[1]
+        s.backward()
+    assert s.item() == 0.0
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -163,7 +172,8 @@ def test_padded_vocab_rows_never_in_logits(tie):
     before, _ = model(idx)
     # huge padding rows in the head: if they leaked into the logits (or the softmax), results would change
     model.lm_head.weight[100:] = 1e4 * torch.randn(28, cfg.n_embd, generator=torch.Generator().manual_seed(2))
-    logits, loss = model(idx, idx)
+    logits, _ = model(idx)
+    _, loss = model(idx, idx)
     assert logits.shape == (2, 5, 100)
     assert torch.equal(logits, before)
     assert loss.item() < 20  # log-softmax is over the 100 real tokens only
