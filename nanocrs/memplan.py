@@ -54,6 +54,7 @@ GPU_GIB, HEADROOM = 80, 0.10   # an 80 GB card; keep 10% for the CUDA context, a
 GiB = 2 ** 30
 BF16, FP32 = 2, 4
 LOGIT_FP32_COPIES = 3          # see head_bytes_per_token
+TURN_SUPERVISED = 0.15         # share of tokens with a loss in the paper's turn format (ReDial 0.150, INSPIRED 0.097 here)
 
 
 def build_meta(hf: dict, tokenizer_len: int, n_new: int = N_NEW_TOKENS, rank: int = LORA_RANK):
@@ -110,10 +111,12 @@ def layer_bytes_per_token(cfg, rank: int, dropout: float, mask_bytes: int = 1) -
 
 
 def head_bytes_per_token(cfg) -> int:
-    """The final norm, the head's input and the logits, per token. The loss runs on fp32 logits:
-    at the start of backward the log-softmax output (saved), the gradient arriving from nll_loss and
-    the gradient it returns are all (B, T, V) fp32. A chunked cross-entropy (head + loss over a few
-    hundred tokens at a time, recomputed in backward) would make this term nearly vanish."""
+    """The final norm, the head's input and the logits, per token, counted as if every token had a
+    loss. The loss runs on fp32 logits: at the start of backward the log-softmax output (saved), the
+    gradient arriving from nll_loss and the gradient it returns are all (N, V) fp32. GPT.forward
+    runs the head only on the N supervised tokens, so plan() also gives the figure with the paper's
+    turn format, where only the last turn carries a loss; a chunked cross-entropy (head + loss over
+    a few hundred tokens at a time, recomputed in backward) would make this term nearly vanish."""
     D, V = cfg.n_embd, cfg.vocab_size
     return FP32 * D + FP32 + BF16 * D + LOGIT_FP32_COPIES * FP32 * V
 
@@ -135,6 +138,8 @@ def plan(name: str, hf: dict, tokenizer_len: int, dropout: float) -> dict:
         "ckpt": cfg.n_layer * BF16 * cfg.n_embd + layer + head,
         "ckpt + chunked CE": cfg.n_layer * BF16 * cfg.n_embd + layer + head - logits,
     }
+    # the head on supervised tokens only (GPT.forward with targets), turn format
+    per_token["ckpt, turn format"] = per_token["ckpt"] - round((1 - TURN_SUPERVISED) * logits)
     return dict(name=name, cfg=cfg, first_new=first_new, frozen=frozen, trainable=trainable, lora=lora,
                 layer=layer, head=head, static=static, per_token=per_token)
 
@@ -164,7 +169,7 @@ def report(p: dict, dropout: float):
             t = total_bytes(p, mode, b)
             cells.append(f"{t / GiB:{11 if mode == 'no ckpt' else 8}.1f} {'yes' if t <= budget else 'no':>4}")
         print(f"  {f'{b} x {SEQ_LEN}':>11} | {cells[0]} | {cells[1]}")
-    for mode in ("no ckpt", "ckpt", "ckpt + chunked CE"):
+    for mode in ("no ckpt", "ckpt", "ckpt, turn format", "ckpt + chunked CE"):
         b = largest_batch(p, mode, budget)
         # the paper's batch by gradient accumulation: as few micro-batches as fit, of equal size if possible
         steps = math.ceil(PAPER_BATCH / b) if b else 0
