@@ -291,11 +291,13 @@ class GPT(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)[..., :self.config.vocab_size], None  # drop the padding rows
-        keep = targets.view(-1) != -1                               # (B*T,)
-        h = x.view(B * T, -1)[keep]                                 # (N, C): supervised positions only
+        h, t = x.view(B * T, -1), targets.view(-1)                  # (B*T, C), (B*T,)
+        if not torch.compiler.is_compiling():  # (a data-dependent shape would split a compiled graph)
+            keep = t != -1
+            h, t = h[keep], t[keep]                                 # (N, C), (N,): supervised positions only
         logits = self.lm_head(h)[:, :self.config.vocab_size]        # (N, V)
         # fp32 softmax even under bf16 autocast
-        return None, F.cross_entropy(logits.float(), targets.view(-1)[keep], reduction=reduction)
+        return None, F.cross_entropy(logits.float(), t, ignore_index=-1, reduction=reduction)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.embed_tokens.weight
