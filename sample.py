@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from nanocrs import checkpoint
 from nanocrs.checkpoint import CheckpointError
-from nanocrs.data import MENTION, DataError, Renderer, load_dataset, load_items, rec_samples
+from nanocrs.data import MENTION, DataError, Renderer, load_dataset, load_items, rec_samples, training_dialogs
 from nanocrs.generate import Control, SIDTrie, beam_search, sample
 from nanocrs.metrics import (CoOccurrence, Popularity, corpus_bleu, distinct_per_sentence, distinct_ratio,
                              format_table, perplexity, rank_metrics, rank_of, repeat_context,
@@ -149,7 +149,7 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
     dialogs = ds[split][:max_dialogs] if max_dialogs else ds[split]
     catalogue = [it["id"] for it in ds["items"]]
     # the baselines count what the model was trained on (train, or train+val with --train-splits)
-    seen = [d for name in s.config["train"].get("train_splits", "train").split(",") for d in ds[name]]
+    seen = training_dialogs(ds, s.config["train"].get("train_splits", "train"))
     pop, cooc = Popularity(seen, catalogue), CoOccurrence(seen, catalogue)
     trained_targets = {i for d in seen for turn in d["turns"] if turn["role"] == "assistant" for i in turn["items"]}
     cold_flags, top_lists = [], {}

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from nanocrs import checkpoint
 from nanocrs.checkpoint import CheckpointError
-from nanocrs.data import DataError, Renderer, collate, epoch_batches, load_dataset
+from nanocrs.data import DataError, Renderer, collate, epoch_batches, load_dataset, training_dialogs
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import CONTROL_TOKENS, Tokenizer
@@ -201,17 +201,13 @@ def main(argv=None):
                         n_kv_head=a.n_kv_head, n_embd=a.n_embd, dropout=a.dropout)
         model = GPT(cfg).to(device)
     rd = Renderer(tok, sids, cfg.block_size)
-    splits = a.train_splits.split(",")
-    for name in splits:
-        if name not in ("train", "val"):
-            raise ValueError(f"--train-splits: unknown split {name!r} (train, val; the test split is never trained on)")
-    train_dialogs = [d for name in splits for d in ds[name]]
+    train_dialogs = training_dialogs(ds, a.train_splits)
     train_ex = build_examples(rd, train_dialogs, a.format)
     val_ex = build_examples(rd, ds["val"], a.format)  # with "train,val" this is no longer held out
     n_tok = sum(len(x) for x, _ in train_ex)
     n_sup = sum(sum(1 for t in y if t != -1) for _, y in train_ex)
     say = print if master else (lambda *args, **kw: None)
-    say(f"data: {len(ds['items'])} items, {len(train_dialogs)} {'+'.join(splits)} dialogs -> {len(train_ex)} sequences, "
+    say(f"data: {len(ds['items'])} items, {len(train_dialogs)} {a.train_splits.replace(',', '+')} dialogs -> {len(train_ex)} sequences, "
           f"{n_tok:,} tokens ({n_sup:,} supervised); {len(val_ex)} val sequences")
     say(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(cfg.to_dict())}")
 

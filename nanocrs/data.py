@@ -131,6 +131,16 @@ def load_dataset(data_dir: str, splits=SPLITS) -> dict:
     return ds
 
 
+def training_dialogs(ds: dict, splits: str) -> list[dict]:
+    """The dialogs of the comma-separated splits a model trains on ("train", or "train,val" =
+    train+dev as the paper does for INSPIRED): train.py trains on them, the eval's baselines count them."""
+    names = splits.split(",")
+    for name in names:
+        if name not in ("train", "val"):
+            raise DataError(f"--train-splits: unknown split {name!r} (train, val; the test split is never trained on)")
+    return [d for name in names for d in ds[name]]
+
+
 def rec_samples(dialogs: list[dict]):
     """The evaluation protocol's samples: one per (assistant turn with a non-empty context, item it
     mentions). Yields (dialog, turn index, gold item id, fresh) where fresh = the gold item was not
