@@ -218,7 +218,12 @@ def main(argv=None):
             print(f"checkpoint is at step {step} >= --max-steps {a.max_steps}: nothing to do")
             return
     model.grad_checkpointing = a.grad_checkpoint
-    fwd = torch.compile(model) if a.compile else model
+    if a.compile:
+        # compile block by block, not the whole model: GPT.forward's selection of the supervised rows
+        # (a data-dependent shape) stays eager, where it costs nothing and splits no graph
+        for block in model.layers:
+            block.compile()
+    fwd = model
     if ddp:
         fwd = DDP(fwd, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
 

@@ -240,3 +240,30 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
     assert torch.equal(loss, loss2)
     for a, b in zip(plain, (p.grad for p in m.parameters())):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@torch.enable_grad()
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_supervised_rows_shortcut_gives_the_full_models_loss_and_gradients(ckpt):
+    # With targets, the head and the last block's MLP run only where there is a loss. The reference is
+    # the plain computation: logits everywhere, then a masked cross-entropy. Equal loss and gradients.
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=300, n_layer=3, n_embd=64, n_head=4, n_kv_head=2))
+    m.grad_checkpointing = ckpt
+    x = torch.randint(0, 300, (3, 20))
+    y = torch.randint(0, 300, (3, 20))
+    y[0, :7], y[1, 3:15], y[2, ::3] = -1, -1, -1
+    logits, _ = m(x)
+    ref = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
+    ref.backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    _, loss = m(x, y, reduction="sum")
+    loss.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-5)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=1e-6, rtol=1e-4, msg=n)
+    # the last MLP's gradient really depends on the mask (so a wrong gather would show)
+    m.zero_grad()
+    m(x, torch.where(y == -1, 0, y), reduction="sum")[1].backward()
+    assert not torch.allclose(m.layers[-1].mlp.up_proj.weight.grad, want["layers.2.mlp.up_proj.weight"])

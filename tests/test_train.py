@@ -259,6 +259,16 @@ def test_gradient_accumulation_matches_one_big_batch(dataset_dir, tmp_path):
         assert abs(b - a) < 1e-4, (big, acc)
 
 
+def test_compile_matches_eager(dataset_dir, trained_ckpt, tmp_path):
+    # train.py --compile (each block under torch.compile, inductor's C++ kernels on the CPU) gives the
+    # eager run's losses, up to the order of float sums in fused kernels
+    out = run_train(dataset_dir, str(tmp_path / "C"), ["--max-steps", "4", "--compile"])
+    eager, compiled = _losses(trained_ckpt)[:4], _losses(out)
+    assert len(compiled) == 4 and compiled[0] > compiled[-1]
+    for e, c in zip(eager, compiled):
+        assert abs(e - c) < 1e-3, (eager, compiled)
+
+
 def test_ddp_two_cpu_processes_match_one_process(dataset_dir, tmp_path):
     import socket
     with socket.socket() as s:
