@@ -21,7 +21,9 @@ Benchmarks for nanocrs, each against the obvious alternative, printed as one tab
    could not matter anyway): the top-50 item lists must be identical. Also trie-constrained sampling
    against the same sampling loop with the trie mask switched off: the constraint's overhead.
 3. Quantizer scale: residual k-means (3 levels x 256 codes) + collision suffixes on random 384-d
-   vectors, each size in its own subprocess so that its peak RSS (getrusage) is its own.
+   vectors, each size in its own subprocess so that its peak RSS (getrusage) is its own. Each level
+   is fitted on at most --kmeans-points (256) points per centroid, then assigns every vector; 100k is
+   also fitted on all points, and the final residual MSE of both shows what the sample costs.
 4. Evaluation throughput: rec samples/s of sample.evaluate (paper protocol, beam 50, no response
    generation) on a small synthetic dataset and a 2-step checkpoint built in a temp folder.
 5. Load memory (--load-memory, or --sections load; not run by default: minutes, ~3x the checkpoint in
@@ -91,7 +93,9 @@ def get_args(argv=None):
     p.add_argument("--load-memory", action="store_true", help="run only section 5, the load-memory benchmark")
     p.add_argument("--load-dtype", default="bf16", choices=list(DTYPES), help="section 5: checkpoint dtype")
     p.add_argument("--load-params", type=float, default=1e9, help="section 5: about this many parameters")
-    p.add_argument("--quantizer-child", type=int, default=0, help=argparse.SUPPRESS)  # internal: one quantizer run
+    p.add_argument("--kmeans-points", type=int, default=256,
+                   help="section 3: k-means is fitted on at most this many points per centroid (0: all points)")
+    p.add_argument("--quantizer-child", type=int, nargs=2, default=None, help=argparse.SUPPRESS)  # internal: N POINTS
     p.add_argument("--load-child", nargs=3, default=None, help=argparse.SUPPRESS)  # internal: WHICH FOLDER DTYPE
     return p.parse_args(argv)
 
@@ -342,23 +346,27 @@ def bench_sampling(w, prompts, max_new, rounds):
 # -----------------------------------------------------------------------------
 # 3. quantizer scale (each size in a fresh process, so peak RSS is that run's alone)
 
-def quantizer_child(n, threads):
+def quantizer_child(n, points, threads):
     if threads:
         torch.set_num_threads(threads)
     x = np.random.default_rng(0).standard_normal((n, 384), dtype=np.float32)  # (N, 384)
     t0 = time.perf_counter()
-    sids = quantize(x, QuantizerConfig(levels=3, codebook_size=256, kmeans_iters=50), verbose=False)
+    sids = quantize(x, QuantizerConfig(levels=3, codebook_size=256, kmeans_iters=50, max_points_per_centroid=points),
+                    verbose=False)
     secs = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"seconds": secs, "peak_rss_mb": peak_kb / 1024, "id_length": len(sids.level_sizes)}))
+    print(json.dumps({"seconds": secs, "peak_rss_mb": peak_kb / 1024, "id_length": len(sids.level_sizes),
+                      "points_per_centroid": points, "mse": sids.report["mse"]}))
 
 
-def bench_quantizer(sizes, threads):
+def bench_quantizer(runs, threads):
+    """runs: [(N, max points per centroid)]. The residual MSE shows what fitting on a sample costs."""
     res = {}
-    for n in sizes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--quantizer-child", str(n), "--threads", str(threads)]
+    for n, points in runs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--quantizer-child", str(n), str(points),
+               "--threads", str(threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        res[n] = json.loads(out.stdout.strip().splitlines()[-1])
+        res[(n, points)] = json.loads(out.stdout.strip().splitlines()[-1])
     return res
 
 
@@ -481,7 +489,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quantizer_child:
-        return quantizer_child(args.quantizer_child, args.threads)
+        return quantizer_child(*args.quantizer_child, args.threads)
     if args.load_child:
         return load_child(*args.load_child)
     sz = QUICK if args.quick else FULL
@@ -542,14 +550,19 @@ def main(argv=None):
         add("sampling n=4, decoding steps/s: trie-constrained / free",
             f"{t['constrained']:.0f} / {t['free']:.0f}: overhead {r['overhead']:+.1%}", "<= 10%")
     if "quantizer" in sections:
-        sizes = sz["quant_sizes"] + ([1_000_000] if args.full else [])
-        r = bench_quantizer(sizes, args.threads)
-        fig["rqkmeans"] = {str(n): v for n, v in r.items()}
-        for n, v in r.items():
-            add(f"RQ-KMeans 3x256 + suffix, {n:,} x 384", f"{v['seconds']:.1f} s, peak RSS {v['peak_rss_mb']:.0f} MB",
+        runs = [(n, args.kmeans_points) for n in sz["quant_sizes"] + ([1_000_000] if args.full else [])]
+        if not args.quick and args.kmeans_points:  # what the sample costs: 100k fitted on every point
+            runs.insert(2, (100_000, 0))
+        r = bench_quantizer(runs, args.threads)
+        fig["rqkmeans"] = {f"{n}/{p}": v for (n, p), v in r.items()}
+        for (n, p), v in r.items():
+            fit = f"fit on {min(n, 256 * p):,}" if p else "fit on all"
+            add(f"RQ-KMeans 3x256 + suffix, {n:,} x 384, {fit}",
+                f"{v['seconds']:.1f} s, peak RSS {v['peak_rss_mb']:.0f} MB, residual MSE {v['mse'][-1]:.1f}",
                 "<= 300 s, <= 4096 MB" if n == 1_000_000 else "")
-        if 1_000_000 in r:
-            fig.update(rqkmeans_1m_seconds=r[1_000_000]["seconds"], rqkmeans_1m_peak_rss_mb=r[1_000_000]["peak_rss_mb"])
+        if (1_000_000, args.kmeans_points) in r:
+            v = r[(1_000_000, args.kmeans_points)]
+            fig.update(rqkmeans_1m_seconds=v["seconds"], rqkmeans_1m_peak_rss_mb=v["peak_rss_mb"])
     if "eval" in sections:
         r = bench_eval(sz, device, args.threads)
         fig.update(eval=r, eval_samples_per_s=r["samples_per_s"])

@@ -47,6 +47,9 @@ def get_args(argv=None):
     p.add_argument("--levels", type=int, default=3, help="residual k-means levels")
     p.add_argument("--codebook-size", type=int, default=16, help="codes per level")
     p.add_argument("--kmeans-iters", type=int, default=50)
+    p.add_argument("--kmeans-points", type=int, default=256,
+                   help="fit each k-means level on at most this many sampled items per code (0: all items); "
+                        "only catalogues over 256 x codebook size are sampled")
     p.add_argument("--collisions", choices=["suffix", "reassign"], default="suffix",
                    help="suffix: one extra level numbering the items that share a code; "
                         "reassign: the paper's distance-rank reassignment (no extra level)")
@@ -100,7 +103,8 @@ def main(argv=None):
 
     # 3. semantic IDs
     qcfg = QuantizerConfig(levels=a.levels, codebook_size=a.codebook_size, kmeans_iters=a.kmeans_iters,
-                           seed=a.seed, collisions=a.collisions, method=a.quantizer)
+                           max_points_per_centroid=a.kmeans_points, seed=a.seed, collisions=a.collisions,
+                           method=a.quantizer)
     sids = quantize(emb, qcfg, verbose=True, item_ids=[it["id"] for it in ds["items"]])
     sids.save(os.path.join(out, "sids.json"))
     example = ds["items"][0]

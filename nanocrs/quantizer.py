@@ -22,7 +22,9 @@ Usage:
     sids.save("data/NAME/sids.json"); sids = SemanticIDs.load("data/NAME/sids.json")
 
 Everything runs on CPU in float32. The k-means assignment step uses chunked matmul distances so that
-1M x 384 embeddings fit in a few GB (never an N x N or a full N x K float64 matrix). The RQ-VAE is
+1M x 384 embeddings fit in a few GB (never an N x N or a full N x K float64 matrix), and each level's
+centroids are fitted on at most 256 sampled points per centroid (QuantizerConfig.max_points_per_centroid),
+so 1M items cost little more than 65k plus one assignment pass per level. The RQ-VAE is
 meant for catalogues of thousands of items (the paper's 1.8k-7k), not millions, on CPU.
 """
 import itertools
@@ -44,6 +46,11 @@ class QuantizerConfig:
     levels: int = 3            # residual levels (RQ-KMeans and RQ-VAE alike)
     codebook_size: int = 32    # codes per level
     kmeans_iters: int = 50     # also used for the RQ-VAE codebook initialisation
+    # RQ-KMeans fits each level's centroids on a random sample of at most this many points per
+    # centroid, then assigns every item (FAISS's rule, same default): K centroids are pinned down long
+    # before N = 1M points, and the Lloyd passes then cost O(K) instead of O(N). Catalogues below
+    # 256 * K items (every dataset here) are fitted on all items, unchanged. 0 = always all items.
+    max_points_per_centroid: int = 256
     seed: int = 0
     collisions: str = "suffix"  # "suffix" (default) or "reassign" (paper Appendix A)
     method: str = "rqkmeans"   # "rqkmeans" (residual k-means) or "rqvae" (the paper's RQ-VAE)
@@ -151,7 +158,8 @@ def kmeans(x, k, iters, seed):
 # residual k-means
 
 def residual_kmeans(x, cfg, keep_distances=True):
-    """Runs cfg.levels k-means levels on successive residuals.
+    """Runs cfg.levels k-means levels on successive residuals; each level is fitted on a sample of at
+    most cfg.max_points_per_centroid * K residuals (all of them when N is smaller), then assigns all N.
     Returns dict: codes (N, L) int64, codebooks [L x (K, D)], distances (N, L, K) float32 or None
     (skip it for big N: 1M x 3 x 256 floats is 3 GB), final_dist (N,) squared distance of each item's
     last-level residual to its codeword, mse [L] mean squared reconstruction error after each level."""
@@ -161,10 +169,21 @@ def residual_kmeans(x, cfg, keep_distances=True):
     codes = np.empty((N, L), dtype=np.int64)
     distances = np.empty((N, L, K), dtype=np.float32) if keep_distances else None
     codebooks, mse = [], []
+    cap = cfg.max_points_per_centroid * K
     for l in range(L):
-        C, _ = kmeans(r, K, cfg.kmeans_iters, cfg.seed + 1000 * l)  # different seed stream per level
+        seed = cfg.seed + 1000 * l                                # a different seed stream per level
+        fit = r
+        if cfg.max_points_per_centroid > 0 and N > cap:
+            fit = r[torch.randperm(N, generator=torch.Generator().manual_seed(seed + 1))[:cap]]  # (cap, D)
+        # leave out residuals that are exactly zero (items alone in a cluster of the level before, or
+        # duplicates): a seed at the origin is nearer to every point than the points are to each other
+        # (in high dimensions), so it takes all of them and Lloyd stops there, one cluster + K-1 singletons
+        nonzero = (fit * fit).sum(1) > 0
+        if 0 < int(nonzero.sum()) < len(fit):
+            fit = fit[nonzero]
+        C, _ = kmeans(fit, K, cfg.kmeans_iters, seed)
         C = torch.from_numpy(C)
-        a, mind, dist = _assign(r, C, full=keep_distances)       # kmeans' own final assignment
+        a, mind, dist = _assign(r, C, full=keep_distances)       # every item to the fitted centroids
         if keep_distances:
             distances[:, l] = dist.numpy()
         for s in range(0, N, CHUNK):                              # chunked: no second (N, D) temporary
@@ -374,6 +393,7 @@ class SemanticIDs:
     item_ids: list
     codes: list
     level_sizes: list  # codes per level, suffix level included
+    report: dict = field(default_factory=dict, repr=False, compare=False)  # quantize()'s figures; not saved
     _by_item: dict = field(init=False, repr=False)
     _by_codes: dict = field(init=False, repr=False)
 
@@ -461,8 +481,8 @@ def quantize(x, cfg, verbose=True, item_ids=None):
         raise ValueError(f"quantize: x must be a non-empty (N, D) array, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError("quantize: x contains NaN or inf")
-    if cfg.levels < 1 or cfg.codebook_size < 1 or cfg.kmeans_iters < 0:
-        raise ValueError(f"quantize: bad QuantizerConfig levels/codebook_size/kmeans_iters: {cfg}")
+    if cfg.levels < 1 or cfg.codebook_size < 1 or cfg.kmeans_iters < 0 or cfg.max_points_per_centroid < 0:
+        raise ValueError(f"quantize: bad QuantizerConfig levels/codebook_size/kmeans_iters/max_points_per_centroid: {cfg}")
     if cfg.collisions not in ("suffix", "reassign"):
         raise ValueError(f"quantize: collisions must be 'suffix' or 'reassign', got {cfg.collisions!r}")
     if cfg.method not in ("rqkmeans", "rqvae"):
@@ -491,6 +511,7 @@ def quantize(x, cfg, verbose=True, item_ids=None):
         final = reassign_collisions(codes, out["distances"])      # (N, L)
         level_sizes = [K] * L
     sids = SemanticIDs(item_ids=list(item_ids), codes=final.tolist(), level_sizes=level_sizes)
+    sids.report = dict(mse=list(out["mse"]), collided=collided, largest_group=int(counts.max()))
 
     if verbose:
         print(f"quantizer: {cfg.method}, {N} items, dim {x.shape[1]}, {L} levels x {K} codes, "

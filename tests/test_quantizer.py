@@ -195,6 +195,43 @@ def test_residual_error_decreases_per_level():
     assert (out["distances"].argmin(2) == out["codes"]).mean() > 0.99
 
 
+def test_sampled_fit_is_close_to_the_full_fit_and_a_no_op_for_small_catalogues():
+    x = np.random.default_rng(1).standard_normal((20000, 16)).astype(np.float32)
+    full = residual_kmeans(x, QuantizerConfig(levels=2, codebook_size=8, max_points_per_centroid=0), False)
+    # the default 256 points per centroid -> each level is fitted on 2,048 of the 20,000 residuals
+    samp = residual_kmeans(x, QuantizerConfig(levels=2, codebook_size=8), False)
+    again = residual_kmeans(x, QuantizerConfig(levels=2, codebook_size=8), False)
+    assert np.array_equal(samp["codes"], again["codes"])              # seeded sample: deterministic
+    assert not np.array_equal(samp["codes"], full["codes"])           # a different fit, ...
+    for a, b in zip(samp["mse"], full["mse"]):                        # ... but nearly as good,
+        assert b <= a * 1.001 and a < b * 1.03, (samp["mse"], full["mse"])  # (measured: +0.8%, +1.4%)
+    # every item is still assigned to its nearest fitted centroid
+    recon = sum(cb[samp["codes"][:, l]] for l, cb in enumerate(samp["codebooks"]))
+    assert np.allclose(((x - recon) ** 2).sum(1), samp["final_dist"], rtol=1e-3, atol=1e-3)
+    # a catalogue within the cap (N <= 2,500 * 8) is fitted on everything: identical to no cap
+    small = residual_kmeans(x, QuantizerConfig(levels=2, codebook_size=8, max_points_per_centroid=2500), False)
+    assert np.array_equal(small["codes"], full["codes"])
+
+
+def test_levels_are_not_fitted_on_exactly_reconstructed_items(monkeypatch):
+    # 8 far outliers get a level-0 code each, so their level-1 residual is exactly zero. A zero
+    # residual as a k-means seed would be nearer to every other residual than they are to each other
+    # and take the whole cloud: such rows are left out of the fit (but still get a code).
+    import nanocrs.quantizer as q
+    rng = np.random.default_rng(0)
+    outliers = 1000.0 * np.eye(32, dtype=np.float32)[:8]
+    x = np.concatenate([rng.standard_normal((3000, 32)).astype(np.float32), outliers])
+    fitted = []
+    real = q.kmeans
+    monkeypatch.setattr(q, "kmeans", lambda fit, *a: fitted.append(np.asarray(fit)) or real(fit, *a))
+    out = residual_kmeans(x, QuantizerConfig(levels=2, codebook_size=16), False)
+    assert len(np.unique(out["codes"][-8:, 0])) == 8                 # each outlier has its own code ...
+    assert np.bincount(out["codes"][:, 0], minlength=16)[out["codes"][-8:, 0]].max() == 1  # ... alone
+    assert len(fitted[0]) == 3008 and len(fitted[1]) == 3000          # level 1 left the 8 zeros out
+    assert ((fitted[1] ** 2).sum(1) > 0).all()
+    assert out["codes"].shape == (3008, 2)                            # every item is still coded
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="collisions"):
         quantize(np.zeros((10, 4), np.float32), QuantizerConfig(collisions="nope"), verbose=False)
