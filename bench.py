@@ -68,7 +68,7 @@ from nanocrs.tokenizer import CONTROL_TOKENS
 
 # model / data sizes: the quickstart's, and tiny ones for --quick and the test
 FULL = dict(n_bpe=1330, n_items=600, levels=3, codes=16, n_layer=4, n_embd=192, n_head=4, n_kv_head=2,
-            batch=8, seq=256, train_rounds=5, prompt_len=128, n_prompts=4, beam_rounds=3,
+            batch=8, seq=256, train_rounds=9, prompt_len=128, n_prompts=4, beam_rounds=3,
             sample_tokens=64, sample_rounds=5, quant_sizes=[10_000, 100_000],
             data_args=["--n-items", "600", "--n-train", "300", "--n-val", "20", "--n-test", "40"])
 QUICK = dict(n_bpe=300, n_items=160, levels=2, codes=8, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,

@@ -170,7 +170,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, rows=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.hd)
@@ -198,6 +198,8 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
+        if rows is not None:  # only these positions' outputs are wanted (see Block)
+            y = y.flatten(0, 1)[rows]                                    # (N, H*hd)
         return self.o_proj(y)
 
 
@@ -221,11 +223,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, cache=None, layer=0, rows=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)  # (B, T, C)
-        if rows is not None:
-            # the last block, in training: past its attention a position's state feeds only its own
-            # output, so the MLP is needed only at the positions that carry a loss
-            x = x.flatten(0, 1)[rows]                                    # (N, C)
+        # rows (N,): the last block in training. Past the mixing of positions in attention, a position's
+        # state feeds only its own output, so the output projection and the MLP are needed only at
+        # the positions that carry a loss: x becomes (N, C).
+        a = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, rows)  # (B, T, C) or (N, C)
+        x = x + a if rows is None else x.flatten(0, 1)[rows] + a
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -279,8 +281,8 @@ class GPT(nn.Module):
         or "sum"). Work is then spent only where there is a loss: in dialog training most tokens are
         the user's and carry none. The output head runs on the supervised positions only (so no
         (B, T, vocab) logits tensor, for an 8B model with a 152k vocabulary the largest activation),
-        and so does the last block's MLP: after the last attention, a position's state feeds nothing
-        but its own output. With a cache, the block is placed at cache.pos and the cache advances by T."""
+        and so do the last block's output projection and MLP: after the last attention, a position's
+        state feeds nothing but its own output. With a cache, the block is placed at cache.pos and the cache advances by T."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         cos, sin = self.rope(start, T, idx.device)
