@@ -21,7 +21,7 @@ Benchmarks for nanocrs, each against the obvious alternative, printed as one tab
    could not matter anyway): the top-50 item lists must be identical. Also trie-constrained sampling
    against the same sampling loop with the trie mask switched off: the constraint's overhead.
 3. Quantizer scale: residual k-means (3 levels x 256 codes) + collision suffixes on random 384-d
-   vectors, each size in its own subprocess so that its peak RSS (getrusage) is its own. Each level
+   vectors, each size in its own subprocess so that its peak RSS (VmHWM) is its own. Each level
    is fitted on at most --kmeans-points (256) points per centroid, then assigns every vector; 100k is
    also fitted on all points, and the final residual MSE of both shows what the sample costs.
 4. Evaluation throughput: rec samples/s of sample.evaluate (paper protocol, beam 50, no response
@@ -46,7 +46,6 @@ import json
 import os
 import platform
 import math
-import resource
 import shutil
 import statistics
 import subprocess
@@ -354,8 +353,7 @@ def quantizer_child(n, points, threads):
     sids = quantize(x, QuantizerConfig(levels=3, codebook_size=256, kmeans_iters=50, max_points_per_centroid=points),
                     verbose=False)
     secs = time.perf_counter() - t0
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"seconds": secs, "peak_rss_mb": peak_kb / 1024, "id_length": len(sids.level_sizes),
+    print(json.dumps({"seconds": secs, "peak_rss_mb": peak_rss_mb(), "id_length": len(sids.level_sizes),
                       "points_per_centroid": points, "mse": sids.report["mse"]}))
 
 

@@ -282,7 +282,8 @@ class GPT(nn.Module):
         the user's and carry none. The output head runs on the supervised positions only (so no
         (B, T, vocab) logits tensor, for an 8B model with a 152k vocabulary the largest activation),
         and so do the last block's output projection and MLP: after the last attention, a position's
-        state feeds nothing but its own output. With a cache, the block is placed at cache.pos and the cache advances by T."""
+        state feeds nothing but its own output.
+        With a cache, the block is placed at cache.pos and the cache advances by T."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         cos, sin = self.rope(start, T, idx.device)
