@@ -2,8 +2,8 @@
 Benchmarks for nanocrs, each against the obvious alternative, printed as one table.
 
     python bench.py --quick                         # tiny sizes, about 30 s: a smoke test
-    python bench.py --json out/bench.json           # quickstart-size model; quantizer on 10k and 100k
-    python bench.py --compile --full --json out/bench.json   # + torch.compile'd training, + 1M quantizer
+    python bench.py --json out/bench.json           # quickstart-size model; quantizer on 10k, 100k, 1M (~6 min)
+    python bench.py --compile --json out/bench.json # + torch.compile'd training (both models)
     python bench.py --sections train,decode --threads 1      # a subset, one CPU thread
     OMP_NUM_THREADS=1 python bench.py --load-memory [--load-dtype bf16|fp32] [--load-params 1e9]  # section 5 only
 
@@ -68,7 +68,7 @@ from nanocrs.tokenizer import CONTROL_TOKENS
 # model / data sizes: the quickstart's, and tiny ones for --quick and the test
 FULL = dict(n_bpe=1330, n_items=600, levels=3, codes=16, n_layer=4, n_embd=192, n_head=4, n_kv_head=2,
             batch=8, seq=256, train_rounds=9, prompt_len=128, n_prompts=4, beam_rounds=3,
-            sample_tokens=64, sample_rounds=5, quant_sizes=[10_000, 100_000],
+            sample_tokens=64, sample_rounds=5, quant_sizes=[10_000, 100_000, 1_000_000],
             data_args=["--n-items", "600", "--n-train", "300", "--n-val", "20", "--n-test", "40"])
 QUICK = dict(n_bpe=300, n_items=160, levels=2, codes=8, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
              batch=4, seq=64, train_rounds=3, prompt_len=32, n_prompts=2, beam_rounds=2,
@@ -81,7 +81,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    p.add_argument("--full", action="store_true", help="also the 1M-vector quantizer run (~5 min)")
     p.add_argument("--compile", action="store_true", help="also time nanocrs training under torch.compile")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--sections", default="train,decode,quantizer,eval", help="comma-separated subset")
@@ -548,7 +547,7 @@ def main(argv=None):
         add("sampling n=4, decoding steps/s: trie-constrained / free",
             f"{t['constrained']:.0f} / {t['free']:.0f}: overhead {r['overhead']:+.1%}", "<= 10%")
     if "quantizer" in sections:
-        runs = [(n, args.kmeans_points) for n in sz["quant_sizes"] + ([1_000_000] if args.full else [])]
+        runs = [(n, args.kmeans_points) for n in sz["quant_sizes"]]
         if not args.quick and args.kmeans_points:  # what the sample costs: 100k fitted on every point
             runs.insert(2, (100_000, 0))
         r = bench_quantizer(runs, args.threads)

@@ -99,6 +99,13 @@ def _kmeans_pp_init(x, k, g):
     N = x.shape[0]
     n = min(N, max(4096, 64 * k))
     S = x[torch.randperm(N, generator=g)[:n]]                     # (n, D)
+    # never seed at an exact zero (in residual k-means: an item alone in its cluster at the level
+    # before). In high dimensions the origin is nearer to every point than the points are to each
+    # other, so that seed takes them all and Lloyd stops there: one cluster and k-1 singletons.
+    nonzero = (S * S).sum(1) > 0
+    if 0 < int(nonzero.sum()) < n:
+        S = S[nonzero]
+        n = S.shape[0]
     C = torch.empty(k, x.shape[1], dtype=torch.float32)
     s2 = (S * S).sum(1)                                           # (n,)
 
@@ -175,12 +182,6 @@ def residual_kmeans(x, cfg, keep_distances=True):
         fit = r
         if cfg.max_points_per_centroid > 0 and N > cap:
             fit = r[torch.randperm(N, generator=torch.Generator().manual_seed(seed + 1))[:cap]]  # (cap, D)
-        # leave out residuals that are exactly zero (items alone in a cluster of the level before, or
-        # duplicates): a seed at the origin is nearer to every point than the points are to each other
-        # (in high dimensions), so it takes all of them and Lloyd stops there, one cluster + K-1 singletons
-        nonzero = (fit * fit).sum(1) > 0
-        if 0 < int(nonzero.sum()) < len(fit):
-            fit = fit[nonzero]
         C, _ = kmeans(fit, K, cfg.kmeans_iters, seed)
         C = torch.from_numpy(C)
         a, mind, dist = _assign(r, C, full=keep_distances)       # every item to the fitted centroids
