@@ -11,8 +11,8 @@ Benchmarks for nanocrs, each against the obvious alternative, printed as one tab
    against transformers' LlamaForCausalLM built from the same config with the same weights, batch,
    sequence length and thread count (fp32 on the CPU, bf16 autocast on CUDA); once with a loss on
    every token, once with a dialog's loss mask (--supervised-share of the tokens, in 32-token spans;
-   the same loss value from both), where nanocrs runs its output head and its last block's MLP only
-   on the supervised positions. Both use fused AdamW. With --compile, the same two rows with both
+   the same loss value from both), where nanocrs runs its output head and its last block's output
+   projection and MLP only on the supervised positions. Both use fused AdamW. With --compile, the same two rows with both
    models under torch.compile (nanocrs block by block, as train.py --compile does).
 2. Recommendation decoding: nanocrs.generate.beam_search (width 50; one prefill, the KV cache copied
    to the beams) against transformers' generate(num_beams=50, num_return_sequences=50,

@@ -223,9 +223,7 @@ def main(argv=None):
         # (a data-dependent shape) stays eager, where it costs nothing and splits no graph
         for block in model.layers:
             block.compile()
-    fwd = model
-    if ddp:
-        fwd = DDP(fwd, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+    fwd = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None) if ddp else model
 
     static_written = False  # tokenizer, item table and catalogue: written by this process's first save
 

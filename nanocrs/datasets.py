@@ -80,14 +80,14 @@ def clean(text: str) -> str:
 
 
 def split_title(name: str):
-    """'Heat  (1995)' -> ('Heat', 1995); 'American Pie ' -> ('American Pie', None)."""
+    """'Glass Orchard  (1995)' -> ('Glass Orchard', 1995); 'Paper Lanterns ' -> ('Paper Lanterns', None)."""
     name = " ".join(name.split())
     m = re.match(r"^(.*?)\s*\((\d{4})\)$", name)
     return (m.group(1).strip(), int(m.group(2))) if m else (name, None)
 
 
 def norm_title(title: str) -> str:
-    """Lower case ASCII words: 'Amélie & Co.' -> 'amelie and co'."""
+    """Lower case ASCII words: 'Café Noël & Co.' -> 'cafe noel and co'."""
     t = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode().lower().replace("&", " and ")
     return " ".join(re.sub(r"[^a-z0-9]+", " ", t).split())
 

@@ -24,7 +24,7 @@ Usage:
 Everything runs on CPU in float32. The k-means assignment step uses chunked matmul distances so that
 1M x 384 embeddings fit in a few GB (never an N x N or a full N x K float64 matrix), and each level's
 centroids are fitted on at most 256 sampled points per centroid (QuantizerConfig.max_points_per_centroid),
-so 1M items cost little more than 65k plus one assignment pass per level. The RQ-VAE is
+so 1M items cost little more than 256 x K plus one assignment pass per level. The RQ-VAE is
 meant for catalogues of thousands of items (the paper's 1.8k-7k), not millions, on CPU.
 """
 import itertools
@@ -99,15 +99,15 @@ def _kmeans_pp_init(x, k, g):
     N = x.shape[0]
     n = min(N, max(4096, 64 * k))
     S = x[torch.randperm(N, generator=g)[:n]]                     # (n, D)
+    s2 = (S * S).sum(1)                                           # (n,)
     # never seed at an exact zero (in residual k-means: an item alone in its cluster at the level
     # before). In high dimensions the origin is nearer to every point than the points are to each
     # other, so that seed takes them all and Lloyd stops there: one cluster and k-1 singletons.
-    nonzero = (S * S).sum(1) > 0
+    nonzero = s2 > 0
     if 0 < int(nonzero.sum()) < n:
-        S = S[nonzero]
+        S, s2 = S[nonzero], s2[nonzero]
         n = S.shape[0]
     C = torch.empty(k, x.shape[1], dtype=torch.float32)
-    s2 = (S * S).sum(1)                                           # (n,)
 
     def sqdist(c):  # (n,) squared distances to one centroid; a matvec is ~4x faster than (S - c)**2
         return (s2 - 2.0 * (S @ c) + c @ c).clamp_(min=0.0)

@@ -245,7 +245,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
 @torch.enable_grad()
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_supervised_rows_shortcut_gives_the_full_models_loss_and_gradients(ckpt):
-    # With targets, the head and the last block's MLP run only where there is a loss. The reference is
+    # With targets, the head and the last block's o_proj and MLP run only where there is a loss. The reference is
     # the plain computation: logits everywhere, then a masked cross-entropy. Equal loss and gradients.
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=300, n_layer=3, n_embd=64, n_head=4, n_kv_head=2))
