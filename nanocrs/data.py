@@ -18,6 +18,9 @@ Rendering (the paper's structured generation; every assistant turn, in context o
     Assistant:<MODE=CHAT><RESP> <text><EOT>                            (CHAT turn)
 Loss is on the assistant's tokens after "Assistant:" (mode, item, <RESP>, text, <EOT>), nowhere else:
 on the one target turn of Renderer.example, or on every assistant turn of Renderer.dialog_windows.
+A dialog marked "items_only": true (an item sequence with no text, e.g. ReDial's E19 sequences) has
+its assistant turns rendered as  Assistant:<MODE=REC><BOI>SID<EOI>  only, the same prefix the
+recommendation eval scores, so no invented response text is ever a target.
 """
 
 import json
@@ -183,10 +186,14 @@ class Renderer:
             head = MODE_CHAT
         return head + RESP + " " + self.text(turn["text"]) + EOT
 
-    def turn_ids(self, turn: dict, item=None) -> tuple[list[int], list[int]]:
-        """(prompt part, supervised part) of one turn. A user turn is all prompt."""
+    def turn_ids(self, turn: dict, item=None, items_only: bool = False) -> tuple[list[int], list[int]]:
+        """(prompt part, supervised part) of one turn. A user turn is all prompt. In an items-only
+        dialog (an item sequence without text) an assistant turn is just <MODE=REC><BOI>SID<EOI>:
+        it teaches which item comes next and nothing about what to say."""
         if turn["role"] == "user":
             return self.tok.encode(f"{USER_PREFIX} {self.text(turn['text'])}\n"), []
+        if items_only:
+            return self.assistant_ids, self.tok.encode(MODE_REC + self.item_span(item or turn["items"][0]))
         return self.assistant_ids, self.tok.encode(self.structured(turn, item))
 
     def context_ids(self, context: list[dict]) -> list[list[int]]:
@@ -211,10 +218,10 @@ class Renderer:
         room = self.block_size - len(tail) - 16
         return self._fit(self.context_ids(context), room) + tail
 
-    def example(self, context: list[dict], target: dict, item=None) -> tuple[list[int], list[int]]:
+    def example(self, context: list[dict], target: dict, item=None, items_only=False) -> tuple[list[int], list[int]]:
         """One training/eval example: (ids, targets), both of length T <= block_size, where
         targets[t] = ids[t+1] when token t+1 belongs to the target turn's supervised part, else -1."""
-        prompt, sup = self.turn_ids(target, item)
+        prompt, sup = self.turn_ids(target, item, items_only)
         sup = sup[:self.block_size - len(prompt) - 1]  # a target longer than the block keeps its start
         ctx = self._fit(self.context_ids(context), self.block_size - len(prompt) - len(sup))
         ids = ctx + prompt + sup
@@ -229,10 +236,10 @@ class Renderer:
         O(turns) tokens instead of O(turns^2) for one example per turn. A dialog longer than the
         block keeps the turns that fit in one sequence; each later assistant turn becomes its own
         left-truncated example."""
-        turns = dialog["turns"]
+        turns, items_only = dialog["turns"], dialog.get("items_only", False)
         ids, sup, j = [], [], 0  # sup[t]: token t is supervised
         while j < len(turns):
-            p, s = self.turn_ids(turns[j])
+            p, s = self.turn_ids(turns[j], items_only=items_only)
             if len(ids) + len(p) + len(s) > self.block_size:
                 break
             ids += p + s
@@ -244,7 +251,37 @@ class Renderer:
             windows.append((ids, targets))
         for k in range(j, len(turns)):
             if turns[k]["role"] == "assistant":
-                windows.append(self.example(turns[:k], turns[k]))
+                windows.append(self.example(turns[:k], turns[k], items_only=items_only))
+        return windows
+
+
+    def item_text_windows(self, items: list[dict], per_window: int = 8) -> list[tuple[list[int], list[int]]]:
+        """Item-text alignment (as LC-Rec trains it): for every item both directions,
+            <BOI>SID<EOI> = title (year) | genres\n          the text is supervised
+            title (year) | genres = <BOI>SID<EOI>\n          the ID is supervised
+        outside any dialog (no "User:"/"Assistant:"), so they tie each ID to what the item is without
+        teaching the dialog format anything. This is what lets the model name an item it never saw
+        recommended: its ID's tokens are learned from its text. Several items share one window so
+        that a batch is not mostly padding; they are independent, so their order does not matter."""
+        lines = []
+        for it in items:
+            md = it.get("metadata", {})
+            desc = it["title"] + (f" ({md['year']})" if md.get("year") else "") + \
+                (" | " + ", ".join(md["genres"]) if md.get("genres") else "")
+            span, text = self.tok.encode(self.item_span(it["id"])), self.tok.encode(" " + desc)
+            eq, nl = self.tok.encode(" ="), self.tok.encode("\n")
+            lines.append((span + eq, text + nl))   # (prompt part, supervised part): ID -> text
+            lines.append((text + eq, span + nl))   # text -> ID
+        windows = []
+        for w in range(0, len(lines), 2 * per_window):
+            ids, sup = [], []
+            for p, s in lines[w:w + 2 * per_window]:
+                if len(ids) + len(p) + len(s) > self.block_size:
+                    break
+                ids += p + s
+                sup += [False] * len(p) + [True] * len(s)
+            targets = [ids[t + 1] if sup[t + 1] else -1 for t in range(len(ids) - 1)] + [-1]
+            windows.append((ids, targets))
         return windows
 
 

@@ -14,9 +14,10 @@ catalogue (item id = the ReDial movie id), DIR/metadata/id2info.json (optional) 
 Every other *.jsonl under DIR (raw ReDial or UniCRS-preprocessed) and every IARD *.json is a train
 source; copies of one conversation are deduplicated by conversationId (raw > UniCRS > IARD), and
 validation is carved from train with --seed (ReDial has no official validation split).
-INSPIRED (--raw DIR): DIR/{train,dev,test}.tsv (raw) where present, else
-DIR/unicrs/{train,valid,test}_data_dbpedia.jsonl. Items are movies keyed by normalized title + year;
-titles are located in the text (INSPIRED marks no spans) and enriched from ReDial's id2info.json
+INSPIRED (--raw DIR): all splits from DIR/unicrs/{train,valid,test}_data_dbpedia.jsonl where present (every
+turn's movies annotated), else DIR/{train,dev,test}.tsv. Items are movies keyed by normalized title + year;
+titles are located in the text (INSPIRED marks no spans; an annotated movie not found there is kept as
+the turn's item, and appended as a mention to a seeker's turn) and enriched from ReDial's id2info.json
 (DIR/../redial/metadata/id2info.json or DIR/id2info.json) where title and year match.
 custom (--raw DIR): items.jsonl + train/val/test.jsonl already in the schema, validated.
 
@@ -120,19 +121,21 @@ def merge_turns(messages, where: str) -> list[dict]:
     """[(role, text with @{id} mentions)] -> schema turns: consecutive same-speaker messages joined with
     a space, empty messages dropped. Raises Skip when the dialog is unusable."""
     turns = []
-    for role, text in messages:
-        if not text:
+    for role, text, *extra in messages:  # extra: items annotated on the message but not named in its text
+        extra = extra[0] if extra else []
+        if not text and not extra:
             continue
         if turns and turns[-1]["role"] == role:
-            turns[-1]["text"] += " " + text
+            turns[-1]["text"] = (turns[-1]["text"] + " " + text).strip()
+            turns[-1]["extra"] += extra
         else:
-            turns.append({"role": role, "text": text})
+            turns.append({"role": role, "text": text, "extra": list(extra)})
     if not turns:
         raise Skip("empty dialog")
     if not any(t["role"] == "assistant" for t in turns):
         raise Skip("no assistant turn")
     for t in turns:
-        t["items"] = list(dict.fromkeys(MENTION.findall(t["text"])))
+        t["items"] = list(dict.fromkeys(MENTION.findall(t["text"]) + t.pop("extra")))
     return turns
 
 
@@ -224,8 +227,58 @@ def _read_id2info(path: str) -> dict:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
-def build_redial(raw_dir: str, seed: int = 0):
-    """(items, splits, info) from a folder of ReDial files (layout in the module docstring)."""
+E19_MAP = "ReDID2uID.json"  # ReDial movie id -> the uID of the E19 sequence files beside it
+
+
+def _e19_sequences(raw_dir: str, skips: Skips) -> dict:
+    """{conversation id: [ReDial movie id, ...] in mention order} from every ReDialRnGChrono*.json file
+    found beside a ReDID2uID.json under raw_dir (Vachonni's ReDial_E19: item sequences, no text).
+
+    Each record is [conversation id, mentioned so far, genres, still to come], one per step of the
+    dialog, so the longest "so far + to come" of a conversation is its whole ordered movie list."""
+    seqs = {}
+    for root, dirs, files in os.walk(raw_dir):
+        dirs.sort()
+        if E19_MAP not in files:
+            continue
+        map_path = os.path.join(root, E19_MAP)
+        try:
+            uid2id = {int(u): str(mid) for mid, u in json.load(open(map_path, encoding="utf-8")).items()}
+        except (json.JSONDecodeError, ValueError, AttributeError) as e:
+            raise DataError(f"{map_path}: not a JSON object of movie id -> uID ({e})") from None
+        for name in sorted(f for f in files if f.startswith("ReDialRnGChrono") and f.endswith(".json")):
+            path = os.path.join(root, name)
+            try:
+                records = json.load(open(path, encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            for n, rec in enumerate(records):
+                try:
+                    cid, movies = str(rec[0]), [uid2id[int(u)] for u, _liked in rec[1] + rec[3]]
+                except (KeyError, TypeError, ValueError, IndexError):
+                    skips.add("E19 record not [id, [[uID, liked]], genres, [[uID, liked]]] with known uIDs", f"{path}:[{n}]")
+                    continue
+                if len(movies) > len(seqs.get(cid, [])):
+                    seqs[cid] = movies
+    return seqs
+
+
+def item_sequence_dialog(cid: str, movies: list[str]) -> dict | None:
+    """A train dialog that has only its ordered item list (no text, no speakers, no liked flags we
+    can render honestly): the first item as the seeker's turn, each later item as a recommendation.
+    Marked "items_only": the Renderer supervises only <MODE=REC> and the item span of its assistant
+    turns, so no made-up text is ever learned as a response (nanocrs/data.py)."""
+    movies = list(dict.fromkeys(movies))
+    if len(movies) < 2:
+        return None
+    turns = [{"role": "user" if k == 0 else "assistant", "text": "@{" + m + "}", "items": [m]}
+             for k, m in enumerate(movies)]
+    return {"id": f"redial-seq-{cid}", "items_only": True, "turns": turns}
+
+
+def build_redial(raw_dir: str, seed: int = 0, item_sequences: bool = True):
+    """(items, splits, info) from a folder of ReDial files (layout in the module docstring). With
+    item_sequences, the E19 item sequences of train dialogs that have no text here are added to train."""
     test_path = next((os.path.join(raw_dir, n) for n in ("test_data.jsonl", "test_data")
                       if os.path.isfile(os.path.join(raw_dir, n))), None)
     csv_path = os.path.join(raw_dir, "movies_with_mentions.csv")
@@ -282,6 +335,8 @@ def build_redial(raw_dir: str, seed: int = 0):
             path = os.path.join(root, name)
             if path == test_path or path == meta_path or not (name.endswith((".jsonl", ".json")) or name == "train_data"):
                 continue
+            if E19_MAP in files:  # item sequences, read by _e19_sequences
+                continue
             kind = _redial_file_kind(path)
             (sources if kind else ignored).append((kind, path))
     rank = {"raw": 0, "unicrs": 1, "iard": 2}
@@ -304,6 +359,21 @@ def build_redial(raw_dir: str, seed: int = 0):
     if not train:
         raise DataError(f"{raw_dir}: no usable train dialogs found (any *.jsonl of ReDial dialogs besides the test file)")
     train, val = carve_val(train, seed)
+    # item-only sequences, for train dialogs with no text here; never for a dialog that has text
+    # (so none of val) nor for a test dialog
+    seq_dialogs = []
+    if item_sequences:
+        for cid, movies in sorted(_e19_sequences(raw_dir, skips).items(), key=lambda kv: (len(kv[0]), kv[0])):
+            if cid in chosen or cid in test_ids:
+                continue
+            if any(m not in names for m in movies):
+                skips.add("E19 sequence with an item outside the catalogue", f"E19 conversation {cid}")
+                continue
+            d = item_sequence_dialog(cid, movies)
+            if d:
+                seq_dialogs.append(d)
+        train += seq_dialogs
+        print(f"  item sequences (E19, no text): {len(seq_dialogs)} train dialogs added as items-only sequences")
 
     items = []
     for mid, name in list(names.items()) + list(added.items()):
@@ -315,8 +385,8 @@ def build_redial(raw_dir: str, seed: int = 0):
     splits = {"train": train, "val": val, "test": test}
     has_meta = {it["id"] for it in items if it["id"] in id2info}
     mentions = [i for s in SPLITS for d in splits[s] for t in d["turns"] for i in t["items"]]
-    used = len(train) + len(val)
-    info = {
+    used = len(train) - len(seq_dialogs) + len(val)
+    info = {"item_sequence_dialogs": len(seq_dialogs),
         "source": os.path.abspath(raw_dir), "test_file": os.path.relpath(test_path, raw_dir), "train_sources": src_info,
         "official_train_dialogs": REDIAL_OFFICIAL_TRAIN, "official_train_used": used,
         "official_train_used_fraction": round(used / REDIAL_OFFICIAL_TRAIN, 4),
@@ -325,8 +395,9 @@ def build_redial(raw_dir: str, seed: int = 0):
         "metadata_coverage_items": round(len(has_meta) / len(items), 4),
         "metadata_coverage_mentions": round(sum(i in has_meta for i in mentions) / max(1, len(mentions)), 4),
         "skipped": skips.info(), "stats": split_stats(items, splits)}
-    print(f"ReDial train: {used} of the {REDIAL_OFFICIAL_TRAIN} official train dialogs used "
-          f"({used / REDIAL_OFFICIAL_TRAIN:.1%}); val = {len(val)} carved from them with seed {seed}")
+    print(f"ReDial train: {used} of the {REDIAL_OFFICIAL_TRAIN} official train dialogs used with text "
+          f"({used / REDIAL_OFFICIAL_TRAIN:.1%}), {len(seq_dialogs)} more as item sequences; "
+          f"val = {len(val)} carved from the ones with text, seed {seed}")
     print(f"item metadata (id2info.json): {len(has_meta)}/{len(items)} items ({info['metadata_coverage_items']:.1%}), "
           f"{info['metadata_coverage_mentions']:.1%} of mentions; the rest have title and year only")
     report("ReDial", info, skips)
@@ -419,20 +490,38 @@ def build_inspired(raw_dir: str, seed: int = 0, redial_metadata_path: str | None
                                                  os.path.join(raw_dir, "..", "redial", "metadata", "id2info.json"))
                                      if os.path.isfile(p)), None)
     id2info = _read_id2info(redial_metadata_path)
-    by_title = {}  # (normalized title, year) -> id2info entry, for the enrichment
+    by_title, by_name = {}, {}  # (normalized title, year) / normalized title -> id2info entries
     for meta in id2info.values():
         t, y = split_title(meta.get("name", ""))
         by_title.setdefault((norm_title(t), y), meta)
+        by_name.setdefault(norm_title(t), []).append((y, meta))
+
+    def metadata_for(title, year):
+        """Exact title + year; else the one entry of that title whose year is off by at most one
+        (release vs festival year) or unknown on either side."""
+        if (norm_title(title), year) in by_title:
+            return by_title[(norm_title(title), year)]
+        near = [m for y, m in by_name.get(norm_title(title), []) if y is None or year is None or abs(y - year) <= 1]
+        return near[0] if len(near) == 1 else None
 
     skips, sources, raw_splits = Skips(), {}, {}
-    for split, tsv_name, uni_name in (("train", "train", "train"), ("val", "dev", "valid"), ("test", "test", "test")):
-        tsv = os.path.join(raw_dir, f"{tsv_name}.tsv")
-        uni = [p for p in (os.path.join(raw_dir, "unicrs", f"{uni_name}_data_dbpedia.jsonl"),
-                           os.path.join(raw_dir, f"{uni_name}_data_dbpedia.jsonl")) if os.path.isfile(p)]
-        if os.path.isfile(tsv):
+    # all splits from one source, so that test is annotated as train was: the UniCRS files (each
+    # turn's movies annotated) when train and test are both there, else the raw TSVs
+    names = (("train", "train", "train"), ("val", "dev", "valid"), ("test", "test", "test"))
+    def unicrs(uni_name):
+        return next((p for p in (os.path.join(raw_dir, "unicrs", f"{uni_name}_data_dbpedia.jsonl"),
+                                 os.path.join(raw_dir, f"{uni_name}_data_dbpedia.jsonl")) if os.path.isfile(p)), None)
+    use_unicrs = unicrs("train") is not None and unicrs("test") is not None
+    annotated = {}  # split -> True when its movies are per-turn annotations (UniCRS), not noisy candidates
+    for split, tsv_name, uni_name in names:
+        tsv, uni = os.path.join(raw_dir, f"{tsv_name}.tsv"), unicrs(uni_name)
+        tsv = tsv if os.path.isfile(tsv) else None
+        if uni and (use_unicrs or not tsv):
+            sources[split], raw_splits[split] = os.path.relpath(uni, raw_dir), list(_unicrs_dialogs(uni, split, skips))
+            annotated[split] = True
+        elif tsv:
             sources[split], raw_splits[split] = os.path.relpath(tsv, raw_dir), list(_tsv_dialogs(tsv, skips))
-        elif uni:
-            sources[split], raw_splits[split] = os.path.relpath(uni[0], raw_dir), list(_unicrs_dialogs(uni[0], split, skips))
+            annotated[split] = False
         elif split != "val":
             raise DataError(f"{raw_dir}: no {tsv_name}.tsv nor unicrs/{uni_name}_data_dbpedia.jsonl")
 
@@ -455,9 +544,17 @@ def build_inspired(raw_dir: str, seed: int = 0, redial_metadata_path: str | None
                             movies.setdefault(title_slug(title, year), (title, year))
                     text, found = link_titles(clean(text), [(t, i) for i, (t, _) in movies.items()])
                     linked, unlocated = linked + found, unlocated + len(movies) - found
-                    for i in MENTION.findall(text):
+                    # every annotated movie is kept: one the regex did not find in the text (typed
+                    # differently, "Queen and Slim") is still the turn's item; in a seeker's turn it is
+                    # appended as a mention, so the model sees what the seeker named
+                    # (the raw TSVs' candidates are automatic and noisy: there a movie not found is dropped)
+                    missing = [i for i in movies if i not in MENTION.findall(text)] if annotated[split] else []
+                    if role == "user" and missing:
+                        text = (text + " " + " ".join("@{" + i + "}" for i in missing)).strip()
+                        missing = []
+                    for i in MENTION.findall(text) + missing:
                         items.setdefault(i, movies[i])
-                    out.append((role, text))
+                    out.append((role, text, missing))
                 splits[split].append({"id": "inspired-" + did.removesuffix(".pkl"), "turns": merge_turns(out, where)})
             except Skip as e:
                 skips.add(str(e), bad[1] if bad else where)
@@ -467,7 +564,7 @@ def build_inspired(raw_dir: str, seed: int = 0, redial_metadata_path: str | None
 
     item_list, enriched = [], set()
     for i, (title, year) in sorted(items.items()):
-        meta = by_title.get((norm_title(title), year))
+        meta = metadata_for(title, year)
         if meta:
             enriched.add(i)
         item_list.append(make_item(i, title, year, meta))
@@ -479,8 +576,8 @@ def build_inspired(raw_dir: str, seed: int = 0, redial_metadata_path: str | None
         "metadata_coverage_mentions": round(sum(i in enriched for i in mentions) / max(1, len(mentions)), 4),
         "skipped": skips.info(), "stats": split_stats(item_list, splits)}
     print(f"INSPIRED splits from: {', '.join(f'{s}={v}' for s, v in sources.items())}")
-    print(f"movie titles located in the text: {linked}; candidates not found and dropped: {unlocated} "
-          f"(the source's automatic matches are noisy)")
+    print(f"annotated movies located in the text: {linked}; not located: {unlocated} (kept as the turn's "
+          f"items in UniCRS splits, dropped as noisy candidates in TSV splits)")
     print(f"item metadata matched in ReDial's id2info.json by title + year: {len(enriched)}/{len(items)} items "
           f"({info['metadata_coverage_items']:.1%}), {info['metadata_coverage_mentions']:.1%} of mentions"
           + ("" if id2info else " (no id2info.json found)"))

@@ -267,3 +267,59 @@ def embed_items(texts: list[str], encoder: str, dim: int = 64) -> np.ndarray:
     if encoder == "minilm" or os.path.isdir(encoder):
         return encode_texts(texts, encoder)
     raise ValueError(f"--encoder: {encoder!r} is neither 'tfidf', 'minilm' nor a model folder")
+
+
+# -----------------------------------------------------------------------------
+# collaborative item vectors: what co-occurs in the training dialogs, not what the text says
+
+def cooc_svd(dialogs: list[dict], item_ids: list[str], dim: int = 64, fallback: np.ndarray | None = None,
+             seed: int = 0) -> np.ndarray:
+    """(N, dim) unit rows from the items' co-occurrence in `dialogs`: a truncated SVD of the positive
+    PMI matrix (the classic count-based word2vec equivalent), so items mentioned in the same dialogs
+    get nearby vectors and, once quantized, shared ID prefixes. An item that co-occurs with nothing
+    has no row to factorise: it gets its `fallback` (text) vector mapped into this space by the least
+    squares linear map fitted on the items that do, or zeros without a fallback."""
+    idx = {i: k for k, i in enumerate(item_ids)}
+    n = len(item_ids)
+    counts = np.zeros((n, n), dtype=np.float32)  # counts[a, b]: dialogs that mention both a and b
+    for d in dialogs:
+        its = sorted({idx[i] for t in d["turns"] for i in t["items"] if i in idx})
+        if len(its) > 1:
+            counts[np.ix_(its, its)] += 1
+    np.fill_diagonal(counts, 0)
+    warm = np.flatnonzero(counts.sum(1) > 0)
+    out = np.zeros((n, dim), dtype=np.float32)
+    if len(warm) > dim:
+        c = counts[np.ix_(warm, warm)].astype(np.float64)
+        row = c.sum(1)
+        with np.errstate(divide="ignore"):
+            pmi = np.log(c * c.sum() / np.outer(row, row))
+        ppmi = np.where(c > 0, np.maximum(pmi, 0.0), 0.0)  # (W, W) symmetric
+        # randomized truncated SVD (Halko et al.): a few power iterations on a Gaussian sketch
+        g = np.random.default_rng(seed)
+        q = np.linalg.qr(ppmi @ g.standard_normal((len(warm), dim + 16)))[0]
+        for _ in range(4):
+            q = np.linalg.qr(ppmi @ (ppmi.T @ q))[0]
+        u, s, _ = np.linalg.svd(q.T @ ppmi, full_matrices=False)
+        vec = (q @ u)[:, :dim] * np.sqrt(s[:dim])  # (W, dim)
+        out[warm] = vec / np.linalg.norm(vec, axis=1, keepdims=True).clip(min=1e-12)
+        cold = np.setdiff1d(np.arange(n), warm)
+        if fallback is not None and len(cold):
+            w, *_ = np.linalg.lstsq(fallback[warm].astype(np.float64), out[warm].astype(np.float64), rcond=None)
+            v = fallback[cold] @ w
+            out[cold] = v / np.linalg.norm(v, axis=1, keepdims=True).clip(min=1e-12)
+    return out
+
+
+def item_features(text_emb: np.ndarray, dialogs: list[dict], item_ids: list[str], kind: str,
+                  dim: int = 64, seed: int = 0) -> np.ndarray:
+    """The quantizer's input: "text" (the text embedding), "cooc" (co-occurrence vectors, text for
+    items without any) or "text+cooc" (both halves, each of unit norm, so neither dominates)."""
+    if kind == "text":
+        return text_emb
+    cooc = cooc_svd(dialogs, item_ids, dim=dim, fallback=text_emb, seed=seed)
+    if kind == "cooc":
+        return cooc
+    if kind == "text+cooc":
+        return (np.concatenate([text_emb, cooc], axis=1) / np.sqrt(2)).astype(np.float32)
+    raise ValueError(f"--item-features: {kind!r} is not one of text, cooc, text+cooc")
