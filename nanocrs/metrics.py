@@ -205,15 +205,23 @@ def corpus_bleu(hypotheses: list[str], references: list[str], max_n: int = 4) ->
     return 100 * bp * math.exp(log_p / max_n)
 
 
+def distinct_tokens(sentence: str) -> list[str]:
+    """13a tokens, with each "<movie>" kept as ONE token (13a alone would split it into < movie >)."""
+    out = []
+    for k, part in enumerate(sentence.split(MOVIE)):
+        out += ([MOVIE] if k else []) + tokenize_13a(part)
+    return out
+
+
 def distinct_ratio(sentences: list[str], n: int) -> float:
-    """The paper's Distinct-n: unique n-grams / total n-grams over the corpus (tokens: 13a, then whitespace)."""
-    grams = [g for s in sentences for g in _ngrams(tokenize_13a(s), n)]
+    """The paper's Distinct-n: unique n-grams / total n-grams over the corpus (tokens: distinct_tokens)."""
+    grams = [g for s in sentences for g in _ngrams(distinct_tokens(s), n)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def distinct_per_sentence(sentences: list[str], n: int) -> float:
     """CRSLab / UniCRS Distinct-n: unique n-grams over the corpus / number of sentences (can exceed 1)."""
-    grams = {g for s in sentences for g in _ngrams(tokenize_13a(s), n)}
+    grams = {g for s in sentences for g in _ngrams(distinct_tokens(s), n)}
     return len(grams) / len(sentences) if sentences else 0.0
 
 

@@ -197,3 +197,10 @@ def test_corpus_bleu_matches_sacrebleu():
 def test_corpus_bleu_length_mismatch():
     with pytest.raises(ValueError):
         corpus_bleu(["a"], ["a", "b"])
+
+
+def test_distinct_keeps_movie_one_token():
+    # 13a alone splits "<movie>" into "<", "movie", ">", which inflates Distinct-n with fake n-grams
+    sents = ["try <movie> now", "try <movie> later"]
+    assert distinct_ratio(sents, 1) == pytest.approx(4 / 6)  # try <movie> now later of 6 tokens
+    assert distinct_ratio(sents, 2) == pytest.approx(3 / 4)  # (try,<movie>) twice, (<movie>,now), (<movie>,later)
