@@ -28,12 +28,15 @@ from tqdm import tqdm
 
 from nanocrs import checkpoint
 from nanocrs.checkpoint import CheckpointError
-from nanocrs.data import MENTION, DataError, Renderer, load_dataset, load_items, rec_samples, training_dialogs
+from nanocrs.data import (MENTION, DataError, Renderer, load_dataset, load_items, rec_samples, training_dialogs,
+                          write_json)
 from nanocrs.generate import Control, SIDTrie, beam_search, sample
-from nanocrs.metrics import (CoOccurrence, Popularity, corpus_bleu, distinct_per_sentence, distinct_ratio,
-                             format_table, perplexity, rank_metrics, rank_of, repeat_context,
+from nanocrs.metrics import (CoOccurrence, Popularity, calibrate_intent, corpus_bleu, distinct_per_sentence,
+                             distinct_ratio, format_table, intent_metrics, perplexity, rank_metrics, rank_of, repeat_context,
                              repeat_then_cooccurrence, replace_spans)
 from nanocrs.tokenizer import BOI, EOI, MODE_CHAT, MODE_REC, RESP
+
+INTENT_FILE = "intent.json"  # the free-mode REC threshold, chosen on val, beside the checkpoint
 
 
 def get_args(argv=None):
@@ -42,6 +45,9 @@ def get_args(argv=None):
     p.add_argument("--data", default=None, help="dataset folder (default: the one the checkpoint was trained on)")
     p.add_argument("--eval", default=None, metavar="SPLIT", help="run the recommendation eval on val or test")
     p.add_argument("--json", default=None, help="with --eval: also write the results here")
+    p.add_argument("--calibrate", action="store_true",
+                   help=f"with --eval val: choose the free-mode REC threshold (best REC F1) and save it as "
+                        f"CKPT/{INTENT_FILE}; chat and later evals use it")
     p.add_argument("--beam", type=int, default=50, help="beam width of the item search")
     p.add_argument("--max-samples", type=int, default=0, help="with --eval: evaluate only the first N dialogs of the split (0: all)")
     p.add_argument("--max-gen", type=int, default=200, help="with --eval: generate responses on about this many turns for BLEU/Distinct (0: none)")
@@ -72,6 +78,9 @@ class Session:
         self.ctrl = Control.of(self.tok)
         self.device = device
         self.mode_ids = {self.tok.id(MODE_REC): "REC", self.tok.id(MODE_CHAT): "CHAT"}
+        # the free-mode REC threshold chosen on the validation split (sample.py --eval val --calibrate)
+        path = os.path.join(ckpt, INTENT_FILE)
+        self.rec_threshold = json.load(open(path))["rec_threshold"] if os.path.isfile(path) else None
 
     def title(self, item_id: str) -> str:
         it = self.items[item_id]
@@ -126,6 +135,14 @@ class Session:
 
     def reply(self, context: list[dict], args, generator) -> list[int]:
         prompt = self.rd.prompt(context)
+        if self.rec_threshold is not None:  # choose the mode with the calibrated threshold, then go on
+            logits, _ = self.model(torch.tensor([prompt], device=self.device))
+            mode_rec, mode_chat = self.tok.id(MODE_REC), self.tok.id(MODE_CHAT)
+            p = logits[0, -1, [mode_rec, mode_chat]].float().softmax(-1)[0].item()
+            mode = mode_rec if p >= self.rec_threshold else mode_chat
+            return [mode] + sample(self.model, prompt + [mode], self.trie, self.ctrl, n=1,
+                                   max_new_tokens=args.max_new_tokens - 1, temperature=args.temperature,
+                                   top_k=args.top_k, greedy=args.greedy, generator=generator)[0]
         return sample(self.model, prompt, self.trie, self.ctrl, n=1, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, greedy=args.greedy, generator=generator)[0]
 
@@ -163,8 +180,8 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
     turns = [(d, t) for d in dialogs for t, turn in enumerate(d["turns"]) if turn["role"] == "assistant" and t > 0]
     gen_every = max(1, len(turns) // max_gen) if max_gen else 0
     mode_rec, mode_chat, resp = s.tok.id(MODE_REC), s.tok.id(MODE_CHAT), s.tok.id(RESP)
-    intent_hits = 0
-    nll_total, nll_units = 0.0, 0
+    p_rec, is_rec = [], []  # free-mode intent: p(REC) / (p(REC) + p(CHAT)) after "Assistant:", and the gold
+    nll_total, nll_units, nll_tokens = 0.0, 0, 0
     hyps, refs = [], []
     gen = {"rec_turns": 0, "target_hits": 0, "top1_hits": 0, "faithful": 0}
     for j, (d, t) in enumerate(tqdm(turns, desc=f"eval {split}", dynamic_ncols=True, file=sys.stderr,
@@ -175,7 +192,9 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
         cache = s.model.new_cache(1, len(ids) + s.trie.depth + 1)
         logits, _ = s.model(torch.tensor([ids], device=s.device), cache=cache)
         logits = logits[0]  # (T, V)
-        intent_hits += int(logits[P - 1].argmax().item() == (mode_rec if turn["items"] else mode_chat))
+        two = logits[P - 1, [mode_rec, mode_chat]].float().softmax(-1)
+        p_rec.append(two[0].item())
+        is_rec.append(bool(turn["items"]))
         # perplexity of the response: the tokens after <RESP>, an item span scored as one unit
         logp = torch.log_softmax(logits[:-1].float(), -1).gather(1, torch.tensor(ids[1:], device=s.device)[:, None])[:, 0]
         k = ids.index(resp, P) + 1
@@ -183,6 +202,7 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
         for pos in range(k, len(ids)):
             in_span = in_span or ids[pos] == s.ctrl.boi
             nll_total -= logp[pos - 1].item()
+            nll_tokens += 1
             if not in_span or ids[pos] == s.ctrl.eoi:
                 nll_units += 1
                 in_span = False
@@ -227,14 +247,22 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
         "recall@10_warm": {m: rank_metrics([r for r, c in zip(ranks[m], cold_flags) if not c])["recall@10"] for m in methods},
         "top1_distinct": {m: len({x[0] for x in top_lists.get(m, []) if x}) for m in methods},
         "coverage@10": {m: len({i for x in top_lists.get(m, []) for i in x}) / len(catalogue) for m in methods}}
-    res["intent_accuracy"] = intent_hits / max(len(turns), 1)
+    res["intent"] = intent_metrics(p_rec, is_rec)  # the plain argmax between the two modes
+    if s.rec_threshold is not None:
+        res["intent_calibrated"] = intent_metrics(p_rec, is_rec, s.rec_threshold)
+    res["intent_best_threshold"] = calibrate_intent(p_rec, is_rec)  # on THIS split: only --calibrate on val uses it
+    res["intent_at_best_threshold"] = intent_metrics(p_rec, is_rec, res["intent_best_threshold"])
+    res["intent_accuracy"] = res["intent"]["accuracy"]
     res["n_intent_turns"] = len(turns)
     n_rec = max(gen["rec_turns"], 1)
     res["dialog"] = {
         "perplexity": perplexity(nll_total, nll_units), "ppl_units": nll_units,
+        "perplexity_per_token": perplexity(nll_total, nll_tokens), "ppl_tokens": nll_tokens,
         "bleu": corpus_bleu(hyps, refs) if hyps else 0.0, "n_generated": len(hyps),
         "distinct_ratio": {n: distinct_ratio(hyps, n) for n in (1, 2, 3, 4)},
         "distinct_per_sentence": {n: distinct_per_sentence(hyps, n) for n in (1, 2, 3, 4)},
+        # Distinct-n grows as the corpus shrinks: the gold responses of the same turns are the yardstick
+        "gold_distinct_ratio": {n: distinct_ratio(refs, n) for n in (1, 2, 3, 4)},
         "target_accuracy": gen["target_hits"] / n_rec, "beam_top1_accuracy": gen["top1_hits"] / n_rec,
         "faithfulness": gen["faithful"] / n_rec, "n_generated_rec_turns": gen["rec_turns"]}
     return res
@@ -254,10 +282,18 @@ def print_eval(res: dict):
         print(f"  {m:<13} {dg['recall@10_cold'][m]:.4f} / {dg['recall@10_warm'][m]:.4f}   "
               f"{dg['top1_distinct'][m]:5d}   {dg['coverage@10'][m]:.4f}")
     dm = res["dialog"]
-    print(f"\nfree-mode intent accuracy: {res['intent_accuracy']:.4f} over {res['n_intent_turns']} assistant turns")
-    print(f"dialog: perplexity {dm['perplexity']:.3f} (gold responses, item span = 1 unit), "
-          f"BLEU {dm['bleu']:.2f} (SacreBLEU-compatible, {dm['n_generated']} generated responses, mode forced)")
-    print("distinct-1..4 ratio (paper): " + " ".join(f"{dm['distinct_ratio'][n]:.4f}" for n in (1, 2, 3, 4))
+    for key, what in (("intent", "argmax"), ("intent_calibrated", "threshold from val")):
+        if key in res:
+            im = res[key]
+            print(f"\nfree-mode intent ({what}, p(REC) >= {im['threshold']:.3f}): accuracy {im['accuracy']:.4f}, "
+                  f"REC precision {im['rec_precision']:.4f} recall {im['rec_recall']:.4f} "
+                  f"over {im['n_turns']} assistant turns ({im['n_rec']} REC)")
+    print(f"dialog: perplexity {dm['perplexity']:.3f} with each item span as one unit ({dm['ppl_units']} units), "
+          f"{dm['perplexity_per_token']:.3f} per token ({dm['ppl_tokens']} tokens), gold responses")
+    print(f"BLEU {dm['bleu']:.2f} (SacreBLEU-compatible, {dm['n_generated']} generated responses, mode forced)")
+    print(f"distinct-1..4 ratio (paper) on those {dm['n_generated']} responses: "
+          + " ".join(f"{dm['distinct_ratio'][n]:.4f}" for n in (1, 2, 3, 4))
+          + " | the gold responses of the same turns: " + " ".join(f"{dm['gold_distinct_ratio'][n]:.4f}" for n in (1, 2, 3, 4))
           + " | per sentence (CRSLab): " + " ".join(f"{dm['distinct_per_sentence'][n]:.3f}" for n in (1, 2, 3, 4)))
     print(f"on {dm['n_generated_rec_turns']} generated REC turns: target-prediction accuracy {dm['target_accuracy']:.4f} "
           f"(greedy item after <BOI>) vs beam top-1 {dm['beam_top1_accuracy']:.4f}; "
@@ -387,6 +423,8 @@ def main(argv=None):
         data_dir = args.data or s.config["data"]
         ds = load_dataset(data_dir)
     if args.eval:
+        if args.calibrate and args.eval != "val":
+            raise ValueError("--calibrate: thresholds are chosen on the validation split (--eval val), never on test")
         if args.eval not in ("train", "val", "test"):
             raise DataError(f"--eval must be train, val or test, got {args.eval!r}")
         if args.beam < 50:
@@ -396,6 +434,11 @@ def main(argv=None):
         res["seconds"] = round(time.time() - t0, 1)
         print_eval(res)
         print(f"eval took {res['seconds']} s")
+        if args.calibrate:
+            t = res["intent_best_threshold"]
+            write_json(os.path.join(args.ckpt, INTENT_FILE), {"rec_threshold": t, "chosen_on": "val",
+                                                              "val": res["intent_at_best_threshold"]})
+            print(f"free-mode REC threshold {t:.4f} (best REC F1 on val) saved to {os.path.join(args.ckpt, INTENT_FILE)}")
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             tmp = args.json + ".tmp"

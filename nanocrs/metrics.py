@@ -122,6 +122,31 @@ def repeat_then_cooccurrence(context: list[dict], cooc: CoOccurrence, k: int = 5
 
 
 # -----------------------------------------------------------------------------
+# free-mode intent: does the model choose <MODE=REC> when the recommender did?
+
+def intent_metrics(p_rec: list[float], is_rec: list[bool], threshold: float = 0.5) -> dict:
+    """Accuracy, and precision / recall / F1 of REC, when the model picks REC wherever
+    p(REC) / (p(REC) + p(CHAT)) >= threshold (0.5 is the plain argmax between the two modes)."""
+    pred = [p >= threshold for p in p_rec]
+    tp = sum(a and b for a, b in zip(pred, is_rec))
+    n_pred, n_gold = sum(pred), sum(is_rec)
+    prec, rec = tp / max(n_pred, 1), tp / max(n_gold, 1)
+    return {"threshold": threshold, "accuracy": sum(a == b for a, b in zip(pred, is_rec)) / max(len(pred), 1),
+            "rec_precision": prec, "rec_recall": rec, "rec_f1": 2 * prec * rec / max(prec + rec, 1e-12),
+            "n_turns": len(pred), "n_rec": n_gold}
+
+
+def calibrate_intent(p_rec: list[float], is_rec: list[bool]) -> float:
+    """The REC threshold with the best F1 of REC on these turns (meant for the validation split).
+
+    A model trained on dialogs where most assistant turns chat learns that prior: with the plain
+    argmax it almost never opens with <MODE=REC>, so a chat user asking for a movie gets none. The
+    threshold is one number read off held-out turns, so it moves the decision, not the model."""
+    candidates = sorted(set(p_rec)) or [0.5]
+    return max(candidates, key=lambda t: (intent_metrics(p_rec, is_rec, t)["rec_f1"], -abs(t - 0.5)))
+
+
+# -----------------------------------------------------------------------------
 # dialog metrics
 
 MOVIE = "<movie>"

@@ -119,8 +119,12 @@ def test_eval_json(trained_ckpt, tmp_path):
     out = str(tmp_path / "sub" / "eval.json")
     p = run("sample.py", "--ckpt", trained_ckpt, "--eval", "test", "--max-samples", "3", "--json", out)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "standard protocol" in p.stdout and "intent accuracy" in p.stdout
+    assert "standard protocol" in p.stdout and "free-mode intent (argmax" in p.stdout
     res = json.load(open(out))
+    im = res["intent"]
+    assert im["n_turns"] == res["n_intent_turns"] and 0 <= im["rec_precision"] <= 1 and 0 <= im["rec_recall"] <= 1
+    assert res["dialog"]["ppl_tokens"] >= res["dialog"]["ppl_units"]  # a span of several tokens is one unit
+    assert "gold_distinct_ratio" in res["dialog"]
     for key in ("n_samples", "model", "popularity", "repeat", "oracle", "fresh", "intent_accuracy"):
         assert key in res, key
     metric_keys = {f"recall@{k}" for k in (1, 5, 10, 20, 50)} | {f"{m}@{k}" for m in ("ndcg", "mrr") for k in (5, 10, 20)}
@@ -153,3 +157,20 @@ def test_chat_context_survives_generated_mention_syntax(trained_ckpt):
                {"role": "user", "text": "ok", "items": []}]
     prompt = s.rd.prompt(context)  # must not raise
     assert len(prompt) > 0
+
+
+def test_calibrate_on_val_only(trained_ckpt, tmp_path):
+    import shutil
+    ckpt = str(tmp_path / "ck")
+    shutil.copytree(trained_ckpt, ckpt)
+    p = run("sample.py", "--ckpt", ckpt, "--eval", "test", "--max-samples", "2", "--max-gen", "0", "--calibrate")
+    assert p.returncode == 1 and "never on test" in p.stderr
+    p = run("sample.py", "--ckpt", ckpt, "--eval", "val", "--max-samples", "3", "--max-gen", "0", "--calibrate")
+    assert p.returncode == 0, p.stderr[-3000:]
+    saved = json.load(open(os.path.join(ckpt, "intent.json")))
+    assert 0 <= saved["rec_threshold"] <= 1 and saved["chosen_on"] == "val"
+    # later evals report the calibrated decision beside the argmax, and chat uses it
+    p = run("sample.py", "--ckpt", ckpt, "--eval", "test", "--max-samples", "2", "--max-gen", "0")
+    assert "threshold from val" in p.stdout
+    p = run("sample.py", "--ckpt", ckpt, "--chat", "--greedy", stdin="a scary movie please\n")
+    assert p.returncode == 0 and sum(l.startswith("bot> ") for l in p.stdout.splitlines()) == 1, p.stderr[-2000:]

@@ -204,3 +204,15 @@ def test_distinct_keeps_movie_one_token():
     sents = ["try <movie> now", "try <movie> later"]
     assert distinct_ratio(sents, 1) == pytest.approx(4 / 6)  # try <movie> now later of 6 tokens
     assert distinct_ratio(sents, 2) == pytest.approx(3 / 4)  # (try,<movie>) twice, (<movie>,now), (<movie>,later)
+
+
+def test_intent_metrics_and_calibration():
+    from nanocrs.metrics import calibrate_intent, intent_metrics
+    p = [0.1, 0.2, 0.3, 0.35, 0.4, 0.6]
+    gold = [False, False, True, True, False, True]
+    m = intent_metrics(p, gold)  # argmax: only 0.6 is REC
+    assert m["rec_precision"] == 1.0 and m["rec_recall"] == pytest.approx(1 / 3) and m["accuracy"] == pytest.approx(4 / 6)
+    t = calibrate_intent(p, gold)
+    assert t == 0.3  # REC for 0.3, 0.35, 0.4, 0.6: precision 3/4, recall 1: the best F1
+    m = intent_metrics(p, gold, t)
+    assert (m["rec_precision"], m["rec_recall"]) == (0.75, 1.0)
