@@ -168,13 +168,29 @@ class Renderer:
     def item_span(self, item_id: str) -> str:
         return BOI + "".join(self.sids.tokens(item_id)) + EOI
 
+    def item_ids(self, item_id: str) -> list[int]:
+        """<BOI> SID <EOI> as token ids."""
+        return [self.id[BOI]] + [self.tok.id(t) for t in self.sids.tokens(item_id)] + [self.id[EOI]]
+
     def text(self, text: str) -> str:
-        """Dialog text with every @{id} written as <BOI>SID<EOI>."""
+        """Dialog text with every @{id} written as <BOI>SID<EOI> (for people; the model's ids come
+        from text_ids, which never reads a control token out of the text)."""
         return MENTION.sub(lambda m: self.item_span(m.group(1)), text)
 
+    def text_ids(self, *parts: str) -> list[int]:
+        """The concatenated dialog text as ids: the free text between mentions is encoded with added
+        tokens as plain text, and each @{id} becomes <BOI>SID<EOI> by id. The library cuts text at
+        added tokens and encodes each piece alone, so this gives the same ids as encoding text() would
+        whenever the free text holds no added token."""
+        ids = []
+        pieces = MENTION.split("".join(parts))  # text, item id, text, item id, ..., text
+        for k, piece in enumerate(pieces):
+            ids += self.item_ids(piece) if k % 2 else self.tok.encode_text(piece)
+        return ids
+
     def structured(self, turn: dict, item: str | None = None) -> str:
-        """What the model writes after "Assistant:" for this turn; `item` picks the target of a
-        multi-item turn (default: its first item)."""
+        """What the model writes after "Assistant:" for this turn, as a string (for people; the ids
+        are structured_ids); `item` picks the target of a multi-item turn (default: its first item)."""
         if turn["items"]:
             item = item or turn["items"][0]
             assert item in turn["items"], f"{item} is not mentioned in this turn"
@@ -183,11 +199,21 @@ class Renderer:
             head = MODE_CHAT
         return head + RESP + " " + self.text(turn["text"]) + EOT
 
+    def structured_ids(self, turn: dict, item: str | None = None) -> list[int]:
+        """structured() as token ids, control and ID tokens inserted by id."""
+        if turn["items"]:
+            item = item or turn["items"][0]
+            assert item in turn["items"], f"{item} is not mentioned in this turn"
+            head = [self.id[MODE_REC]] + self.item_ids(item)
+        else:
+            head = [self.id[MODE_CHAT]]
+        return head + [self.id[RESP]] + self.text_ids(" ", turn["text"]) + [self.id[EOT]]
+
     def turn_ids(self, turn: dict, item=None) -> tuple[list[int], list[int]]:
         """(prompt part, supervised part) of one turn. A user turn is all prompt."""
         if turn["role"] == "user":
-            return self.tok.encode(f"{USER_PREFIX} {self.text(turn['text'])}\n"), []
-        return self.assistant_ids, self.tok.encode(self.structured(turn, item))
+            return self.text_ids(f"{USER_PREFIX} ", turn["text"], "\n"), []
+        return self.assistant_ids, self.structured_ids(turn, item)
 
     def context_ids(self, context: list[dict]) -> list[list[int]]:
         return [sum(self.turn_ids(t), []) for t in context]
