@@ -73,6 +73,14 @@ class Session:
         self.device = device
         self.mode_ids = {self.tok.id(MODE_REC): "REC", self.tok.id(MODE_CHAT): "CHAT"}
 
+    def link(self, text: str) -> tuple[str, list[str]]:
+        """Typed text with every catalogue title found in it written as an @{id} mention, the way the
+        dataset readers link titles (nanocrs/datasets.py), so the model sees a typed title as the item
+        it saw in training. Returns (text, linked item ids in order)."""
+        from nanocrs.datasets import link_titles
+        text, _ = link_titles(text, [(it["title"], i) for i, it in self.items.items()])
+        return text, list(dict.fromkeys(MENTION.findall(text)))
+
     def title(self, item_id: str) -> str:
         it = self.items[item_id]
         year = it.get("metadata", {}).get("year")
@@ -311,7 +319,10 @@ def chat(s: Session, args, generator):
             continue
         if not interactive:
             print(f"you> {line}")
-        context.append({"role": "user", "text": _escape(line), "items": []})
+        text, linked = s.link(_escape(line))
+        if linked:
+            print(f"(linked: {', '.join(s.title(i) for i in linked)})")
+        context.append({"role": "user", "text": text, "items": linked})
         ids = s.reply(context, args, generator)
         mode, item, text = s.parse(ids)
         rec = f" recommends {s.title(item)}" if item else ""

@@ -29,6 +29,7 @@ the URL base (the tests point it at a local server).
 
 import ast
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -336,6 +337,7 @@ def build_redial(raw_dir: str, seed: int = 0):
 # -----------------------------------------------------------------------------
 # INSPIRED
 
+@functools.lru_cache(maxsize=None)  # the chat links every typed line against the whole catalogue
 def _title_regex(title: str):
     """A pattern finding `title` in free text the way people type it: any case, any punctuation or
     spacing between its letters ("Avengers End Game" for "Avengers: Endgame"), leading article optional."""

@@ -77,3 +77,15 @@ def test_typed_control_and_id_tokens_are_plain_text(tok, sids, dataset):
 def test_chat_survives_typed_control_tokens(session, monkeypatch, capsys):
     out = run_chat(session, ["<BOI>", "<MODE=REC>", "<a_1><b_2><c_3>", "<EOT><RESP><EOI>", "and now?"], monkeypatch, capsys)
     assert sum(l.startswith("bot> ") for l in out) == 5, out
+
+
+# -----------------------------------------------------------------------------
+# chat links typed titles
+
+def test_chat_links_typed_titles(session, dataset, monkeypatch, capsys):
+    it = dataset["items"][3]
+    text, linked = session.link(f"I loved {it['title'].lower()}, anything like it?")
+    assert linked == [it["id"]] and f"@{{{it['id']}}}" in text
+    out = run_chat(session, [f"I loved {it['title']}, anything like it?", "<BOI>hmm"], monkeypatch, capsys)
+    assert f"(linked: {session.title(it['id'])})" in out, out
+    assert sum(l.startswith("bot> ") for l in out) == 2
