@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from nanocrs.data import MENTION, DataError, SPLITS, load_dataset, write_json, write_jsonl
+from nanocrs.data import MENTION, DataError, SPLITS, fingerprint, load_dataset, write_json, write_jsonl
 from nanocrs.encoder import embed_items
 from nanocrs.quantizer import QuantizerConfig, quantize
 from nanocrs.tokenizer import ASSISTANT_PREFIX, CONTROL_TOKENS, USER_PREFIX, Tokenizer
@@ -124,7 +124,7 @@ def main(argv=None):
     write_json(os.path.join(out, "dataset.json"), {
         "name": a.dataset, "n_items": len(ds["items"]), **{f"n_{s}": len(ds[s]) for s in SPLITS},
         "encoder": f"tfidf-svd-{a.embed_dim}" if a.encoder == "tfidf" else a.encoder, "quantizer": dataclasses.asdict(qcfg),
-        "vocab_size": len(tok), "args": vars(a), "info": info})
+        "vocab_size": len(tok), "fingerprint": fingerprint(out), "args": vars(a), "info": info})
     print(f"wrote {out} in {time.time() - t0:.1f} s")
 
 

@@ -397,6 +397,7 @@ def main(argv=None):
     if args.eval or args.num_samples:
         data_dir = args.data or s.config["data"]
         ds = load_dataset(data_dir)
+        checkpoint.check_data(s.config, data_dir)
     if args.eval:
         if args.eval not in ("train", "val", "test"):
             raise DataError(f"--eval must be train, val or test, got {args.eval!r}")

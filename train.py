@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from nanocrs import checkpoint
 from nanocrs.checkpoint import CheckpointError
-from nanocrs.data import DataError, Renderer, collate, epoch_batches, load_dataset, training_dialogs
+from nanocrs.data import (DataError, Renderer, check_catalogue, collate, epoch_batches, fingerprint, load_dataset,
+                          training_dialogs)
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import CONTROL_TOKENS, Tokenizer
@@ -56,7 +57,8 @@ PRESETS = {
 }
 
 
-def get_args(argv=None):
+def get_args(argv=None, given: set | None = None):
+    """The arguments; `given` (if a set) receives the names of the flags typed on the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/synthetic", help="dataset folder written by data_prep.py")
     p.add_argument("--out", default="out/synthetic", help="checkpoint folder")
@@ -102,7 +104,38 @@ def get_args(argv=None):
     preset = p.parse_known_args(argv)[0].preset
     if preset:
         p.set_defaults(**PRESETS[preset])  # defaults only: flags given on the command line win
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if given is not None:  # parse again with no defaults at all: what remains was typed
+        p._defaults.clear()
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+        given.update(vars(p.parse_args(argv)))
+    return a
+
+
+# --resume never takes these from the checkpoint: where this process writes and what it runs on
+LOCAL_FLAGS = ("resume", "out", "device", "threads")
+# the model's shape: fixed by the checkpoint's weights
+MODEL_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "dropout", "init_from", "lora_rank",
+               "lora_alpha", "lora_dropout")
+
+
+def resume_flags(a, given: set, config: dict):
+    """--resume continues the run the checkpoint holds: every flag not typed now is taken from it
+    (a bare --resume after a non-default run is that run); a typed training flag overrides it, and
+    says so; a typed model flag that differs is refused, as the weights can not change shape."""
+    saved = dict(config["train"], data=config.get("data", config["train"].get("data")))
+    for k, v in saved.items():
+        if k in LOCAL_FLAGS or not hasattr(a, k) or getattr(a, k) == v:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if k not in given:
+            setattr(a, k, v)
+        elif k in MODEL_FLAGS:
+            raise CheckpointError(f"{flag} {getattr(a, k)}: the checkpoint in {a.out} has {v}, and --resume can not "
+                                  "change the model (drop the flag, or train into a new --out)")
+        else:  # the batches or the schedule change: exact resumption breaks, which may be the point
+            print(f"note: {flag} {getattr(a, k)} overrides the checkpoint's {v}")
 
 
 def lr_at(step: int, a) -> float:
@@ -142,7 +175,10 @@ def evaluate_loss(model, examples, batch_size, device, autocast) -> float:
 
 
 def main(argv=None):
-    a = get_args(argv)
+    given = set()
+    a = get_args(argv, given)
+    if a.resume:
+        resume_flags(a, given, checkpoint.read_config(a.out))
     if a.threads:
         torch.set_num_threads(a.threads)
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -166,6 +202,7 @@ def main(argv=None):
 
     # ---- data: the dataset folder has the tokenizer and the semantic-ID table
     ds = load_dataset(a.data)
+    data_fingerprint = fingerprint(a.data)
     tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
     sids = SemanticIDs.load(os.path.join(a.data, "sids.json"))
     lora = {"rank": a.lora_rank, "alpha": a.lora_alpha, "dropout": a.lora_dropout}
@@ -179,10 +216,9 @@ def main(argv=None):
         step = config["step"]
         # the model's structure comes from the checkpoint, whatever the command line says
         a.init_from, lora = config.get("init_from") or "", config.get("lora", lora)
-        saved = config["train"]
-        for k in ("train_splits", "format", "batch_size", "grad_accum", "seed", "block_size", "max_steps", "lr", "min_lr", "warmup"):
-            if saved.get(k, getattr(a, k)) != getattr(a, k):  # these decide the batches and the schedule: exact resumption breaks
-                print(f"note: --{k.replace('_', '-')} {getattr(a, k)} differs from the checkpoint's {saved[k]}")
+        # other data would put new items beside the old IDs: refuse it before anything is written
+        checkpoint.check_data(config, a.data)
+        check_catalogue(a.data, [it["id"] for it in ds["items"]], sids, tok)
         if config.get("world", 1) != world:
             print(f"note: {world} processes, the checkpoint was trained with {config.get('world', 1)}: the batches change")
         cfg = model.config
@@ -225,7 +261,8 @@ def main(argv=None):
             block.compile()
     fwd = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None) if ddp else model
 
-    static_written = False  # tokenizer, item table and catalogue: written by this process's first save
+    # tokenizer, item table and catalogue: written by a fresh run's first save; a resumed one keeps them
+    static_written = a.resume
 
     def save():
         nonlocal static_written
@@ -233,7 +270,7 @@ def main(argv=None):
             return
         config = {"model": cfg.to_dict(), "train": vars(a), "step": step, "world": world, "data": os.path.abspath(a.data),
                   "init_from": a.init_from if a.init_from in ("", "smollm2") else os.path.abspath(a.init_from),
-                  "lora": lora,
+                  "lora": lora, "fingerprint": data_fingerprint,
                   "dataset": ds["meta"].get("name", os.path.basename(a.data.rstrip("/")))}
         first = not static_written
         checkpoint.save(a.out, model, config, opt, tokenizer=tok if first else None, sids=sids if first else None,

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file, load_file
 
+from nanocrs.data import DataError, check_catalogue, fingerprint, load_items
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import Tokenizer
@@ -199,4 +200,20 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False):
     tok = Tokenizer.load(os.path.join(ckpt_dir, "tokenizer.json"))
     if len(tok) != cfg.vocab_size:
         raise CheckpointError(f"{ckpt_dir}: tokenizer has {len(tok)} tokens but the model expects {cfg.vocab_size}")
+    try:
+        check_catalogue(ckpt_dir, [it["id"] for it in load_items(os.path.join(ckpt_dir, "items.jsonl"))], sids, tok)
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
     return model, config, tok, sids
+
+
+def check_data(config: dict, data_dir: str):
+    """Refuse a dataset folder other than the one the checkpoint was trained on: its items, IDs and
+    tokenizer must be the same files (checkpoints from before the fingerprint: the same catalogue)."""
+    want = config.get("fingerprint")
+    if want is None:
+        return
+    if fingerprint(data_dir) != want:
+        raise CheckpointError(f"{data_dir}: not the dataset this checkpoint was trained on (its items, IDs or tokenizer "
+                              f"differ from those of {config.get('data', 'the training data')}); "
+                              "pass that --data, or train into a new --out")

@@ -20,6 +20,7 @@ Loss is on the assistant's tokens after "Assistant:" (mode, item, <RESP>, text, 
 on the one target turn of Renderer.example, or on every assistant turn of Renderer.dialog_windows.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -27,7 +28,8 @@ import re
 
 import torch
 
-from nanocrs.tokenizer import (ASSISTANT_PREFIX, BOI, EOI, EOT, MODE_CHAT, MODE_REC, RESP, USER_PREFIX)
+from nanocrs.quantizer import SemanticIDs
+from nanocrs.tokenizer import (ASSISTANT_PREFIX, BOI, EOI, EOT, MODE_CHAT, MODE_REC, RESP, USER_PREFIX, Tokenizer)
 
 ITEM_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
 MENTION = re.compile(r"@\{([A-Za-z0-9_.\-]+)\}")
@@ -114,6 +116,40 @@ def load_dialogs(path: str, item_ids: set) -> list[dict]:
     return dialogs
 
 
+BOUND_FILES = ("items.jsonl", "sids.json", "tokenizer.json")  # written together; they only work together
+
+
+def fingerprint(folder: str) -> str:
+    """sha256 of the catalogue, the item <-> ID table and the tokenizer together. data_prep.py stores it
+    in dataset.json and train.py in every checkpoint, so files from different runs are never mixed."""
+    h = hashlib.sha256()
+    for name in BOUND_FILES:
+        h.update(name.encode() + b"\0")
+        with open(os.path.join(folder, name), "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def check_catalogue(where: str, item_ids, sids, tokenizer):
+    """Every catalogue item has a semantic ID, the table names no other item (the model could then
+    recommend items nobody can show), and every ID token is an added token (else the IDs would be
+    split into bytes and never match)."""
+    item_ids, table = set(item_ids), set(sids.item_ids)
+    missing = [i for i in item_ids if i not in table]
+    if missing:
+        raise DataError(f"{where}: {len(missing)} catalogue items have no semantic ID in sids.json (e.g. {sorted(missing)[0]!r}); "
+                        "the files come from different data_prep.py runs")
+    extra = [i for i in sids.item_ids if i not in item_ids]
+    if extra:
+        raise DataError(f"{where}: sids.json names {len(extra)} items that are not in items.jsonl (e.g. {extra[0]!r}); "
+                        "the files come from different data_prep.py runs")
+    added = {t.content for t in tokenizer.tk.get_added_tokens_decoder().values()}
+    loose = [t for t in sids.all_token_strings() if t not in added]
+    if loose:
+        raise DataError(f"{where}: tokenizer.json lacks {len(loose)} semantic-ID tokens of sids.json (e.g. {loose[0]}); "
+                        "it was made for other IDs")
+
+
 def load_dataset(data_dir: str, splits=SPLITS) -> dict:
     """{"items": [...], "train": [...], "val": [...], "test": [...], "meta": {...}}; DataError if broken."""
     if not os.path.isdir(data_dir):
@@ -128,6 +164,13 @@ def load_dataset(data_dir: str, splits=SPLITS) -> dict:
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
             ds["meta"] = json.load(f)
+    if all(os.path.isfile(os.path.join(data_dir, f)) for f in BOUND_FILES):  # data_prep.py writes them last
+        stored = ds["meta"].get("fingerprint")
+        if stored and stored != fingerprint(data_dir):
+            raise DataError(f"{data_dir}: items.jsonl, sids.json and tokenizer.json are not the ones data_prep.py wrote "
+                            "together (fingerprint in dataset.json differs); run data_prep.py again")
+        check_catalogue(data_dir, ids, SemanticIDs.load(os.path.join(data_dir, "sids.json")),
+                        Tokenizer.load(os.path.join(data_dir, "tokenizer.json")))
     return ds
 
 

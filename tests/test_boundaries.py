@@ -89,3 +89,101 @@ def test_chat_links_typed_titles(session, dataset, monkeypatch, capsys):
     out = run_chat(session, [f"I loved {it['title']}, anything like it?", "<BOI>hmm"], monkeypatch, capsys)
     assert f"(linked: {session.title(it['id'])})" in out, out
     assert sum(l.startswith("bot> ") for l in out) == 2
+
+
+# -----------------------------------------------------------------------------
+# files that do not belong together
+
+@pytest.fixture(scope="module")
+def other_dataset(tmp_path_factory):
+    """A second dataset with a smaller catalogue: its IDs name items the first one's table does not."""
+    import data_prep
+    from conftest import DATA_ARGS
+    out = str(tmp_path_factory.mktemp("data2") / "other")
+    args = list(DATA_ARGS)
+    args[args.index("--n-items") + 1] = "140"
+    data_prep.main(args + ["--seed", "1", "--out", out])
+    return out
+
+
+def test_dataset_with_foreign_tokenizer_or_ids_is_refused(dataset_dir, other_dataset, tmp_path):
+    from nanocrs.data import DataError, load_dataset
+    for name in ("tokenizer.json", "sids.json", "items.jsonl"):
+        d = str(tmp_path / name)
+        shutil.copytree(dataset_dir, d)
+        shutil.copy(os.path.join(other_dataset, name), os.path.join(d, name))
+        with pytest.raises(DataError, match="data_prep.py|unknown item id"):
+            load_dataset(d)
+        # without the fingerprint (a hand-made folder), the content checks still refuse it
+        meta = json.load(open(os.path.join(d, "dataset.json")))
+        del meta["fingerprint"]
+        json.dump(meta, open(os.path.join(d, "dataset.json"), "w"))
+        if name == "sids.json":
+            with pytest.raises(DataError, match="no semantic ID in sids.json"):
+                load_dataset(d)
+    # a tokenizer made for other IDs (here: none) splits them into bytes
+    from nanocrs.tokenizer import CONTROL_TOKENS, Tokenizer
+    d = str(tmp_path / "bytes")
+    shutil.copytree(dataset_dir, d)
+    os.remove(os.path.join(d, "dataset.json"))
+    Tokenizer.train(["User: hi Assistant: hello"] * 5, 300, CONTROL_TOKENS).save(os.path.join(d, "tokenizer.json"))
+    with pytest.raises(DataError, match="lacks .* semantic-ID tokens"):
+        load_dataset(d)
+
+
+def test_checkpoint_with_foreign_catalogue_is_refused(trained_ckpt, other_dataset, tmp_path):
+    from nanocrs import checkpoint
+    ck = str(tmp_path / "ck")
+    shutil.copytree(trained_ckpt, ck)
+    shutil.copy(os.path.join(other_dataset, "items.jsonl"), os.path.join(ck, "items.jsonl"))
+    with pytest.raises(checkpoint.CheckpointError, match="sids.json"):
+        checkpoint.load(ck)
+
+
+def test_resume_with_other_data_is_refused_and_spans_stay_in_catalogue(trained_ckpt, other_dataset, tmp_path):
+    """--resume with another --data is refused before anything is written; then 10,000 sampled item
+    spans all name catalogue items."""
+    import sample as sample_py
+    from nanocrs import checkpoint
+    from nanocrs.generate import sample
+    from nanocrs.tokenizer import BOI, MODE_REC
+    ck = str(tmp_path / "ck")
+    shutil.copytree(trained_ckpt, ck)
+    before = {f: open(os.path.join(ck, f), "rb").read() for f in os.listdir(ck)}
+    with pytest.raises(checkpoint.CheckpointError, match="not the dataset"):
+        run_train(other_dataset, ck, ["--resume", "--max-steps", "9"])
+    assert {f: open(os.path.join(ck, f), "rb").read() for f in os.listdir(ck)} == before
+    s = sample_py.Session(ck, "cpu")
+    g = torch.Generator().manual_seed(0)
+    prompt = s.rd.prompt([{"role": "user", "text": "something scary please", "items": []}], forced=MODE_REC + BOI)
+    named = []
+    for _ in range(5):
+        for out in sample(s.model, prompt, s.trie, s.ctrl, n=2000, max_new_tokens=s.trie.depth + 1,
+                          temperature=2.0, generator=g):
+            assert out[s.trie.depth - 1] == s.ctrl.eoi or out[-1] == s.ctrl.eoi or s.ctrl.eoi in out, out
+            named.append(s.sids.item_of_tokens([s.tok.token(t) for t in out[:out.index(s.ctrl.eoi)]]))
+    assert len(named) == 10_000
+    assert sum(i not in s.items for i in named) == 0
+    assert len(set(named)) > 20  # a hot sample: the spans cover much of the table, not one item
+
+
+# -----------------------------------------------------------------------------
+# resume
+
+def test_bare_resume_continues_the_run_it_resumes(dataset_dir, tmp_path, capsys):
+    import train
+    from conftest import TRAIN_ARGS
+    from nanocrs.checkpoint import CheckpointError
+    out = str(tmp_path / "o")
+    args = list(TRAIN_ARGS)
+    args[args.index("--max-steps") + 1] = "3"
+    train.main(args + ["--data", dataset_dir, "--out", out, "--lr", "1e-3", "--format", "turn"])
+    train.main(["--out", out, "--resume", "--max-steps", "4", "--threads", "1"])  # no other flag
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["step"] == 4 and cfg["train"]["lr"] == 1e-3 and cfg["train"]["format"] == "turn"
+    assert cfg["train"]["n_layer"] == 2 and os.path.samefile(cfg["data"], dataset_dir)
+    with pytest.raises(CheckpointError, match="--n-layer 3"):
+        train.main(["--out", out, "--resume", "--max-steps", "5", "--n-layer", "3"])
+    capsys.readouterr()
+    train.main(["--out", out, "--resume", "--max-steps", "5", "--lr", "2e-3", "--threads", "1"])
+    assert "--lr 0.002 overrides the checkpoint's 0.001" in capsys.readouterr().out
