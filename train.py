@@ -240,6 +240,8 @@ def main(argv=None):
     train_dialogs = training_dialogs(ds, a.train_splits)
     train_ex = build_examples(rd, train_dialogs, a.format)
     val_ex = build_examples(rd, ds["val"], a.format)  # with "train,val" this is no longer held out
+    if not train_ex:
+        raise DataError(f"{a.data}: the {a.train_splits} split has no assistant turn to train on")
     n_tok = sum(len(x) for x, _ in train_ex)
     n_sup = sum(sum(1 for t in y if t != -1) for _, y in train_ex)
     say = print if master else (lambda *args, **kw: None)
@@ -347,7 +349,7 @@ def main(argv=None):
             if not master:
                 continue
             rec = {"step": step, "lr": lr, "loss": loss}
-            if a.eval_interval and (step % a.eval_interval == 0 or step == a.max_steps):
+            if a.eval_interval and val_ex and (step % a.eval_interval == 0 or step == a.max_steps):  # no val: no figure
                 rec["val_loss"] = evaluate_loss(model, val_ex, 32, device, autocast)
                 tqdm.write(f"step {step}: train loss {loss:.4f}, val loss {rec['val_loss']:.4f}")
             log.write(json.dumps(rec) + "\n")

@@ -94,10 +94,12 @@ def load_items(path: str) -> list[dict]:
 
 
 def load_dialogs(path: str, item_ids: set) -> list[dict]:
-    dialogs = []
+    dialogs, seen = [], {}
     for n, d in read_jsonl(path):
         where = f"{path}:{n}"
         _require(isinstance(d, dict) and isinstance(d.get("id"), str), where, "dialog needs a string 'id'")
+        _require(d["id"] not in seen, where, f"duplicate dialog id {d['id']!r} (also on line {seen.get(d['id'])})")
+        seen[d["id"]] = n
         turns = d.get("turns")
         _require(isinstance(turns, list) and len(turns) > 0, where, f"dialog {d['id']}: 'turns' must be a non-empty list")
         for t, turn in enumerate(turns):
@@ -157,8 +159,12 @@ def load_dataset(data_dir: str, splits=SPLITS) -> dict:
     items = load_items(os.path.join(data_dir, "items.jsonl"))
     ids = {it["id"] for it in items}
     ds = {"items": items}
+    first_split = {}
     for s in splits:
         ds[s] = load_dialogs(os.path.join(data_dir, f"{s}.jsonl"), ids)
+        for d in ds[s]:  # the same dialog in two splits leaks the test set into training
+            _require(first_split.setdefault(d["id"], s) == s, os.path.join(data_dir, f"{s}.jsonl"),
+                     f"dialog id {d['id']!r} is also in the {first_split[d['id']]} split")
     meta_path = os.path.join(data_dir, "dataset.json")
     ds["meta"] = {}
     if os.path.isfile(meta_path):

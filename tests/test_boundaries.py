@@ -187,3 +187,84 @@ def test_bare_resume_continues_the_run_it_resumes(dataset_dir, tmp_path, capsys)
     capsys.readouterr()
     train.main(["--out", out, "--resume", "--max-steps", "5", "--lr", "2e-3", "--threads", "1"])
     assert "--lr 0.002 overrides the checkpoint's 0.001" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# data_prep never overwrites by mistake
+
+def test_data_prep_refuses_to_overwrite(dataset_dir, trained_ckpt, tmp_path):
+    import data_prep
+    from conftest import DATA_ARGS
+    from nanocrs.data import DataError
+    ck = str(tmp_path / "ck")
+    shutil.copytree(trained_ckpt, ck)
+    before = {f: open(os.path.join(ck, f), "rb").read() for f in os.listdir(ck)}
+    for force in ([], ["--force"]):
+        with pytest.raises(DataError, match="checkpoint"):
+            data_prep.main(DATA_ARGS + ["--out", ck] + force)
+    assert {f: open(os.path.join(ck, f), "rb").read() for f in os.listdir(ck)} == before
+    raw = str(tmp_path / "raw")
+    shutil.copytree(dataset_dir, raw)
+    with pytest.raises(DataError, match="--raw"):
+        data_prep.main(["--dataset", "custom", "--raw", raw, "--out", raw, "--force"])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for force in ([], ["--force"]):
+        with pytest.raises(DataError, match="not empty"):
+            data_prep.main(DATA_ARGS + ["--out", str(mine)] + force)
+    assert os.listdir(mine) == ["notes.txt"]
+    # a bad flag fails before anything is written
+    d = str(tmp_path / "d")
+    shutil.copytree(dataset_dir, d)
+    before = {f: open(os.path.join(d, f), "rb").read() for f in os.listdir(d)}
+    for bad in (["--levels", "0"], ["--codebook-size", "1"], ["--n-items", "0"]):
+        with pytest.raises(SystemExit) as e:
+            data_prep.main(DATA_ARGS + bad + ["--out", d, "--force"])
+        assert e.value.code == 2
+    assert {f: open(os.path.join(d, f), "rb").read() for f in os.listdir(d)} == before
+    # --force replaces an earlier output as a whole, and leaves no temporary folder
+    data_prep.main(DATA_ARGS + ["--seed", "3", "--out", d, "--force"])
+    assert json.load(open(os.path.join(d, "dataset.json")))["args"]["seed"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["ck", "d", "mine", "raw"]
+
+
+# -----------------------------------------------------------------------------
+# leaks and empties
+
+def copy_with(dataset_dir, dst, **splits):
+    """A copy of the dataset with some split files replaced by the given lines."""
+    shutil.copytree(dataset_dir, dst)
+    for split, lines in splits.items():
+        with open(os.path.join(dst, f"{split}.jsonl"), "w") as f:
+            f.writelines(l + "\n" for l in lines)
+    return dst
+
+
+def test_duplicate_dialog_ids_are_rejected(dataset_dir, tmp_path):
+    from nanocrs.data import DataError, load_dataset
+    val = open(os.path.join(dataset_dir, "val.jsonl")).read().splitlines()
+    test = open(os.path.join(dataset_dir, "test.jsonl")).read().splitlines()
+    d = copy_with(dataset_dir, str(tmp_path / "within"), val=val + val[:1])
+    with pytest.raises(DataError, match=rf"val.jsonl:{len(val) + 1}: duplicate dialog id"):
+        load_dataset(d)
+    d = copy_with(dataset_dir, str(tmp_path / "across"), test=test + val[2:3])
+    with pytest.raises(DataError, match="test.jsonl: dialog id .* is also in the val split"):
+        load_dataset(d)
+
+
+def test_empty_splits(dataset_dir, tmp_path, capsys):
+    import data_prep
+    from nanocrs.data import DataError
+    raw = copy_with(dataset_dir, str(tmp_path / "raw"), train=[])
+    with pytest.raises(DataError, match="the train split has no usable dialogs"):
+        data_prep.main(["--dataset", "custom", "--raw", raw, "--out", str(tmp_path / "a"), "--levels", "2",
+                        "--codebook-size", "8", "--vocab-size", "300"])
+    assert not os.path.exists(tmp_path / "a")
+    raw = copy_with(dataset_dir, str(tmp_path / "raw2"), val=[])
+    data_prep.main(["--dataset", "custom", "--raw", raw, "--out", str(tmp_path / "b"), "--levels", "2",
+                    "--codebook-size", "8", "--vocab-size", "300"])
+    assert "the val split is empty" in capsys.readouterr().out
+    out = run_train(str(tmp_path / "b"), str(tmp_path / "o"), ["--max-steps", "3"])
+    log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    assert len(log) == 3 and not any("val_loss" in r for r in log)  # never a made-up 0.0
