@@ -63,15 +63,21 @@ def get_args(argv=None):
     a = p.parse_args(argv)
     # every flag is checked before anything is written, so a bad one never leaves half a folder
     if a.dataset not in DATASETS:
-        p.error(f"unknown --dataset {a.dataset!r} (choose from: {', '.join(DATASETS)})")
+        raise DataError(f"unknown --dataset {a.dataset!r} (choose from: {', '.join(DATASETS)})")
     at_least = {"n_items": 1, "n_train": 1, "n_val": 0, "n_test": 1, "embed_dim": 1, "levels": 1, "codebook_size": 2,
                 "kmeans_iters": 1, "kmeans_points": 0, "vocab_size": 256}
     for k, low in at_least.items():
         if getattr(a, k) < low:
-            p.error(f"--{k.replace('_', '-')} must be at least {low}, got {getattr(a, k)}")
+            bad_flag(f"--{k.replace('_', '-')} must be at least {low}, got {getattr(a, k)}")
     if a.levels + (a.collisions == "suffix") > 26:  # one letter per level in the ID tokens, <a_..> to <z_..>
-        p.error(f"--levels must be at most {26 - (a.collisions == 'suffix')} with --collisions {a.collisions}")
+        bad_flag(f"--levels must be at most {26 - (a.collisions == 'suffix')} with --collisions {a.collisions}")
     return a
+
+
+def bad_flag(msg: str):
+    """A flag out of range: one line and exit code 2, as argparse does for a malformed one."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def check_out(out: str, a):
