@@ -15,13 +15,15 @@ and with --lora-rank > 0 only the LoRA matrices and the new tokens' embedding ro
 
 On CUDA it uses bf16 autocast, flash attention through SDPA, TF32 matmuls and fused AdamW; on the
 CPU plain fp32. The checkpoint folder (nanocrs/checkpoint.py) holds everything sample.py needs.
-Ctrl-C saves a checkpoint before exiting; --resume continues with exactly the same batches and losses.
+Ctrl-C or SIGTERM saves a checkpoint after the step in progress before exiting; a non-finite loss stops
+training before it is saved; --resume continues with exactly the same batches and losses.
 """
 
 import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -136,6 +138,10 @@ def resume_flags(a, given: set, config: dict):
                                   "change the model (drop the flag, or train into a new --out)")
         else:  # the batches or the schedule change: exact resumption breaks, which may be the point
             print(f"note: {flag} {getattr(a, k)} overrides the checkpoint's {v}")
+
+
+class TrainingError(ValueError):
+    """Training can not go on (e.g. it diverged); one line."""
 
 
 def lr_at(step: int, a) -> float:
@@ -270,6 +276,11 @@ def main(argv=None):
         nonlocal static_written
         if not master:
             return
+        # a finite loss can still be followed by an update that overflows: never overwrite the last
+        # good checkpoint with such weights
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise TrainingError(f"step {step}: the weights are not finite (training diverged: lower --lr); "
+                                f"not saved, {a.out} keeps its last checkpoint")
         config = {"model": cfg.to_dict(), "train": vars(a), "step": step, "world": world, "data": os.path.abspath(a.data),
                   "init_from": a.init_from if a.init_from in ("", "smollm2") else os.path.abspath(a.init_from),
                   "lora": lora, "fingerprint": data_fingerprint,
@@ -303,7 +314,20 @@ def main(argv=None):
     log_path = os.path.join(a.out, "log.jsonl")
     if a.resume and master and os.path.isfile(log_path):  # drop lines of steps after the checkpoint
         with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
+            lines = f.readlines()
+        kept = []
+        for n, line in enumerate(lines, 1):
+            try:
+                rec = json.loads(line)
+                assert isinstance(rec, dict) and isinstance(rec.get("step"), int)
+            except (json.JSONDecodeError, AssertionError):
+                if n < len(lines):
+                    raise CheckpointError(f"{log_path}:{n}: not a log line (a JSON object with a step)") from None
+                # a crash while the line was written: the steps it would log are after the checkpoint anyway
+                print(f"warning: {log_path}:{n}: dropped a torn last line")
+                continue
+            if rec["step"] <= step:
+                kept.append(line)
         with open(log_path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)
@@ -314,8 +338,20 @@ def main(argv=None):
                 mininterval=0.2 if sys.stdout.isatty() else 30, disable=not master)
     t0, tokens_seen = time.time(), 0
     flops_per_token = 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+    # Ctrl-C and SIGTERM only raise a flag, read between steps: the checkpoint then holds the weights of
+    # exactly the steps it counts (an interrupt inside opt.step() would otherwise save step N+1's
+    # weights as step N, and the resumed run would apply one batch twice)
+    stop = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while step < a.max_steps:
+            if ddp:  # every rank stops at the same step, or the others would wait forever in an all-reduce
+                flag = torch.tensor([float(len(stop))], device=device)
+                dist.all_reduce(flag)
+                if flag.item() and not stop:
+                    stop.append(signal.SIGTERM)
+            if stop:
+                break
             lr = lr_at(step, a)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -341,6 +377,9 @@ def main(argv=None):
             if ddp:
                 dist.all_reduce(loss_sum)
             loss = loss_sum.item() / n_sup
+            if not math.isfinite(loss):  # before opt.step(): the weights, and every checkpoint, stay finite
+                raise TrainingError(f"step {step + 1}: the loss is {loss} (training diverged: lower --lr); nothing was saved "
+                                    f"after it, {a.out} keeps its last checkpoint")
             if a.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
             opt.step()
@@ -362,13 +401,15 @@ def main(argv=None):
             pbar.update(1)
             if (a.save_interval and step % a.save_interval == 0) or step == a.max_steps:
                 save()
-    except KeyboardInterrupt:
-        pbar.close()
-        if master:
-            print(f"\ninterrupted: saving step {step} to {a.out} (continue with --resume)")
-            save()
-        sys.exit(130)
+        if stop:
+            pbar.close()
+            if master:
+                print(f"\ninterrupted: saving step {step} to {a.out} (continue with --resume)")
+                save()
+            sys.exit(128 + stop[0])  # the shell's code for death by that signal: 130 Ctrl-C, 143 SIGTERM
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if ddp:
             dist.destroy_process_group()
     pbar.close()

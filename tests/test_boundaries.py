@@ -268,3 +268,72 @@ def test_empty_splits(dataset_dir, tmp_path, capsys):
     out = run_train(str(tmp_path / "b"), str(tmp_path / "o"), ["--max-steps", "3"])
     log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert len(log) == 3 and not any("val_loss" in r for r in log)  # never a made-up 0.0
+
+
+def same_weights(ck_a, ck_b, step):
+    from safetensors.torch import load_file
+    a, b = (load_file(os.path.join(ck, f"model-{step:06d}.safetensors")) for ck in (ck_a, ck_b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_inside_optimizer_step_saves_the_step_it_finished(dataset_dir, trained_ckpt, tmp_path, monkeypatch):
+    """A Ctrl-C that lands inside opt.step() is honoured after the step: the checkpoint counts the
+    update it holds, and the resumed run ends bit-for-bit where the uninterrupted one did."""
+    import signal
+    calls = []
+    real_step = torch.optim.AdamW.step
+
+    def step_then_interrupt(self, *args, **kw):
+        out = real_step(self, *args, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while the update of step 2 is being applied
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_interrupt)
+    out = str(tmp_path / "o")
+    with pytest.raises(SystemExit) as e:
+        run_train(dataset_dir, out)
+    assert e.value.code == 130
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["step"] == len(calls) == 2
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    run_train(dataset_dir, out, ["--resume"])
+    assert same_weights(out, trained_ckpt, 6)
+
+
+def test_sigterm_saves_and_torn_log_line_is_dropped(dataset_dir, tmp_path):
+    import signal
+    import time
+    from conftest import TRAIN_ARGS
+    out = str(tmp_path / "o")
+    args = list(TRAIN_ARGS)
+    args[args.index("--max-steps") + 1] = "100000"
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args, "--data", dataset_dir, "--out", out],
+                         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.isfile(log) and len(open(log).readlines()) >= 4):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr
+    step = json.load(open(os.path.join(out, "config.json")))["step"]
+    assert step >= 4 and f"saving step {step}" in stdout
+    with open(log, "a") as f:
+        f.write('{"step": 99999, "lo')  # a crash in the middle of writing a line
+    p = run("train.py", *args[:args.index("--max-steps")], "--max-steps", str(step + 1), "--out", out, "--resume")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"{log}:{step + 1}: dropped a torn last line" in p.stdout
+    assert [json.loads(l)["step"] for l in open(log)] == list(range(1, step + 2))
+
+
+def test_divergence_stops_before_any_save(dataset_dir, tmp_path):
+    import train
+    out = str(tmp_path / "o")
+    with pytest.raises(train.TrainingError, match="diverged"):
+        run_train(dataset_dir, out, ["--lr", "1e30", "--warmup", "1", "--save-interval", "1", "--max-steps", "50"])
+    if os.path.isfile(os.path.join(out, "config.json")):  # the steps before the divergence, all finite
+        from nanocrs import checkpoint
+        model = checkpoint.load(out)[0]
+        assert all(torch.isfinite(p).all() for p in model.parameters())
