@@ -192,6 +192,6 @@ def prepare(a, out: str):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, OSError) as e:  # OSError: e.g. a read-only --out
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

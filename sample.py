@@ -57,7 +57,12 @@ def get_args(argv=None):
     p.add_argument("--export-hf", default=None, metavar="DIR", help="write the checkpoint as a Hugging Face folder")
     p.add_argument("--init-from", default=None, help='plain text generation from an unmodified pretrained model ("smollm2" or a folder)')
     p.add_argument("--prompt", default=None, help="with --init-from: the prompt (raw text, no chat template added)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for flag, low in (("top_k", 1), ("beam", 1), ("max_new_tokens", 1), ("max_samples", 0), ("max_gen", 0), ("num_samples", 0)):
+        if getattr(a, flag) < low:  # one line and exit code 2, as argparse does for a malformed flag
+            print(f"error: --{flag.replace('_', '-')} must be at least {low}, got {getattr(a, flag)}", file=sys.stderr)
+            sys.exit(2)
+    return a
 
 
 class Session:
@@ -424,6 +429,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (DataError, CheckpointError, OSError, ValueError) as e:  # OSError: unreadable or unwritable paths
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

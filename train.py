@@ -331,7 +331,7 @@ def main(argv=None):
         with open(log_path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)
-    log = open(log_path, "a") if master else None
+    log = open(log_path, "a") if master else None  # before any step: a read-only --out fails here, not at the first save
     model.train()
     # in a log file (not a terminal) redraw the bar rarely, so the log stays readable
     pbar = tqdm(total=a.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout,
@@ -422,6 +422,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (DataError, CheckpointError, OSError, ValueError) as e:  # OSError: e.g. a read-only --out
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -59,12 +59,20 @@ def write_json(path: str, obj):
     os.replace(tmp, path)
 
 
+def decode_line(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+
+
 def read_jsonl(path: str):
     """Yields (line_number, object); malformed JSON is a DataError naming file and line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so bad bytes are reported with their line
+        for n, raw in enumerate(f, 1):
+            line = decode_line(raw, f"{path}:{n}")
             if not line.strip():
                 continue
             try:

@@ -337,3 +337,57 @@ def test_divergence_stops_before_any_save(dataset_dir, tmp_path):
         from nanocrs import checkpoint
         model = checkpoint.load(out)[0]
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# errors name the file, line or flag, in one line
+
+def test_non_utf8_bytes_name_file_and_line(dataset_dir, tmp_path):
+    d = str(tmp_path / "d")
+    shutil.copytree(dataset_dir, d)
+    path = os.path.join(d, "train.jsonl")
+    lines = open(path, "rb").read().splitlines(keepends=True)
+    lines[2] = lines[2][:30] + b"\xff" + lines[2][30:]
+    open(path, "wb").write(b"".join(lines))
+    p = run("train.py", "--data", d, "--out", str(tmp_path / "o"), "--max-steps", "1")
+    one_line_error(p, f"{path}:3:", "not UTF-8", "0xff")
+
+
+def test_corrupted_safetensors_names_the_file(trained_ckpt, tmp_path):
+    ck = str(tmp_path / "ck")
+    shutil.copytree(trained_ckpt, ck)
+    path = os.path.join(ck, "model-000006.safetensors")
+    data = bytearray(open(path, "rb").read())
+    data[8:40] = b"\xff" * 32  # the JSON header
+    open(path, "wb").write(bytes(data))
+    one_line_error(run("sample.py", "--ckpt", ck, "--num-samples", "1"), path, "safetensors")
+
+
+def test_bad_sampling_flags_are_one_line_with_code_2(trained_ckpt):
+    for flag in (["--top-k", "0"], ["--beam", "0"], ["--max-new-tokens", "0"]):
+        p = run("sample.py", "--ckpt", trained_ckpt, "--chat", *flag, stdin="hi\n")
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert [l for l in p.stderr.splitlines() if l.strip()] == [f"error: {flag[0]} must be at least 1, got 0"]
+
+
+def test_unwritable_out_is_one_line(dataset_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    one_line_error(run("data_prep.py", *["--n-items", "160", "--levels", "2"], "--out", str(blocker / "sub")), str(blocker))
+    one_line_error(run("train.py", "--data", dataset_dir, "--out", str(blocker / "sub"), "--max-steps", "1"), str(blocker))
+
+
+def test_redial_malformed_first_line_and_null_text_are_skipped_and_counted(tmp_path):
+    from nanocrs.datasets import build_redial
+    raw = str(tmp_path / "redial")
+    shutil.copytree(os.path.join(REPO, "tests", "fixtures", "redial"), raw)
+    path = os.path.join(raw, "train_raw.jsonl")
+    lines = open(path).read().splitlines()
+    null = json.loads(lines[1])
+    null["messages"][0]["text"] = None
+    open(path, "w").write("\n".join([lines[0][:50], json.dumps(null)] + lines[2:]) + "\n")
+    _, splits, info = build_redial(raw, seed=0)
+    sk = info["skipped"]
+    assert sk["invalid JSON line"]["examples"] == [f"{path}:1"]  # the file is read, its first line counted
+    assert [r for r in sk if "not a string" in r] and sk[next(r for r in sk if "not a string" in r)]["examples"] == [f"{path}:2"]
+    assert not any("None" in t["text"] for s in splits.values() for d in s for t in d["turns"])
