@@ -18,6 +18,8 @@ Rendering (the paper's structured generation; every assistant turn, in context o
     Assistant:<MODE=CHAT><RESP> <text><EOT>                            (CHAT turn)
 Loss is on the assistant's tokens after "Assistant:" (mode, item, <RESP>, text, <EOT>), nowhere else:
 on the one target turn of Renderer.example, or on every assistant turn of Renderer.dialog_windows.
+Control and ID tokens are inserted by id, never read out of text: a dialog or a chat user that writes
+"<BOI>" or "<a_1><b_2>" gets those characters as plain text (Tokenizer.encode_text).
 """
 
 import hashlib
