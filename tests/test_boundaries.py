@@ -269,6 +269,11 @@ def test_empty_splits(dataset_dir, tmp_path, capsys):
     log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert len(log) == 3 and not any("val_loss" in r for r in log)  # never a made-up 0.0
 
+    import sample as sample_py
+    from nanocrs.data import DataError
+    with pytest.raises(DataError, match="val.jsonl: no dialogs to evaluate"):
+        sample_py.main(["--ckpt", out, "--eval", "val", "--threads", "1"])
+
 
 def same_weights(ck_a, ck_b, step):
     from safetensors.torch import load_file
