@@ -13,12 +13,13 @@ The output folder layout is documented in nanocrs/data.py.
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
 
-from nanocrs.data import MENTION, DataError, SPLITS, load_dataset, write_json, write_jsonl
+from nanocrs.data import MENTION, DataError, SPLITS, fingerprint, load_dataset, write_json, write_jsonl
 from nanocrs.encoder import embed_items, item_features
 from nanocrs.quantizer import QuantizerConfig, SemanticIDs, quantize
 from nanocrs.tokenizer import ASSISTANT_PREFIX, CONTROL_TOKENS, USER_PREFIX, Tokenizer
@@ -29,7 +30,8 @@ DATASETS = ("synthetic", "redial", "inspired", "custom")
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic", help=f"one of: {', '.join(DATASETS)}")
-    p.add_argument("--out", default=None, help="output folder (default: data/DATASET)")
+    p.add_argument("--out", default=None, help="output folder (default: data/DATASET); must be empty or new")
+    p.add_argument("--force", action="store_true", help="replace --out if it holds an earlier data_prep.py output")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic world, of k-means and of ReDial's val split")
     # real datasets (nanocrs/datasets.py)
     p.add_argument("--raw", default=None, help="folder with the raw redial/inspired files, or the schema files for "
@@ -65,7 +67,44 @@ def get_args(argv=None):
                         "(MLP autoencoder + residual codebooks, 300 epochs on CPU)")
     # tokenizer
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary before the added tokens")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    # every flag is checked before anything is written, so a bad one never leaves half a folder
+    if a.dataset not in DATASETS:
+        raise DataError(f"unknown --dataset {a.dataset!r} (choose from: {', '.join(DATASETS)})")
+    at_least = {"n_items": 1, "n_train": 1, "n_val": 0, "n_test": 1, "embed_dim": 1, "levels": 1, "codebook_size": 2,
+                "kmeans_iters": 1, "kmeans_points": 0, "vocab_size": 256}
+    for k, low in at_least.items():
+        if getattr(a, k) < low:
+            bad_flag(f"--{k.replace('_', '-')} must be at least {low}, got {getattr(a, k)}")
+    if a.levels + (a.collisions == "suffix") > 26:  # one letter per level in the ID tokens, <a_..> to <z_..>
+        bad_flag(f"--levels must be at most {26 - (a.collisions == 'suffix')} with --collisions {a.collisions}")
+    return a
+
+
+def bad_flag(msg: str):
+    """A flag out of range: one line and exit code 2, as argparse does for a malformed one."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_out(out: str, a):
+    """Refuse an --out that would lose something: the raw files, a checkpoint, a folder that is not
+    empty (unless --force and it is an earlier output of this script)."""
+    real = os.path.realpath(out)
+    if a.raw:
+        raw = os.path.realpath(a.raw)
+        if real == raw or real.startswith(raw + os.sep) or raw.startswith(real + os.sep):
+            raise DataError(f"--out {out} overlaps --raw {a.raw}: write the prepared dataset somewhere else")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out} is a file, not a folder")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    if os.path.isfile(os.path.join(out, "config.json")):
+        raise DataError(f"--out {out} holds a checkpoint (config.json): data_prep.py never writes into one")
+    if not a.force:
+        raise DataError(f"--out {out} is not empty: pass --force to replace an earlier data_prep.py output, or choose another")
+    if not os.path.isfile(os.path.join(out, "dataset.json")):
+        raise DataError(f"--out {out} is not empty and holds no dataset.json, so it is not an earlier output: choose another")
 
 
 def build_dialogs(a):
@@ -90,14 +129,36 @@ def build_dialogs(a):
 
 def main(argv=None):
     a = get_args(argv)
-    if a.dataset not in DATASETS:
-        raise DataError(f"unknown --dataset {a.dataset!r} (choose from: {', '.join(DATASETS)})")
-    out = a.out or os.path.join("data", a.dataset)
-    os.makedirs(out, exist_ok=True)
+    final = (a.out or os.path.join("data", a.dataset)).rstrip("/") or "/"
+    check_out(final, a)
+    # build in a temporary sibling folder and rename it at the end: a failure never leaves new files
+    # beside old ones, and readers never see a half-made dataset
+    os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+    out = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    try:
+        prepare(a, out)
+        old = f"{final}.old-{os.getpid()}"
+        if os.path.isdir(final):
+            os.replace(final, old)
+        os.replace(out, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"wrote {final}")
+
+
+def prepare(a, out: str):
     t0 = time.time()
 
     # 1. dialogs and items, written in the schema and read back through the validating reader
     items, splits, info = build_dialogs(a)
+    for split in SPLITS:
+        if not splits[split] and split != "val":
+            raise DataError(f"--dataset {a.dataset}: the {split} split has no usable dialogs (see the skipped counts above)")
+    if not splits["val"]:
+        print("note: the val split is empty: train.py will report no validation loss")
     write_jsonl(os.path.join(out, "items.jsonl"), items)
     for s in SPLITS:
         write_jsonl(os.path.join(out, f"{s}.jsonl"), splits[s])
@@ -142,13 +203,13 @@ def main(argv=None):
         "name": a.dataset, "n_items": len(ds["items"]), **{f"n_{s}": len(ds[s]) for s in SPLITS},
         "encoder": f"tfidf-svd-{a.embed_dim}" if a.encoder == "tfidf" else a.encoder, "quantizer": dataclasses.asdict(qcfg),
         "item_features": a.item_features, "ids": a.ids, "codebook_use": used,
-        "vocab_size": len(tok), "args": vars(a), "info": info})
-    print(f"wrote {out} in {time.time() - t0:.1f} s")
+        "vocab_size": len(tok), "fingerprint": fingerprint(out), "args": vars(a), "info": info})
+    print(f"prepared in {time.time() - t0:.1f} s")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, OSError) as e:  # OSError: e.g. a read-only --out
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -63,7 +63,12 @@ def get_args(argv=None):
     p.add_argument("--export-hf", default=None, metavar="DIR", help="write the checkpoint as a Hugging Face folder")
     p.add_argument("--init-from", default=None, help='plain text generation from an unmodified pretrained model ("smollm2" or a folder)')
     p.add_argument("--prompt", default=None, help="with --init-from: the prompt (raw text, no chat template added)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for flag, low in (("top_k", 1), ("beam", 1), ("max_new_tokens", 1), ("max_samples", 0), ("max_gen", 0), ("num_samples", 0)):
+        if getattr(a, flag) < low:  # one line and exit code 2, as argparse does for a malformed flag
+            print(f"error: --{flag.replace('_', '-')} must be at least {low}, got {getattr(a, flag)}", file=sys.stderr)
+            sys.exit(2)
+    return a
 
 
 class Session:
@@ -81,6 +86,14 @@ class Session:
         # the free-mode REC threshold chosen on the validation split (sample.py --eval val --calibrate)
         path = os.path.join(ckpt, INTENT_FILE)
         self.rec_threshold = json.load(open(path))["rec_threshold"] if os.path.isfile(path) else None
+
+    def link(self, text: str) -> tuple[str, list[str]]:
+        """Typed text with every catalogue title found in it written as an @{id} mention, the way the
+        dataset readers link titles (nanocrs/datasets.py), so the model sees a typed title as the item
+        it saw in training. Returns (text, linked item ids in order)."""
+        from nanocrs.datasets import link_titles
+        text, _ = link_titles(text, [(it["title"], i) for i, it in self.items.items()])
+        return text, list(dict.fromkeys(MENTION.findall(text)))
 
     def title(self, item_id: str) -> str:
         it = self.items[item_id]
@@ -347,7 +360,10 @@ def chat(s: Session, args, generator):
             continue
         if not interactive:
             print(f"you> {line}")
-        context.append({"role": "user", "text": _escape(line), "items": []})
+        text, linked = s.link(_escape(line))
+        if linked:
+            print(f"(linked: {', '.join(s.title(i) for i in linked)})")
+        context.append({"role": "user", "text": text, "items": linked})
         ids = s.reply(context, args, generator)
         mode, item, text = s.parse(ids)
         rec = f" recommends {s.title(item)}" if item else ""
@@ -422,11 +438,14 @@ def main(argv=None):
     if args.eval or args.num_samples:
         data_dir = args.data or s.config["data"]
         ds = load_dataset(data_dir)
+        checkpoint.check_data(s.config, data_dir)
     if args.eval:
         if args.calibrate and args.eval != "val":
             raise ValueError("--calibrate: thresholds are chosen on the validation split (--eval val), never on test")
         if args.eval not in ("train", "val", "test"):
             raise DataError(f"--eval must be train, val or test, got {args.eval!r}")
+        if not ds[args.eval]:
+            raise DataError(f"{os.path.join(data_dir, args.eval + '.jsonl')}: no dialogs to evaluate")
         if args.beam < 50:
             print(f"note: beam {args.beam} < 50, so recall@50 counts only the {args.beam} items returned")
         t0 = time.time()
@@ -455,6 +474,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (DataError, CheckpointError, OSError, ValueError) as e:  # OSError: unreadable or unwritable paths
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

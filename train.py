@@ -15,13 +15,15 @@ and with --lora-rank > 0 only the LoRA matrices and the new tokens' embedding ro
 
 On CUDA it uses bf16 autocast, flash attention through SDPA, TF32 matmuls and fused AdamW; on the
 CPU plain fp32. The checkpoint folder (nanocrs/checkpoint.py) holds everything sample.py needs.
-Ctrl-C saves a checkpoint before exiting; --resume continues with exactly the same batches and losses.
+Ctrl-C or SIGTERM saves a checkpoint after the step in progress before exiting; a non-finite loss stops
+training before it is saved; --resume continues with exactly the same batches and losses.
 """
 
 import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -34,7 +36,8 @@ from tqdm import tqdm
 
 from nanocrs import checkpoint
 from nanocrs.checkpoint import CheckpointError
-from nanocrs.data import DataError, Renderer, collate, epoch_batches, load_dataset, training_dialogs
+from nanocrs.data import (DataError, Renderer, check_catalogue, collate, epoch_batches, fingerprint, load_dataset,
+                          training_dialogs)
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import CONTROL_TOKENS, Tokenizer
@@ -56,7 +59,8 @@ PRESETS = {
 }
 
 
-def get_args(argv=None):
+def get_args(argv=None, given: set | None = None):
+    """The arguments; `given` (if a set) receives the names of the flags typed on the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/synthetic", help="dataset folder written by data_prep.py")
     p.add_argument("--out", default="out/synthetic", help="checkpoint folder")
@@ -105,7 +109,42 @@ def get_args(argv=None):
     preset = p.parse_known_args(argv)[0].preset
     if preset:
         p.set_defaults(**PRESETS[preset])  # defaults only: flags given on the command line win
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if given is not None:  # parse again with no defaults at all: what remains was typed
+        p._defaults.clear()
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+        given.update(vars(p.parse_args(argv)))
+    return a
+
+
+# --resume never takes these from the checkpoint: where this process writes and what it runs on
+LOCAL_FLAGS = ("resume", "out", "device", "threads")
+# the model's shape: fixed by the checkpoint's weights
+MODEL_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "dropout", "init_from", "lora_rank",
+               "lora_alpha", "lora_dropout")
+
+
+def resume_flags(a, given: set, config: dict):
+    """--resume continues the run the checkpoint holds: every flag not typed now is taken from it
+    (a bare --resume after a non-default run is that run); a typed training flag overrides it, and
+    says so; a typed model flag that differs is refused, as the weights can not change shape."""
+    saved = dict(config["train"], data=config.get("data", config["train"].get("data")))
+    for k, v in saved.items():
+        if k in LOCAL_FLAGS or not hasattr(a, k) or getattr(a, k) == v:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if k not in given:
+            setattr(a, k, v)
+        elif k in MODEL_FLAGS:
+            raise CheckpointError(f"{flag} {getattr(a, k)}: the checkpoint in {a.out} has {v}, and --resume can not "
+                                  "change the model (drop the flag, or train into a new --out)")
+        else:  # the batches or the schedule change: exact resumption breaks, which may be the point
+            print(f"note: {flag} {getattr(a, k)} overrides the checkpoint's {v}")
+
+
+class TrainingError(ValueError):
+    """Training can not go on (e.g. it diverged); one line."""
 
 
 def lr_at(step: int, a) -> float:
@@ -145,7 +184,10 @@ def evaluate_loss(model, examples, batch_size, device, autocast) -> float:
 
 
 def main(argv=None):
-    a = get_args(argv)
+    given = set()
+    a = get_args(argv, given)
+    if a.resume:
+        resume_flags(a, given, checkpoint.read_config(a.out))
     if a.threads:
         torch.set_num_threads(a.threads)
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,6 +211,7 @@ def main(argv=None):
 
     # ---- data: the dataset folder has the tokenizer and the semantic-ID table
     ds = load_dataset(a.data)
+    data_fingerprint = fingerprint(a.data)
     tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
     sids = SemanticIDs.load(os.path.join(a.data, "sids.json"))
     lora = {"rank": a.lora_rank, "alpha": a.lora_alpha, "dropout": a.lora_dropout}
@@ -182,10 +225,9 @@ def main(argv=None):
         step = config["step"]
         # the model's structure comes from the checkpoint, whatever the command line says
         a.init_from, lora = config.get("init_from") or "", config.get("lora", lora)
-        saved = config["train"]
-        for k in ("train_splits", "format", "item_text", "batch_size", "grad_accum", "seed", "block_size", "max_steps", "lr", "min_lr", "warmup"):
-            if saved.get(k, getattr(a, k)) != getattr(a, k):  # these decide the batches and the schedule: exact resumption breaks
-                print(f"note: --{k.replace('_', '-')} {getattr(a, k)} differs from the checkpoint's {saved[k]}")
+        # other data would put new items beside the old IDs: refuse it before anything is written
+        checkpoint.check_data(config, a.data)
+        check_catalogue(a.data, [it["id"] for it in ds["items"]], sids, tok)
         if config.get("world", 1) != world:
             print(f"note: {world} processes, the checkpoint was trained with {config.get('world', 1)}: the batches change")
         cfg = model.config
@@ -209,6 +251,8 @@ def main(argv=None):
     if a.item_text:
         train_ex += rd.item_text_windows(ds["items"])
     val_ex = build_examples(rd, ds["val"], a.format)  # with "train,val" this is no longer held out
+    if not train_ex:
+        raise DataError(f"{a.data}: the {a.train_splits} split has no assistant turn to train on")
     n_tok = sum(len(x) for x, _ in train_ex)
     n_sup = sum(sum(1 for t in y if t != -1) for _, y in train_ex)
     say = print if master else (lambda *args, **kw: None)
@@ -230,15 +274,21 @@ def main(argv=None):
             block.compile()
     fwd = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None) if ddp else model
 
-    static_written = False  # tokenizer, item table and catalogue: written by this process's first save
+    # tokenizer, item table and catalogue: written by a fresh run's first save; a resumed one keeps them
+    static_written = a.resume
 
     def save():
         nonlocal static_written
         if not master:
             return
+        # a finite loss can still be followed by an update that overflows: never overwrite the last
+        # good checkpoint with such weights
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise TrainingError(f"step {step}: the weights are not finite (training diverged: lower --lr); "
+                                f"not saved, {a.out} keeps its last checkpoint")
         config = {"model": cfg.to_dict(), "train": vars(a), "step": step, "world": world, "data": os.path.abspath(a.data),
                   "init_from": a.init_from if a.init_from in ("", "smollm2") else os.path.abspath(a.init_from),
-                  "lora": lora,
+                  "lora": lora, "fingerprint": data_fingerprint,
                   "dataset": ds["meta"].get("name", os.path.basename(a.data.rstrip("/")))}
         first = not static_written
         checkpoint.save(a.out, model, config, opt, tokenizer=tok if first else None, sids=sids if first else None,
@@ -269,19 +319,44 @@ def main(argv=None):
     log_path = os.path.join(a.out, "log.jsonl")
     if a.resume and master and os.path.isfile(log_path):  # drop lines of steps after the checkpoint
         with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
+            lines = f.readlines()
+        kept = []
+        for n, line in enumerate(lines, 1):
+            try:
+                rec = json.loads(line)
+                assert isinstance(rec, dict) and isinstance(rec.get("step"), int)
+            except (json.JSONDecodeError, AssertionError):
+                if n < len(lines):
+                    raise CheckpointError(f"{log_path}:{n}: not a log line (a JSON object with a step)") from None
+                # a crash while the line was written: the steps it would log are after the checkpoint anyway
+                print(f"warning: {log_path}:{n}: dropped a torn last line")
+                continue
+            if rec["step"] <= step:
+                kept.append(line)
         with open(log_path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)
-    log = open(log_path, "a") if master else None
+    log = open(log_path, "a") if master else None  # before any step: a read-only --out fails here, not at the first save
     model.train()
     # in a log file (not a terminal) redraw the bar rarely, so the log stays readable
     pbar = tqdm(total=a.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout,
                 mininterval=0.2 if sys.stdout.isatty() else 30, disable=not master)
     t0, tokens_seen = time.time(), 0
     flops_per_token = 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+    # Ctrl-C and SIGTERM only raise a flag, read between steps: the checkpoint then holds the weights of
+    # exactly the steps it counts (an interrupt inside opt.step() would otherwise save step N+1's
+    # weights as step N, and the resumed run would apply one batch twice)
+    stop = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while step < a.max_steps:
+            if ddp:  # every rank stops at the same step, or the others would wait forever in an all-reduce
+                flag = torch.tensor([float(len(stop))], device=device)
+                dist.all_reduce(flag)
+                if flag.item() and not stop:
+                    stop.append(signal.SIGTERM)
+            if stop:
+                break
             lr = lr_at(step, a)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -307,6 +382,9 @@ def main(argv=None):
             if ddp:
                 dist.all_reduce(loss_sum)
             loss = loss_sum.item() / n_sup
+            if not math.isfinite(loss):  # before opt.step(): the weights, and every checkpoint, stay finite
+                raise TrainingError(f"step {step + 1}: the loss is {loss} (training diverged: lower --lr); nothing was saved "
+                                    f"after it, {a.out} keeps its last checkpoint")
             if a.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
             opt.step()
@@ -315,7 +393,7 @@ def main(argv=None):
             if not master:
                 continue
             rec = {"step": step, "lr": lr, "loss": loss}
-            if a.eval_interval and (step % a.eval_interval == 0 or step == a.max_steps):
+            if a.eval_interval and val_ex and (step % a.eval_interval == 0 or step == a.max_steps):  # no val: no figure
                 rec["val_loss"] = evaluate_loss(model, val_ex, 32, device, autocast)
                 tqdm.write(f"step {step}: train loss {loss:.4f}, val loss {rec['val_loss']:.4f}")
             log.write(json.dumps(rec) + "\n")
@@ -328,13 +406,15 @@ def main(argv=None):
             pbar.update(1)
             if (a.save_interval and step % a.save_interval == 0) or step == a.max_steps:
                 save()
-    except KeyboardInterrupt:
-        pbar.close()
-        if master:
-            print(f"\ninterrupted: saving step {step} to {a.out} (continue with --resume)")
-            save()
-        sys.exit(130)
+        if stop:
+            pbar.close()
+            if master:
+                print(f"\ninterrupted: saving step {step} to {a.out} (continue with --resume)")
+                save()
+            sys.exit(128 + stop[0])  # the shell's code for death by that signal: 130 Ctrl-C, 143 SIGTERM
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if ddp:
             dist.destroy_process_group()
     pbar.close()
@@ -347,6 +427,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (DataError, CheckpointError, OSError, ValueError) as e:  # OSError: e.g. a read-only --out
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

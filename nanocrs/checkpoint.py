@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file, load_file
 
+from nanocrs.data import DataError, check_catalogue, fingerprint, load_items
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import Tokenizer
@@ -136,17 +137,28 @@ def load_optimizer(opt: torch.optim.Optimizer, ckpt_dir: str, step: int):
     path = os.path.join(ckpt_dir, name or "optimizer-*.safetensors")
     if not name or not os.path.isfile(path):
         raise CheckpointError(f"{path}: the optimizer state is missing, can not resume")
+    saved_step, flat = _read_tensors(path)
+    if saved_step != step:
+        raise CheckpointError(f"{path}: optimizer state of step {saved_step}, config.json is at step {step}")
     with safe_open(path, "pt") as f:
         meta = f.metadata()
-    if int(meta["step"]) != step:
-        raise CheckpointError(f"{path}: optimizer state of step {meta['step']}, config.json is at step {step}")
-    flat = load_file(path)
     state = {}
     for key, v in flat.items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
     groups = json.loads(meta["hyper"])
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _read_tensors(path: str) -> tuple[int, dict]:
+    """(step in the metadata, tensors) of one file; a damaged file is a one-line CheckpointError."""
+    try:
+        with safe_open(path, "pt") as f:
+            step = int(f.metadata()["step"])
+        return step, load_file(path)
+    except Exception as e:  # SafetensorError, a bad header, missing metadata: the file is not usable
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first}); the checkpoint is damaged") from None
 
 
 def read_config(ckpt_dir: str) -> dict:
@@ -182,11 +194,9 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False):
     else:
         model = GPT(cfg)
     path = os.path.join(ckpt_dir, files_of(config)["model"])
-    with safe_open(path, "pt") as f:
-        step = int(f.metadata()["step"])
+    step, sd = _read_tensors(path)
     if step != config["step"]:
         raise CheckpointError(f"{path}: weights of step {step}, config.json is at step {config['step']}")
-    sd = load_file(path)
     adapter = _adapter_only(config)
     expected = set(model_state(model, adapter))
     if set(sd) != expected:
@@ -199,4 +209,20 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False):
     tok = Tokenizer.load(os.path.join(ckpt_dir, "tokenizer.json"))
     if len(tok) != cfg.vocab_size:
         raise CheckpointError(f"{ckpt_dir}: tokenizer has {len(tok)} tokens but the model expects {cfg.vocab_size}")
+    try:
+        check_catalogue(ckpt_dir, [it["id"] for it in load_items(os.path.join(ckpt_dir, "items.jsonl"))], sids, tok)
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
     return model, config, tok, sids
+
+
+def check_data(config: dict, data_dir: str):
+    """Refuse a dataset folder other than the one the checkpoint was trained on: its items, IDs and
+    tokenizer must be the same files (checkpoints from before the fingerprint: the same catalogue)."""
+    want = config.get("fingerprint")
+    if want is None:
+        return
+    if fingerprint(data_dir) != want:
+        raise CheckpointError(f"{data_dir}: not the dataset this checkpoint was trained on (its items, IDs or tokenizer "
+                              f"differ from those of {config.get('data', 'the training data')}); "
+                              "pass that --data, or train into a new --out")

@@ -21,8 +21,11 @@ on the one target turn of Renderer.example, or on every assistant turn of Render
 A dialog marked "items_only": true (an item sequence with no text, e.g. ReDial's E19 sequences) has
 its assistant turns rendered as  Assistant:<MODE=REC><BOI>SID<EOI>  only, the same prefix the
 recommendation eval scores, so no invented response text is ever a target.
+Control and ID tokens are inserted by id, never read out of text: a dialog or a chat user that writes
+"<BOI>" or "<a_1><b_2>" gets those characters as plain text (Tokenizer.encode_text).
 """
 
+import hashlib
 import json
 import os
 import random
@@ -30,7 +33,8 @@ import re
 
 import torch
 
-from nanocrs.tokenizer import (ASSISTANT_PREFIX, BOI, EOI, EOT, MODE_CHAT, MODE_REC, RESP, USER_PREFIX)
+from nanocrs.quantizer import SemanticIDs
+from nanocrs.tokenizer import (ASSISTANT_PREFIX, BOI, EOI, EOT, MODE_CHAT, MODE_REC, RESP, USER_PREFIX, Tokenizer)
 
 ITEM_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
 MENTION = re.compile(r"@\{([A-Za-z0-9_.\-]+)\}")
@@ -60,12 +64,20 @@ def write_json(path: str, obj):
     os.replace(tmp, path)
 
 
+def decode_line(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+
+
 def read_jsonl(path: str):
     """Yields (line_number, object); malformed JSON is a DataError naming file and line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so bad bytes are reported with their line
+        for n, raw in enumerate(f, 1):
+            line = decode_line(raw, f"{path}:{n}")
             if not line.strip():
                 continue
             try:
@@ -95,10 +107,12 @@ def load_items(path: str) -> list[dict]:
 
 
 def load_dialogs(path: str, item_ids: set) -> list[dict]:
-    dialogs = []
+    dialogs, seen = [], {}
     for n, d in read_jsonl(path):
         where = f"{path}:{n}"
         _require(isinstance(d, dict) and isinstance(d.get("id"), str), where, "dialog needs a string 'id'")
+        _require(d["id"] not in seen, where, f"duplicate dialog id {d['id']!r} (also on line {seen.get(d['id'])})")
+        seen[d["id"]] = n
         turns = d.get("turns")
         _require(isinstance(turns, list) and len(turns) > 0, where, f"dialog {d['id']}: 'turns' must be a non-empty list")
         for t, turn in enumerate(turns):
@@ -117,6 +131,40 @@ def load_dialogs(path: str, item_ids: set) -> list[dict]:
     return dialogs
 
 
+BOUND_FILES = ("items.jsonl", "sids.json", "tokenizer.json")  # written together; they only work together
+
+
+def fingerprint(folder: str) -> str:
+    """sha256 of the catalogue, the item <-> ID table and the tokenizer together. data_prep.py stores it
+    in dataset.json and train.py in every checkpoint, so files from different runs are never mixed."""
+    h = hashlib.sha256()
+    for name in BOUND_FILES:
+        h.update(name.encode() + b"\0")
+        with open(os.path.join(folder, name), "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def check_catalogue(where: str, item_ids, sids, tokenizer):
+    """Every catalogue item has a semantic ID, the table names no other item (the model could then
+    recommend items nobody can show), and every ID token is an added token (else the IDs would be
+    split into bytes and never match)."""
+    item_ids, table = set(item_ids), set(sids.item_ids)
+    missing = [i for i in item_ids if i not in table]
+    if missing:
+        raise DataError(f"{where}: {len(missing)} catalogue items have no semantic ID in sids.json (e.g. {sorted(missing)[0]!r}); "
+                        "the files come from different data_prep.py runs")
+    extra = [i for i in sids.item_ids if i not in item_ids]
+    if extra:
+        raise DataError(f"{where}: sids.json names {len(extra)} items that are not in items.jsonl (e.g. {extra[0]!r}); "
+                        "the files come from different data_prep.py runs")
+    added = {t.content for t in tokenizer.tk.get_added_tokens_decoder().values()}
+    loose = [t for t in sids.all_token_strings() if t not in added]
+    if loose:
+        raise DataError(f"{where}: tokenizer.json lacks {len(loose)} semantic-ID tokens of sids.json (e.g. {loose[0]}); "
+                        "it was made for other IDs")
+
+
 def load_dataset(data_dir: str, splits=SPLITS) -> dict:
     """{"items": [...], "train": [...], "val": [...], "test": [...], "meta": {...}}; DataError if broken."""
     if not os.path.isdir(data_dir):
@@ -124,13 +172,24 @@ def load_dataset(data_dir: str, splits=SPLITS) -> dict:
     items = load_items(os.path.join(data_dir, "items.jsonl"))
     ids = {it["id"] for it in items}
     ds = {"items": items}
+    first_split = {}
     for s in splits:
         ds[s] = load_dialogs(os.path.join(data_dir, f"{s}.jsonl"), ids)
+        for d in ds[s]:  # the same dialog in two splits leaks the test set into training
+            _require(first_split.setdefault(d["id"], s) == s, os.path.join(data_dir, f"{s}.jsonl"),
+                     f"dialog id {d['id']!r} is also in the {first_split[d['id']]} split")
     meta_path = os.path.join(data_dir, "dataset.json")
     ds["meta"] = {}
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
             ds["meta"] = json.load(f)
+    if all(os.path.isfile(os.path.join(data_dir, f)) for f in BOUND_FILES):  # data_prep.py writes them last
+        stored = ds["meta"].get("fingerprint")
+        if stored and stored != fingerprint(data_dir):
+            raise DataError(f"{data_dir}: items.jsonl, sids.json and tokenizer.json are not the ones data_prep.py wrote "
+                            "together (fingerprint in dataset.json differs); run data_prep.py again")
+        check_catalogue(data_dir, ids, SemanticIDs.load(os.path.join(data_dir, "sids.json")),
+                        Tokenizer.load(os.path.join(data_dir, "tokenizer.json")))
     return ds
 
 
@@ -171,13 +230,29 @@ class Renderer:
     def item_span(self, item_id: str) -> str:
         return BOI + "".join(self.sids.tokens(item_id)) + EOI
 
+    def item_ids(self, item_id: str) -> list[int]:
+        """<BOI> SID <EOI> as token ids."""
+        return [self.id[BOI]] + [self.tok.id(t) for t in self.sids.tokens(item_id)] + [self.id[EOI]]
+
     def text(self, text: str) -> str:
-        """Dialog text with every @{id} written as <BOI>SID<EOI>."""
+        """Dialog text with every @{id} written as <BOI>SID<EOI> (for people; the model's ids come
+        from text_ids, which never reads a control token out of the text)."""
         return MENTION.sub(lambda m: self.item_span(m.group(1)), text)
 
+    def text_ids(self, *parts: str) -> list[int]:
+        """The concatenated dialog text as ids: the free text between mentions is encoded with added
+        tokens as plain text, and each @{id} becomes <BOI>SID<EOI> by id. The library cuts text at
+        added tokens and encodes each piece alone, so this gives the same ids as encoding text() would
+        whenever the free text holds no added token."""
+        ids = []
+        pieces = MENTION.split("".join(parts))  # text, item id, text, item id, ..., text
+        for k, piece in enumerate(pieces):
+            ids += self.item_ids(piece) if k % 2 else self.tok.encode_text(piece)
+        return ids
+
     def structured(self, turn: dict, item: str | None = None) -> str:
-        """What the model writes after "Assistant:" for this turn; `item` picks the target of a
-        multi-item turn (default: its first item)."""
+        """What the model writes after "Assistant:" for this turn, as a string (for people; the ids
+        are structured_ids); `item` picks the target of a multi-item turn (default: its first item)."""
         if turn["items"]:
             item = item or turn["items"][0]
             assert item in turn["items"], f"{item} is not mentioned in this turn"
@@ -186,15 +261,25 @@ class Renderer:
             head = MODE_CHAT
         return head + RESP + " " + self.text(turn["text"]) + EOT
 
+    def structured_ids(self, turn: dict, item: str | None = None) -> list[int]:
+        """structured() as token ids, control and ID tokens inserted by id."""
+        if turn["items"]:
+            item = item or turn["items"][0]
+            assert item in turn["items"], f"{item} is not mentioned in this turn"
+            head = [self.id[MODE_REC]] + self.item_ids(item)
+        else:
+            head = [self.id[MODE_CHAT]]
+        return head + [self.id[RESP]] + self.text_ids(" ", turn["text"]) + [self.id[EOT]]
+
     def turn_ids(self, turn: dict, item=None, items_only: bool = False) -> tuple[list[int], list[int]]:
         """(prompt part, supervised part) of one turn. A user turn is all prompt. In an items-only
         dialog (an item sequence without text) an assistant turn is just <MODE=REC><BOI>SID<EOI>:
         it teaches which item comes next and nothing about what to say."""
         if turn["role"] == "user":
-            return self.tok.encode(f"{USER_PREFIX} {self.text(turn['text'])}\n"), []
+            return self.text_ids(f"{USER_PREFIX} ", turn["text"], "\n"), []
         if items_only:
-            return self.assistant_ids, self.tok.encode(MODE_REC + self.item_span(item or turn["items"][0]))
-        return self.assistant_ids, self.tok.encode(self.structured(turn, item))
+            return self.assistant_ids, [self.id[MODE_REC]] + self.item_ids(item or turn["items"][0])
+        return self.assistant_ids, self.structured_ids(turn, item)
 
     def context_ids(self, context: list[dict]) -> list[list[int]]:
         return [sum(self.turn_ids(t), []) for t in context]
@@ -268,8 +353,8 @@ class Renderer:
             md = it.get("metadata", {})
             desc = it["title"] + (f" ({md['year']})" if md.get("year") else "") + \
                 (" | " + ", ".join(md["genres"]) if md.get("genres") else "")
-            span, text = self.tok.encode(self.item_span(it["id"])), self.tok.encode(" " + desc)
-            eq, nl = self.tok.encode(" ="), self.tok.encode("\n")
+            span, text = self.item_ids(it["id"]), self.tok.encode_text(" " + desc)
+            eq, nl = self.tok.encode_text(" ="), self.tok.encode_text("\n")
             lines.append((span + eq, text + nl))   # (prompt part, supervised part): ID -> text
             lines.append((text + eq, span + nl))   # text -> ID
         windows = []

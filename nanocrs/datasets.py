@@ -30,6 +30,7 @@ the URL base (the tests point it at a local server).
 
 import ast
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -77,6 +78,8 @@ class Skip(Exception):
 
 def clean(text: str) -> str:
     # one line per turn in the rendered prompt, so no newlines; "@{" is reserved for mentions
+    if not isinstance(text, str):  # "text": null must not become the word "None"
+        raise Skip(f"message text is {type(text).__name__}, not a string")
     return " ".join(str(text).split()).replace("@{", "@ {")
 
 
@@ -141,8 +144,13 @@ def merge_turns(messages, where: str) -> list[dict]:
 
 def read_jsonl_lenient(path: str, skips: Skips):
     """Yields (where, object); a line that is not valid JSON (e.g. truncated) is skipped and counted."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                skips.add("line not UTF-8 text", f"{path}:{n}")
+                continue
             if line.strip():
                 try:
                     yield f"{path}:{n}", json.loads(line)
@@ -181,14 +189,18 @@ def report(name: str, info: dict, skips: Skips):
 
 def _redial_file_kind(path: str):
     """'raw', 'unicrs' or 'iard' if the file holds ReDial dialogs, else None (it is then ignored)."""
-    with open(path, encoding="utf-8") as f:
-        head = f.readline() if path.endswith(".jsonl") or os.path.basename(path) == "train_data" else f.read(4096)
-    if path.endswith(".json"):
-        return "iard" if '"dialogue_info"' in head or '"accepted_recommendation"' in head else None
-    try:
-        rec = json.loads(head)
-    except json.JSONDecodeError:
-        return None  # a truncated first line still leaves us unable to tell what the file is
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if path.endswith(".json"):
+            head = f.read(4096)
+            return "iard" if '"dialogue_info"' in head or '"accepted_recommendation"' in head else None
+        # the first line that parses tells; broken lines before it are skipped and counted when read
+        rec = None
+        for _, line in zip(range(100), f):
+            try:
+                rec = json.loads(line)
+                break
+            except json.JSONDecodeError:
+                continue
     if not (isinstance(rec, dict) and "conversationId" in rec and isinstance(rec.get("messages"), list)):
         return None
     return "unicrs" if rec["messages"] and "turn_id" in rec["messages"][0] else "raw"
@@ -204,7 +216,8 @@ def _redial_records(path: str, kind: str, skips: Skips):
         for cid, conv in data.items():
             utts = sorted(conv.get("dialogue_info", {}).values(), key=lambda u: u.get("utterance_pos", 0))
             # IARD writes a mention as "@127115 <Hot Fuzz (2007)>": keep the id, drop the title
-            msgs = [(ROLES.get(u.get("role")), re.sub(r"@(\d+)\s*<[^>]*>", r"@\1", u.get("utterance_text", "")))
+            msgs = [(ROLES.get(u.get("role")), re.sub(r"@(\d+)\s*<[^>]*>", r"@\1", u["utterance_text"])
+                     if isinstance(u.get("utterance_text"), str) else u.get("utterance_text", ""))  # null: clean() skips it
                     for u in utts]
             yield f"{path}:{cid}", str(cid), msgs, {}
         return
@@ -407,6 +420,7 @@ def build_redial(raw_dir: str, seed: int = 0, item_sequences: bool = True):
 # -----------------------------------------------------------------------------
 # INSPIRED
 
+@functools.lru_cache(maxsize=None)  # the chat links every typed line against the whole catalogue
 def _title_regex(title: str):
     """A pattern finding `title` in free text the way people type it: any case, any punctuation or
     spacing between its letters ("Avengers End Game" for "Avengers: Endgame"), leading article optional."""

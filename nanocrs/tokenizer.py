@@ -1,7 +1,7 @@
 """
 The tokenizer: byte-level BPE from the `tokenizers` library, plus nanocrs' added tokens.
 
-Added tokens are atomic (never split, never merged with text):
+Added tokens are atomic (never split, never merged with text), and only ever come from code:
   - control tokens  <BOI> <EOI> <MODE=REC> <MODE=CHAT> <RESP> <EOT>
   - one token per (semantic-ID level, code): <a_0> ... <a_31>, <b_0> ..., the suffix level included.
 They are appended after the BPE vocabulary, so a pretrained backbone's token ids stay where they
@@ -9,7 +9,8 @@ were and the new embedding rows sit at the end of the matrix.
 
     tok = Tokenizer.train(texts, vocab_size=2048, added=CONTROL_TOKENS + sids.all_token_strings())
     tok.save("data/synthetic/tokenizer.json"); tok = Tokenizer.load("data/synthetic/tokenizer.json")
-    ids = tok.encode("User: hi<EOT>")
+    ids = tok.encode("<MODE=REC><BOI>")       # nanocrs' own strings: added tokens are matched
+    ids = tok.encode_text("I typed <BOI>")     # free text (users, datasets): "<BOI>" stays plain bytes
 """
 
 import os
@@ -68,7 +69,18 @@ class Tokenizer:
         return self.tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        """Text written by nanocrs itself: "<BOI>" in it is the control token."""
         return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Free text from a user or a dataset: added tokens in it are encoded as the plain bytes they
+        are, so typing "<BOI>" or "<a_1><b_2>" can never produce a control or semantic-ID token.
+        Text without them encodes exactly as encode() does."""
+        self.tk.encode_special_tokens = True  # the library's switch: match no special token in the text
+        try:
+            return self.tk.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tk.encode_special_tokens = False
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]

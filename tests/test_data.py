@@ -219,7 +219,7 @@ def write_lines(path, lines):
 def test_good_files_load(tmp_path):
     items = load_items(write_lines(tmp_path / "items.jsonl", ITEMS))
     assert [i["id"] for i in items] == ["m1", "m2"]
-    dialogs = load_dialogs(write_lines(tmp_path / "d.jsonl", [GOOD, "", GOOD]), {"m1", "m2"})
+    dialogs = load_dialogs(write_lines(tmp_path / "d.jsonl", [GOOD, "", {**GOOD, "id": "d1"}]), {"m1", "m2"})
     assert len(dialogs) == 2  # blank lines are skipped
 
 
@@ -263,7 +263,7 @@ def turn_mod(**kw):
     ({"turns": GOOD["turns"]}, "id"),
 ])
 def test_load_dialogs_rejects(tmp_path, bad, words):
-    path = write_lines(tmp_path / "train.jsonl", [GOOD, GOOD, bad])
+    path = write_lines(tmp_path / "train.jsonl", [{**GOOD, "id": "g1"}, {**GOOD, "id": "g2"}, bad])  # ids differ: duplicates are an error too
     with pytest.raises(DataError) as e:
         load_dialogs(path, {"m1", "m2"})
     msg = str(e.value)
