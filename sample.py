@@ -179,7 +179,7 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
     dialogs = ds[split][:max_dialogs] if max_dialogs else ds[split]
     catalogue = [it["id"] for it in ds["items"]]
     # the baselines count what the model was trained on (train, or train+val with --train-splits)
-    seen = training_dialogs(ds, s.config["train"].get("train_splits", "train"))
+    seen = training_dialogs(ds, s.config["train"].get("train_splits", "train"), bool(s.config["train"].get("item_sequences", 1)))
     pop, cooc = Popularity(seen, catalogue), CoOccurrence(seen, catalogue)
     trained_targets = {i for d in seen for turn in d["turns"] if turn["role"] == "assistant" for i in turn["items"]}
     cold_flags, top_lists = [], {}

@@ -82,6 +82,9 @@ def get_args(argv=None, given: set | None = None):
     # data
     p.add_argument("--train-splits", default="train",
                    help='comma-separated splits to train on ("train,val" = train+dev, as the paper does for INSPIRED)')
+    p.add_argument("--item-sequences", type=int, default=1,
+                   help="0: leave out the dataset's items-only dialogs (item sequences without text), which "
+                        "the eval's baselines then do not count either")
     p.add_argument("--item-text", type=int, default=0,
                    help="1: also train on item-text alignment (each item's ID <-> its title, year and genres, "
                         "both directions; Renderer.item_text_windows)")
@@ -246,7 +249,7 @@ def main(argv=None):
                         n_kv_head=a.n_kv_head, n_embd=a.n_embd, dropout=a.dropout)
         model = GPT(cfg).to(device)
     rd = Renderer(tok, sids, cfg.block_size)
-    train_dialogs = training_dialogs(ds, a.train_splits)
+    train_dialogs = training_dialogs(ds, a.train_splits, items_only=bool(a.item_sequences))
     train_ex = build_examples(rd, train_dialogs, a.format)
     if a.item_text:
         train_ex += rd.item_text_windows(ds["items"])

@@ -193,14 +193,15 @@ def load_dataset(data_dir: str, splits=SPLITS) -> dict:
     return ds
 
 
-def training_dialogs(ds: dict, splits: str) -> list[dict]:
+def training_dialogs(ds: dict, splits: str, items_only: bool = True) -> list[dict]:
     """The dialogs of the comma-separated splits a model trains on ("train", or "train,val" =
-    train+dev as the paper does for INSPIRED): train.py trains on them, the eval's baselines count them."""
+    train+dev as the paper does for INSPIRED): train.py trains on them, the eval's baselines count them.
+    items_only=False leaves out the item-sequence dialogs (train.py --item-sequences 0)."""
     names = splits.split(",")
     for name in names:
         if name not in ("train", "val"):
             raise DataError(f"--train-splits: unknown split {name!r} (train, val; the test split is never trained on)")
-    return [d for name in names for d in ds[name]]
+    return [d for name in names for d in ds[name] if items_only or not d.get("items_only")]
 
 
 def rec_samples(dialogs: list[dict]):
