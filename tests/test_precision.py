@@ -95,3 +95,179 @@ def test_trainable_parameters_are_fp32_masters(backbone, rank):
     assert not bad, f"trainable parameters not fp32: {bad[:4]}"
     if rank:
         assert all(p.dtype == torch.bfloat16 for p in frozen.values()), "the frozen base is bf16"
+
+
+# -----------------------------------------------------------------------------
+# train.py --dtype bfloat16: from scratch, from a backbone, resumed
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def saved_tensors(out):
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    return load_file(os.path.join(out, cfg["files"]["model"]))
+
+
+BF16 = ["--dtype", "bfloat16", "--eval-interval", "2", "--save-interval", "2"]
+
+
+def test_train_bf16_from_scratch_and_resume(dataset_dir, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run_train(dataset_dir, a, BF16 + ["--max-steps", "4"])
+    run_train(dataset_dir, b, BF16 + ["--max-steps", "2"])
+    run_train(dataset_dir, b, BF16 + ["--max-steps", "4", "--resume"])
+    la, lb = read_log(a), read_log(b)
+    assert [r["step"] for r in la] == [1, 2, 3, 4] and la[0]["loss"] > la[-1]["loss"]
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]  # the CPU is deterministic: bitwise
+    assert all(t.dtype == torch.float32 for t in saved_tensors(a).values())  # the master weights
+
+
+def test_train_bf16_init_from_lora_and_resume(dataset_dir, backbone, tmp_path):
+    from nanocrs import checkpoint
+    from nanocrs.lora import LoRALinear
+    lora = BF16 + ["--init-from", backbone, "--lora-rank", "4", "--lr", "1e-3"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run_train(dataset_dir, a, lora + ["--max-steps", "4"])
+    run_train(dataset_dir, b, lora + ["--max-steps", "2"])
+    run_train(dataset_dir, b, lora + ["--max-steps", "4", "--resume"])
+    la, lb = read_log(a), read_log(b)
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    sd = saved_tensors(a)  # the adapter only, in fp32
+    assert sd and all(n.endswith(("lora_A", "lora_B", "new_rows")) and t.dtype == torch.float32 for n, t in sd.items())
+
+    # evaluation over a bf16 base: LoRA stays unmerged in fp32, the semantic-ID logits are fp32
+    model, _, tok, sids = checkpoint.load(a, merge=True, dtype=torch.bfloat16)
+    assert any(isinstance(m, LoRALinear) for m in model.modules())
+    assert model.norm.weight.dtype == torch.bfloat16
+    x = torch.randint(0, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model.eval()(x)[0]
+    assert logits.dtype == torch.float32
+    # over an fp32 base (the CPU's default) it merges as before
+    merged, *_ = checkpoint.load(a, merge=True)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    with torch.no_grad():
+        ref = merged.eval()(x)[0]
+    new = slice(len(tok) - len(sids.all_token_strings()), len(tok))
+    torch.testing.assert_close(logits[..., new], ref[..., new], atol=0.05, rtol=0.05)  # bf16 base vs fp32
+    # and export folds the adapters in
+    export_hf(model, tok, str(tmp_path / "export"))
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_dtype_float32_reaches_the_backbone(dataset_dir, backbone, tmp_path):
+    from nanocrs import checkpoint
+    out = run_train(dataset_dir, str(tmp_path / "f"), ["--dtype", "float32", "--init-from", backbone,
+                                                       "--lora-rank", "2", "--max-steps", "1"])
+    model, *_ = checkpoint.load(out, dtype=torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_full_finetune_that_cannot_fit_is_refused(tmp_path):
+    from nanocrs.memplan import QWEN25_7B, check_full_finetune
+    os.makedirs(tmp_path / "q")
+    json.dump(QWEN25_7B, open(tmp_path / "q" / "config.json", "w"))
+    with pytest.raises(ValueError, match="lora-rank"):
+        check_full_finetune(str(tmp_path / "q"), 80 * 2 ** 30)  # 7.6B x 16 bytes > 72 GiB
+    check_full_finetune(str(tmp_path / "q"), 192 * 2 ** 30)    # fits a bigger card
+
+
+# -----------------------------------------------------------------------------
+# attention: what SDPA receives
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    calls, real = [], F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kw):
+        calls.append((attn_mask is None, q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    return calls
+
+
+@pytest.mark.parametrize("base", ["fp32 + autocast", "bf16 backbone + LoRA"])
+def test_sdpa_gets_no_mask_and_16bit_inputs(backbone, sdpa_calls, base):
+    """Flash attention needs equal 16-bit q, k, v and no explicit mask: check it holds in training,
+    prefill and one-token decoding (the KV cache takes the compute dtype)."""
+    if base == "fp32 + autocast":
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=120, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+        V = 120
+    else:
+        model, tok, _ = prepare(backbone, NEW_TOKENS, 64, 4, 8.0, 0.05, "cpu", dtype=torch.bfloat16)
+        V = len(tok)
+    x, y = lm_batch(V)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train()
+        model(x, y)[1].backward()
+        model.eval()
+        with torch.no_grad():
+            cache = model.new_cache(2, 40)
+            logits, _ = model(x[:2, :10], cache=cache)
+            for _ in range(3):
+                logits, _ = model(logits[:, -1:].argmax(-1), cache=cache)
+    assert cache.k.dtype == torch.bfloat16
+    assert len(sdpa_calls) == 2 * 5  # 2 layers x (training, prefill, 3 decoding steps)
+    assert set(sdpa_calls) == {(True, torch.bfloat16, torch.bfloat16, torch.bfloat16)}, set(sdpa_calls)
+
+
+def test_grad_checkpointing_under_autocast_equals_plain(backbone):
+    """Same loss and gradients with and without activation checkpointing, under bf16 autocast and
+    with LoRA dropout (the recomputation replays the same dropout masks)."""
+    results = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model, tok, first_new = prepare(backbone, NEW_TOKENS, 64, 4, 8.0, 0.1, "cpu", dtype=torch.bfloat16)
+        trained_like(model)
+        model.train()
+        model.grad_checkpointing = ckpt
+        x, y = lm_batch(len(tok), first_new=first_new)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(x, y)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=0, rtol=0, msg=n)
+
+
+# -----------------------------------------------------------------------------
+# FLOPs and peaks for MFU
+
+
+def test_train_flops_match_torch_flop_counter(backbone):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from nanocrs.mfu import train_flops
+    for rank in (4, 0):
+        torch.manual_seed(0)
+        model, tok, first_new = prepare(backbone, NEW_TOKENS, 64, rank, 8.0, 0.0, "cpu")
+        x, y = lm_batch(len(tok), B=3, T=32, first_new=first_new)
+        y[:, :20] = -1  # a loss on the last 12 positions only
+        model.train()
+        # the math kernel decomposes into matmuls the counter sees (it has no formula for the CPU's
+        # fused kernel); it computes the whole T x T score matrix, hence causal=False below
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            model(x, y)[1].backward()
+        est = train_flops(model, [32] * 3, int((y != -1).sum()), causal=False)
+        assert abs(est / counter.get_total_flops() - 1) < 0.01, (rank, est, counter.get_total_flops())
+
+
+def test_peak_flops_table():
+    from nanocrs.mfu import peak_flops
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12      # SXM
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H100 NVL") == 835e12
+    assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == peak_flops("NVIDIA A100 80GB PCIe") == 312e12
+    assert peak_flops("NVIDIA L40S") == 362e12 and peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("Some Future GPU") is None
