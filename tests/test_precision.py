@@ -271,3 +271,14 @@ def test_peak_flops_table():
     assert peak_flops("NVIDIA A100-SXM4-80GB") == peak_flops("NVIDIA A100 80GB PCIe") == 312e12
     assert peak_flops("NVIDIA L40S") == 362e12 and peak_flops("NVIDIA L4") == 121e12
     assert peak_flops("Some Future GPU") is None
+
+
+def test_deterministic_flag_runs(dataset_dir, tmp_path):
+    """--deterministic (deterministic kernels; on CUDA no flash attention) trains, and gives the
+    default run's losses on the CPU, whose kernels are deterministic anyway."""
+    try:
+        out = run_train(dataset_dir, str(tmp_path / "d"), ["--max-steps", "2", "--deterministic"])
+    finally:
+        torch.use_deterministic_algorithms(False)  # process-wide: do not leak into the other tests
+    ref = run_train(dataset_dir, str(tmp_path / "r"), ["--max-steps", "2"])
+    assert [r["loss"] for r in read_log(out)] == [r["loss"] for r in read_log(ref)]
