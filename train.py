@@ -32,7 +32,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch._dynamo
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -241,11 +240,12 @@ def main(argv=None):
     if a.compile:
         # compile block by block, not the whole model: GPT.forward's selection of the supervised rows
         # (a data-dependent shape) stays eager, where it costs nothing and splits no graph. Batch and
-        # length vary from step to step: dynamic from the start, not static then recompiled. The
-        # variants left are {training, no_grad eval} x {all rows, the last block's supervised rows}
-        # x {plain, activation checkpointing}; Dynamo's default limit of 8 per function leaves no
-        # room past that, and a function over the limit silently runs eager, hence 16.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        # length vary from step to step: dynamic from the start, not static then recompiled. That
+        # leaves {training, no_grad eval} x {all rows, the last block's supervised rows} = 4 variants
+        # (bf16 and checkpointing add none; tests/test_train.py counts them). Past Dynamo's limit
+        # (8 per function) a block would silently run eagerly, so the limit gets headroom.
+        import torch._dynamo as dynamo  # (a plain "import torch._dynamo" would make torch local to main)
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 16)
         for block in model.layers:
             block.compile(dynamic=True)
     fwd = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None) if ddp else model
