@@ -25,8 +25,8 @@ merge_lora() concatenates the two back into one nn.Embedding / nn.Linear.
 Dtypes: whatever the frozen base is stored in (bf16 for a big backbone on a GPU), everything this
 file makes trainable (A, B, new rows) is fp32, so AdamW updates fp32 master weights. A step of
 lr=1e-5 on a bf16 weight of size 0.02 is below half its rounding step (about 1.2e-4) and would be
-lost. The low-rank path casts its input to fp32 (under autocast the matmuls still run in the
-autocast dtype) and its output back to the base's dtype, so the residual stream keeps one dtype.
+lost. The low-rank path runs in fp32 (under autocast, in the autocast dtype) and its output is cast
+back to the base's dtype, so the residual stream keeps one dtype.
 """
 
 import math
@@ -58,10 +58,14 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         # x: (..., in). The low-rank path costs r * (in + out) per token instead of in * out. It runs
-        # in the adapters' dtype (fp32; under autocast its matmuls run in the autocast dtype) and is
-        # cast back to the base output's dtype.
+        # in the adapters' dtype (fp32) and is cast back to the base output's dtype. Under autocast
+        # its matmuls run in the autocast dtype anyway, and x is left as it is: a cast copy per
+        # wrapper would be saved for backward, where q/k/v (and gate/up) now share one input.
         y = self.base(x)
-        delta = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scaling
+        h = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            h = h.to(self.lora_A.dtype)
+        delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
         return y + delta.to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
