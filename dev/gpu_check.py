@@ -5,7 +5,7 @@ random Hugging Face-shaped backbones (no weights are downloaded).
 
     python dev/gpu_check.py                      # on the GPU, about 5-8 minutes on an H100/H200
     python dev/gpu_check.py --cpu-dry-run        # the same sections at toy sizes on the CPU (< 2 min)
-    python dev/gpu_check.py --only beam,load_1b  # some sections (those they need are not re-run)
+    python dev/gpu_check.py --only beam,load_1b  # some sections (fp32_master brings cli, which writes its backbone)
 
 Sections, in order; the first that fails stops the run (exit status 1):
   env          torch, CUDA, the GPU, bf16 support
