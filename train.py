@@ -14,9 +14,14 @@ Qwen2.5, Qwen3, Mistral); the model then uses that backbone's tokenizer plus nan
 and with --lora-rank > 0 only the LoRA matrices and the new tokens' embedding rows train.
 
 On CUDA it uses bf16 autocast, flash attention through SDPA, TF32 matmuls and fused AdamW; on the
-CPU plain fp32. The checkpoint folder (nanocrs/checkpoint.py) holds everything sample.py needs.
+CPU plain fp32. Whatever --dtype is, the parameters that train are fp32 (AdamW's master weights);
+--dtype sets the autocast dtype and that of a pretrained backbone's frozen weights.
+The checkpoint folder (nanocrs/checkpoint.py) holds everything sample.py needs.
 Ctrl-C or SIGTERM saves a checkpoint after the step in progress before exiting; a non-finite loss stops
-training before it is saved; --resume continues with exactly the same batches and losses.
+training before it is saved; --resume continues with exactly the same batches and losses:
+bitwise on the CPU; on CUDA flash attention's backward and some cuBLAS kernels sum in a varying
+order, so the losses agree to float noise (about 1e-3 relative after a few hundred bf16 steps)
+unless --deterministic (deterministic kernels, no flash attention: slower) is given.
 """
 
 import argparse
@@ -38,25 +43,25 @@ from nanocrs import checkpoint
 from nanocrs.checkpoint import CheckpointError
 from nanocrs.data import (DataError, Renderer, check_catalogue, collate, epoch_batches, fingerprint, load_dataset,
                           training_dialogs)
+from nanocrs.mfu import peak_flops, train_flops
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import CONTROL_TOKENS, Tokenizer
 
 
-# bf16 dense peak FLOP/s of the GPU, for the MFU figure (None: unknown, not shown)
-PEAK_FLOPS = None
-if torch.cuda.is_available():
-    _name = torch.cuda.get_device_name()
-    PEAK_FLOPS = 989e12 if "H100" in _name or "H200" in _name else 312e12 if "A100" in _name else None
-
 # The paper's Table 7 recipes (LoRA r16/a32/dropout 0.05 on all linear layers, batch 72 through
 # accumulation, max length 768, weight decay 0). The schedule after warmup is not stated: cosine to lr/10.
+# Activation checkpointing is on: without it 8 x 768 tokens of an 8B model fill the whole budget of
+# an 80 GB card in the memory plan (python -m nanocrs.memplan), before fragmentation and workspaces.
 PRESETS = {
     "gcrs-redial": dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05, lr=2e-4, min_lr=2e-5, warmup=150,
-                        max_steps=1800, batch_size=8, grad_accum=9, block_size=768, weight_decay=0.0, format="turn"),
+                        max_steps=1800, batch_size=8, grad_accum=9, block_size=768, weight_decay=0.0, format="turn",
+                        grad_checkpoint=True),
     "gcrs-inspired": dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05, lr=1e-4, min_lr=1e-5, warmup=50,
-                          max_steps=240, batch_size=8, grad_accum=9, block_size=768, weight_decay=0.0, format="turn"),
+                          max_steps=240, batch_size=8, grad_accum=9, block_size=768, weight_decay=0.0, format="turn",
+                          grad_checkpoint=True),
 }
+MFU_WINDOW = 20  # tokens/s and MFU over the last this many optimizer steps (compile, eval and saves excluded)
 
 
 def get_args(argv=None, given: set | None = None):
@@ -105,9 +110,13 @@ def get_args(argv=None, given: set | None = None):
     p.add_argument("--seed", type=int, default=1337)
     # system
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on CUDA)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype and a backbone's frozen weights' dtype (auto: bf16 on CUDA); trainable weights are fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start, faster to run)")
-    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block (less memory, ~1/3 more compute)")
+    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="activation checkpointing per block (less memory, ~1/3 more compute; on in the presets)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic CUDA kernels (no flash attention, slower): bitwise-repeatable runs and resumes")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     preset = p.parse_known_args(argv)[0].preset
     if preset:
@@ -199,18 +208,25 @@ def main(argv=None):
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world, master = 0, 1, True
     if ddp:
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        master = rank == 0
-        if device_type == "cuda":
+        if device_type == "cuda":  # bind the process to its GPU first, and tell NCCL which one it is
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                device_id=torch.device(device) if device_type == "cuda" else None)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        master = rank == 0
     dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
     autocast = (torch.autocast(device_type=device_type, dtype=torch.bfloat16)
                 if dtype == "bfloat16" else nullcontext())
+    base_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # a backbone's frozen weights
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if a.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS' deterministic workspaces
+        torch.use_deterministic_algorithms(True)
+        if device_type == "cuda":
+            torch.backends.cuda.enable_flash_sdp(False)  # its backward accumulates in a varying order
 
     # ---- data: the dataset folder has the tokenizer and the semantic-ID table
     ds = load_dataset(a.data)
@@ -224,7 +240,7 @@ def main(argv=None):
         raise CheckpointError(f"{a.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     step = 0
     if a.resume:
-        model, config, tok, sids = checkpoint.load(a.out, device)
+        model, config, tok, sids = checkpoint.load(a.out, device, dtype=base_dtype)
         step = config["step"]
         # the model's structure comes from the checkpoint, whatever the command line says
         a.init_from, lora = config.get("init_from") or "", config.get("lora", lora)
@@ -236,9 +252,12 @@ def main(argv=None):
         cfg = model.config
     elif a.init_from:
         from nanocrs.backbone import prepare
+        if a.lora_rank == 0 and device_type == "cuda":  # before loading: fp32 weights + AdamW, 16 bytes a parameter
+            from nanocrs.memplan import check_full_finetune
+            check_full_finetune(a.init_from, torch.cuda.get_device_properties(device).total_memory)
         torch.manual_seed(a.seed)  # LoRA's A init
         model, tok, first_new = prepare(a.init_from, CONTROL_TOKENS + sids.all_token_strings(), a.block_size,
-                                        a.lora_rank, a.lora_alpha, a.lora_dropout, device)
+                                        a.lora_rank, a.lora_alpha, a.lora_dropout, device, base_dtype)
         cfg = model.config
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"backbone {a.init_from}: {len(tok) - first_new} tokens added at id {first_new}; "
@@ -272,9 +291,15 @@ def main(argv=None):
     model.grad_checkpointing = a.grad_checkpoint
     if a.compile:
         # compile block by block, not the whole model: GPT.forward's selection of the supervised rows
-        # (a data-dependent shape) stays eager, where it costs nothing and splits no graph
+        # (a data-dependent shape) stays eager, where it costs nothing and splits no graph. Batch and
+        # length vary from step to step: dynamic from the start, not static then recompiled. That
+        # leaves {training, no_grad eval} x {all rows, the last block's supervised rows} = 4 variants
+        # (bf16 and checkpointing add none; tests/test_train.py counts them). Past Dynamo's limit
+        # (8 per function) a block would silently run eagerly, so the limit gets headroom.
+        import torch._dynamo as dynamo  # (a plain "import torch._dynamo" would make torch local to main)
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 16)
         for block in model.layers:
-            block.compile()
+            block.compile(dynamic=True)
     fwd = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None) if ddp else model
 
     # tokenizer, item table and catalogue: written by a fresh run's first save; a resumed one keeps them
@@ -345,7 +370,8 @@ def main(argv=None):
     pbar = tqdm(total=a.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout,
                 mininterval=0.2 if sys.stdout.isatty() else 30, disable=not master)
     t0, tokens_seen = time.time(), 0
-    flops_per_token = 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
+    window = []  # (seconds, real tokens, model FLOPs) of this process's recent steps, for tok/s and MFU
     # Ctrl-C and SIGTERM only raise a flag, read between steps: the checkpoint then holds the weights of
     # exactly the steps it counts (an interrupt inside opt.step() would otherwise save step N+1's
     # weights as step N, and the resumed run would apply one batch twice)
@@ -368,6 +394,7 @@ def main(argv=None):
             idx = global_batch(step)
             n_sup = sum(1 for i in idx for t in train_ex[i][1] if t != -1)
             loss_sum = torch.zeros((), device=device)
+            t_step, step_tokens, step_flops = time.time(), 0, 0.0
             for micro in range(a.grad_accum):
                 part = idx[(micro * world + rank) * a.batch_size:(micro * world + rank + 1) * a.batch_size]
                 weight = 1.0
@@ -382,6 +409,9 @@ def main(argv=None):
                     (s * (weight * world / n_sup)).backward()  # DDP averages over ranks: * world undoes it
                 loss_sum += s.detach() * weight
                 tokens_seen += x.numel()
+                lens = [len(train_ex[i][0]) for i in part] if weight else []  # real lengths, no padding
+                step_tokens += sum(lens)
+                step_flops += train_flops(model, lens, sum(1 for i in part for t in train_ex[i][1] if t != -1) if weight else 0)
             if ddp:
                 dist.all_reduce(loss_sum)
             loss = loss_sum.item() / n_sup
@@ -393,6 +423,7 @@ def main(argv=None):
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            window = (window + [(time.time() - t_step, step_tokens, step_flops)])[-MFU_WINDOW:]  # loss.item() synced
             if not master:
                 continue
             rec = {"step": step, "lr": lr, "loss": loss}
@@ -401,10 +432,10 @@ def main(argv=None):
                 tqdm.write(f"step {step}: train loss {loss:.4f}, val loss {rec['val_loss']:.4f}")
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            rate = tokens_seen * world / (time.time() - t0)
-            post = {"loss": f"{loss:.3f}", "tok_s": f"{rate:.0f}"}
-            if device_type == "cuda" and PEAK_FLOPS:  # model FLOPs utilisation against the GPU's bf16 peak
-                post["mfu"] = f"{rate * flops_per_token / (PEAK_FLOPS * world):.1%}"
+            secs = sum(w[0] for w in window)
+            post = {"loss": f"{loss:.3f}", "tok_s": f"{sum(w[1] for w in window) * world / secs:.0f}"}
+            if peak:  # model FLOPs utilisation of this GPU against its dense bf16 peak (nanocrs/mfu.py)
+                post["mfu"] = f"{sum(w[2] for w in window) / secs / peak:.1%}"
             pbar.set_postfix(**post)
             pbar.update(1)
             if (a.save_interval and step % a.save_interval == 0) or step == a.max_steps:

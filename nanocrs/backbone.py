@@ -9,6 +9,11 @@ it with LoRA and make only the new token rows of the embeddings trainable (the p
 Face folder (nanocrs/hf.py). The same call rebuilds a fine-tuned model from its checkpoint: the
 checkpoint stores only what was trained (LoRA matrices and new rows), and the frozen rest comes from
 init_from again. lora_rank = 0 means full fine-tuning: everything trains and everything is saved.
+
+Dtypes: `dtype` is the frozen base's (bf16 on CUDA by default, fp32 on the CPU); what trains is
+always fp32, so AdamW holds fp32 master weights: the LoRA matrices and new rows (nanocrs/lora.py),
+or with lora_rank = 0 the whole model, which is then loaded in fp32 whatever `dtype` says (a full
+fine-tune costs 16 bytes per parameter: see nanocrs.memplan.check_full_finetune).
 """
 
 import torch
@@ -30,7 +35,7 @@ def prepare(init_from: str, new_tokens: list[str], block_size: int, lora_rank: i
             lora_dropout: float, device="cpu", dtype=None):
     """(model, tokenizer, first_new_id). With lora_rank > 0 only LoRA matrices and the rows of the
     added tokens have requires_grad=True; their names are what a checkpoint stores."""
-    model, tok = load_base(init_from, device, dtype)
+    model, tok = load_base(init_from, device, torch.float32 if lora_rank == 0 else dtype)
     add_tokens(model, tok, [])  # trim or grow to the tokenizer first (Qwen pads its embedding)
     first_new = len(tok)
     add_tokens(model, tok, new_tokens)
@@ -40,6 +45,7 @@ def prepare(init_from: str, new_tokens: list[str], block_size: int, lora_rank: i
         train_new_token_rows(model, first_new)
     else:
         model.requires_grad_(True)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad), "trainable = fp32"
     return model, tok, first_new
 
 

@@ -29,6 +29,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nanocrs.lora import merge_lora
 from nanocrs.model import GPT, GPTConfig, rope_frequencies
 from nanocrs.tokenizer import Tokenizer
 
@@ -305,8 +306,10 @@ def _infer_model_type(model: GPT) -> str:
 def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str, model_type: str | None = None):
     """Write out_dir/{config.json, model.safetensors, tokenizer.json}, loadable with transformers'
     AutoModelForCausalLM.from_pretrained. model_type defaults to the source checkpoint's, else
-    qwen3 / qwen2 / llama by the architecture. Vocabulary padding rows are not written."""
+    qwen3 / qwen2 / llama by the architecture. Vocabulary padding rows are not written. LoRA
+    adapters and split token rows still in the model are merged into it first (in place)."""
     cfg = model.config
+    merge_lora(model)  # a model with LoRA still unmerged (a bf16 base at inference): fold it in now
     model_type = model_type or _infer_model_type(model)
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {cfg.vocab_size}: call add_tokens()")

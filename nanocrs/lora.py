@@ -21,6 +21,12 @@ every caller remembered a no-decay group; it also keeps Adam state and full grad
 that never move. With the split, the old rows are simply not given to any optimizer, so they stay
 bit-identical with any optimizer or weight decay, and the optimizer state is for the new rows only.
 merge_lora() concatenates the two back into one nn.Embedding / nn.Linear.
+
+Dtypes: whatever the frozen base is stored in (bf16 for a big backbone on a GPU), everything this
+file makes trainable (A, B, new rows) is fp32, so AdamW updates fp32 master weights. A step of
+lr=1e-5 on a bf16 weight of size 0.02 is below half its rounding step (about 1.2e-4) and would be
+lost. The low-rank path runs in fp32 (under autocast, in the autocast dtype) and its output is cast
+back to the base's dtype, so the residual stream keeps one dtype.
 """
 
 import math
@@ -42,16 +48,25 @@ class LoRALinear(nn.Module):
         self.base = base
         self.base.requires_grad_(False)
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
+        # fp32 whatever the base's dtype: these are the master weights AdamW updates
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=torch.float32))
         # A gets nn.Linear's own init; B = 0 makes the update zero at step 0 (the LoRA paper's choice)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
-        # x: (..., in). The low-rank path costs r * (in + out) per token instead of in * out.
-        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        # x: (..., in). The low-rank path costs r * (in + out) per token instead of in * out. It runs
+        # in the adapters' dtype (fp32) and is cast back to the base output's dtype. Under autocast
+        # its matmuls run in the autocast dtype anyway, and x is left as it is: a cast copy per
+        # wrapper would be saved for backward, where q/k/v (and gate/up) now share one input.
+        y = self.base(x)
+        h = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            h = h.to(self.lora_A.dtype)
+        delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+        return y + delta.to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, shape (out, in) like base.weight, computed in fp32."""
@@ -107,20 +122,20 @@ class SplitEmbedding(nn.Module):
         super().__init__()
         w = emb.weight.detach()
         self.first_new_id = first_new_id
-        self.base_rows = nn.Parameter(w[:first_new_id].clone(), requires_grad=False)  # (first, D)
-        self.new_rows = nn.Parameter(w[first_new_id:].clone())                        # (V - first, D)
+        self.base_rows = nn.Parameter(w[:first_new_id].clone(), requires_grad=False)  # (first, D), base dtype
+        self.new_rows = nn.Parameter(w[first_new_id:].to(torch.float32, copy=True))  # (V - first, D), fp32
 
     @property
     def weight(self) -> torch.Tensor:
-        # the whole (V, D) matrix, for code that reads .weight (device/dtype, tied heads)
-        return torch.cat([self.base_rows, self.new_rows])
+        # the whole (V, D) matrix in the base's dtype, for code that reads .weight (device/dtype, merging)
+        return torch.cat([self.base_rows, self.new_rows.to(self.base_rows.dtype)])
 
     def forward(self, idx):
         # idx: (B, T). Look each id up in its own half and pick: no (V, D) concatenation per step.
         is_new = idx >= self.first_new_id
         old = F.embedding(idx.masked_fill(is_new, 0), self.base_rows)                   # (B, T, D)
-        new = F.embedding((idx - self.first_new_id).clamp(min=0), self.new_rows)        # (B, T, D)
-        return torch.where(is_new.unsqueeze(-1), new, old)
+        new = F.embedding((idx - self.first_new_id).clamp(min=0), self.new_rows)        # (B, T, D) fp32
+        return torch.where(is_new.unsqueeze(-1), new.to(old.dtype), old)
 
 
 class SplitHead(nn.Module):
@@ -132,11 +147,16 @@ class SplitHead(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return torch.cat([self.base_rows, self.new_rows])
+        return torch.cat([self.base_rows, self.new_rows.to(self.base_rows.dtype)])
 
     def forward(self, x):
-        # x: (B, T, D) -> (B, T, V); no gradient is ever computed for the frozen base rows
-        return torch.cat([F.linear(x, self.base_rows), F.linear(x, self.new_rows)], dim=-1)
+        # x: (B, T, D) -> (B, T, V) fp32; no gradient is ever computed for the frozen base rows. The
+        # new tokens' logits (the semantic IDs that beam search ranks) are computed in fp32, outside
+        # autocast: bf16 logits have steps of 0.125 at 20 and would round close scores into ties.
+        base = F.linear(x, self.base_rows)
+        with torch.autocast(x.device.type, enabled=False):
+            new = F.linear(x.float(), self.new_rows)
+        return torch.cat([base.float(), new], dim=-1)
 
 
 def train_new_token_rows(model: nn.Module, first_new_id: int):
@@ -154,7 +174,7 @@ def train_new_token_rows(model: nn.Module, first_new_id: int):
     else:
         w = head.weight.detach()
         model.lm_head = SplitHead(nn.Parameter(w[:first_new_id].clone(), requires_grad=False),
-                                  nn.Parameter(w[first_new_id:].clone()))
+                                  nn.Parameter(w[first_new_id:].to(torch.float32, copy=True)))
 
 
 def merge_new_rows(model: nn.Module):

@@ -178,6 +178,23 @@ def report(p: dict, dropout: float):
         print(f"  {mode:>17}: largest micro-batch {b:3d} ({total_bytes(p, mode, b) / GiB:.1f} GiB); "
               f"batch {PAPER_BATCH}: {steps} accumulation step{'s' if steps > 1 else ''} of {micro}")
 
+def check_full_finetune(init_from: str, gpu_bytes: int, n_new: int = N_NEW_TOKENS):
+    """Refuse (ValueError, before anything is loaded) a full fine-tune (--lora-rank 0) of a Hugging
+    Face folder whose fp32 weights, gradients and AdamW moments (16 bytes a parameter, activations
+    not counted) exceed the budget of a GPU with gpu_bytes of memory."""
+    cfg_path = os.path.join(init_from, "config.json")
+    if not os.path.isfile(cfg_path):
+        return  # "smollm2" (135M parameters) or a folder load_hf will reject with its own message
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    model, _ = build_meta(hf, hf["vocab_size"], n_new, rank=0)
+    need, budget = 4 * FP32 * model.num_params(), gpu_bytes * (1 - HEADROOM)
+    if need > budget:
+        raise ValueError(f"--lora-rank 0 fully fine-tunes {model.num_params() / 1e9:.1f}B parameters: fp32 weights, "
+                         f"gradients and AdamW moments alone take {need / GiB:.0f} GiB, over this GPU's "
+                         f"{budget / GiB:.0f} GiB budget; use LoRA (--lora-rank 16)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="GPU memory plan for LoRA fine-tuning a backbone (meta device only)")
     ap.add_argument("--config", help="a Hugging Face config.json (default: Llama-3.1-8B and Qwen2.5-7B)")

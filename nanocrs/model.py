@@ -309,8 +309,12 @@ class GPT(nn.Module):
         return None, F.cross_entropy(logits.float(), t, ignore_index=-1, reduction=reduction)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        p = self.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+        """A cache in the dtype the keys are computed in: the autocast dtype when autocast is on
+        (an fp32 cache would make SDPA mix dtypes or upcast, and rule out flash attention), else
+        the backbone's. The norm's weight has the backbone's dtype and device (never split)."""
+        p = self.norm.weight
+        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=dtype)
 
     def configure_optimizer(self, lr: float, weight_decay: float, betas=(0.9, 0.95), device_type="cpu"):
         # decay matrices (and the embedding), not norms or biases

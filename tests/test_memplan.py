@@ -73,13 +73,18 @@ def test_activation_formula_matches_autograd(dropout):
     skip |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
     saved = {}
 
+    weight_shapes = {s for p in model.parameters() if p.dim() == 2 for s in (tuple(p.shape), tuple(p.shape)[::-1])}
+
     def pack(t):
         s = t.untyped_storage()
+        if t.dim() == 2 and tuple(t.shape) in weight_shapes:
+            return t  # autocast's bf16 copy of an fp32 LoRA matrix (or its transpose): per layer, not per token
         if s.data_ptr() not in skip and t.dim() >= 2:  # dim 1: fp32 copies of norm weights (per layer)
             saved[s.data_ptr()] = s.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # under autocast, as train.py runs a bf16 backbone (without it LoRA computes in its fp32)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         block(x, cos, sin).sum().backward()
     # the CPU's dropout keeps its mask in the input's dtype (2 bytes); CUDA's fused kernel, a bool
     expected = layer_bytes_per_token(model.config, RANK, dropout, mask_bytes=2)

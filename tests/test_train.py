@@ -263,7 +263,16 @@ def test_compile_matches_eager(dataset_dir, trained_ckpt, tmp_path):
     # train.py --compile (each block under torch.compile, inductor's C++ kernels on the CPU) gives the
     # eager run's losses, up to the order of float sums in fused kernels (the 4 steps sit inside the
     # 30-step warmup, so the 6-step eager run had the same learning rates)
+    import torch._dynamo
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from nanocrs.model import Block
+    torch._dynamo.reset()
     out = run_train(dataset_dir, str(tmp_path / "C"), ["--max-steps", "4", "--compile"])
+    # compiled variants of Block.forward (training and no_grad eval, x all rows and the last block's
+    # supervised rows; shapes dynamic from the start): well under the recompile limit, past which
+    # Dynamo would silently run the block eagerly (bf16 + --grad-checkpoint also gives 4)
+    n_variants = len(_debug_get_cache_entry_list(Block.forward.__code__))
+    assert n_variants <= 4 < torch._dynamo.config.recompile_limit, n_variants
     eager, compiled = _losses(trained_ckpt)[:4], _losses(out)
     assert len(compiled) == 4 and compiled[0] > compiled[-1]
     for e, c in zip(eager, compiled):
