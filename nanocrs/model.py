@@ -121,15 +121,21 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Pre-allocated keys and values for all layers: (n_layer, B, n_kv_head, max_len, head_dim).
 
-    `pos` is how many positions are filled; GPT.forward writes the new block at [pos, pos + T) and
-    advances it. Every row of the batch shares `pos` (beams of one context, or equal-length prompts).
+    `pos` is how many slots are filled; GPT.forward writes the new block at [pos, pos + T) and
+    advances it. Every row of the batch shares `pos` (beams of one context, or a batch of prompts).
+    Prompts of different lengths are left-padded: `pad` (B,) says how many leading slots of each row
+    hold no token. Those slots are never attended to, and a row's positions (RoPE) count from its
+    first real token, so a padded row computes what it would alone.
     """
 
-    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32,
+                 pad: torch.Tensor | None = None):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+        assert pad is None or pad.shape == (batch_size,), "pad: one count per row"
+        self.pad = pad  # (B,) int64 or None (no padding)
 
     @property
     def max_len(self) -> int:
@@ -150,12 +156,23 @@ class KVCache:
         new.k = self.k.expand(-1, n, -1, -1, -1).contiguous()
         new.v = self.v.expand(-1, n, -1, -1, -1).contiguous()
         new.pos = self.pos
+        new.pad = None if self.pad is None else self.pad.expand(n).contiguous()
         return new
 
     def reorder(self, rows: torch.Tensor):
         """Keep/duplicate batch rows (beam search survivors): rows (B',) indices into the batch."""
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, rows)
+
+    def attn_mask(self, T: int, S: int):
+        """(B, 1, T, S) bool for a padded batch: the block's T queries at slots [S - T, S) see the keys
+        causally, minus each row's padding. A padding slot's query sees only itself: a fully masked
+        row would give NaN, and NaN values times a zero weight are still NaN in the next layer."""
+        q = torch.arange(S - T, S, device=self.pad.device)[:, None]  # (T, 1) slots of the queries
+        k = torch.arange(S, device=self.pad.device)[None, :]         # (1, S) slots of the keys
+        return ((k <= q) & ((k >= self.pad[:, None, None]) | (k == q)))[:, None]  # (B, 1, T, S)
 
 
 class Attention(nn.Module):
@@ -185,7 +202,9 @@ class Attention(nn.Module):
             start = cache.pos
             k, v = cache.update(layer, k, v)  # (B, n_kv, start + T, hd)
         S = k.shape[2]
-        if start == 0:
+        if cache is not None and cache.pad is not None:
+            mask, causal = cache.attn_mask(T, S), False  # a left-padded batch
+        elif start == 0:
             mask, causal = None, True          # plain causal attention over the block
         elif T == 1:
             mask, causal = None, False         # one new token sees everything before it
@@ -270,9 +289,15 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def rope(self, start: int, T: int, device):
-        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(device))  # (T, hd/2)
+    def rope(self, start: int, T: int, device, pad: torch.Tensor | None = None):
+        """cos, sin of positions start..start+T-1: (T, hd/2), or (B, 1, T, hd/2) with a left padding
+        pad (B,), which shifts each row back so that its first real token is position 0."""
+        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)  # (T,)
+        if pad is not None:
+            pos = pos[None] - pad[:, None].float()  # (B, T); padding slots get negative ones (unused)
+        freqs = pos[..., None] * self.inv_freq.to(device)  # (T, hd/2) or (B, T, hd/2)
+        if pad is not None:
+            freqs = freqs[:, None]  # (B, 1, T, hd/2): broadcast over the heads
         return freqs.cos(), freqs.sin()
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, reduction: str = "mean"):
@@ -286,7 +311,7 @@ class GPT(nn.Module):
         With a cache, the block is placed at cache.pos and the cache advances by T."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        cos, sin = self.rope(start, T, idx.device)
+        cos, sin = self.rope(start, T, idx.device, cache.pad if cache is not None else None)
         rows = None  # (N,) flat indices of the positions with a loss; None = all B*T positions
         if targets is not None and not torch.compiler.is_compiling():  # (a data-dependent shape
             rows = (targets.view(-1) != -1).nonzero().squeeze(1)          # would split a compiled graph)
@@ -308,9 +333,10 @@ class GPT(nn.Module):
         # fp32 softmax even under bf16 autocast
         return None, F.cross_entropy(logits.float(), t, ignore_index=-1, reduction=reduction)
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
+        """An empty cache; pad (B,): left padding of each row (see KVCache)."""
         p = self.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype, pad=pad)
 
     def configure_optimizer(self, lr: float, weight_decay: float, betas=(0.9, 0.95), device_type="cpu"):
         # decay matrices (and the embedding), not norms or biases
