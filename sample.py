@@ -29,7 +29,7 @@ from tqdm import tqdm
 from nanocrs import checkpoint
 from nanocrs.checkpoint import CheckpointError
 from nanocrs.data import MENTION, DataError, Renderer, load_dataset, load_items, rec_samples, training_dialogs
-from nanocrs.generate import Control, SIDTrie, beam_search, sample
+from nanocrs.generate import Control, SIDTrie, beam_search_batch, sample
 from nanocrs.metrics import (CoOccurrence, Popularity, corpus_bleu, distinct_per_sentence, distinct_ratio,
                              format_table, perplexity, rank_metrics, rank_of, repeat_context,
                              repeat_then_cooccurrence, replace_spans)
@@ -43,6 +43,10 @@ def get_args(argv=None):
     p.add_argument("--eval", default=None, metavar="SPLIT", help="run the recommendation eval on val or test")
     p.add_argument("--json", default=None, help="with --eval: also write the results here")
     p.add_argument("--beam", type=int, default=50, help="beam width of the item search")
+    p.add_argument("--eval-batch", type=int, default=8,
+                   help="with --eval: prompts per batched beam search (the KV cache holds batch x beam rows)")
+    p.add_argument("--rankings", default=None, metavar="FILE",
+                   help="with --eval: write each sample's ranked items here, one JSON line per sample")
     p.add_argument("--max-samples", type=int, default=0, help="with --eval: evaluate only the first N dialogs of the split (0: all)")
     p.add_argument("--max-gen", type=int, default=200, help="with --eval: generate responses on about this many turns for BLEU/Distinct (0: none)")
     p.add_argument("--num-samples", type=int, default=0, help="print this many test contexts with gold and generated replies")
@@ -135,14 +139,18 @@ class Session:
 
 @torch.no_grad()
 def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, max_gen: int = 200,
-             max_new_tokens: int = 64) -> dict:
+             max_new_tokens: int = 64, batch: int = 8, rankings: str | None = None) -> dict:
     """The recommendation eval (paper protocol, both protocols, baselines) and the dialog metrics.
 
-    Per assistant turn, ONE forward of  context + "Assistant:" + the gold structured turn  gives:
+    First the item rankings: on every REC turn, context + "Assistant:<MODE=REC><BOI>" (exactly how the
+    gold REC turn begins) starts a beam search; `batch` turns at a time, shortest first, so that the
+    left padding is small. Ties between equal scores go by catalogue order (nanocrs.generate), so the
+    batch size does not change a ranking beyond float rounding.
+    Then per assistant turn, ONE forward of  context + "Assistant:" + the gold structured turn  gives:
       - the free-mode intent: the greedy token right after "Assistant:";
-      - the perplexity of the gold response (teacher-forced; each <BOI>..<EOI> span counts as one unit);
-      - on REC turns, the start of the item beam search: the cache is rewound to just after
-        <MODE=REC><BOI>, which is exactly how the gold REC turn begins.
+      - the perplexity of the gold response (teacher-forced; each <BOI>..<EOI> span counts as one unit).
+    With `rankings`, one JSON line per sample: dialog, turn, gold, fresh, rank (1-based, 0 = not
+    found) and the model's ranked [item, log-prob] list.
     On every k-th turn (about max_gen turns in all) a response is also generated greedily with the
     gold mode forced, for BLEU / Distinct-n and, on REC turns, the target-prediction accuracy (the
     item the model writes after <BOI>) and faithfulness (the response mentions that same item)."""
@@ -167,13 +175,26 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
     nll_total, nll_units = 0.0, 0
     hyps, refs = [], []
     gen = {"rec_turns": 0, "target_hits": 0, "top1_hits": 0, "faithful": 0}
+    examples = {}  # (dialog id, turn) -> (ids, P): P = tokens up to and including "Assistant:"
+    for d, t in turns:
+        ids, targets = s.rd.example(d["turns"][:t], d["turns"][t])
+        examples[(d["id"], t)] = ids, next(i for i, x in enumerate(targets) if x != -1) + 1
+    # the model's rankings, batched beam search over the REC turns' prompts
+    rec = sorted(((examples[(d["id"], t)][0][:examples[(d["id"], t)][1] + 2], (d["id"], t))
+                  for d, t in turns if d["turns"][t]["items"]), key=lambda x: len(x[0]))
+    tops = {}
+    for a in tqdm(range(0, len(rec), batch), desc=f"rank {split}", dynamic_ncols=True, file=sys.stderr,
+                  mininterval=0.2 if sys.stderr.isatty() else 30):
+        chunk = rec[a:a + batch]
+        for (prompt, key), top in zip(chunk, beam_search_batch(s.model, [p for p, _ in chunk], s.trie, s.ctrl, beam)):
+            assert prompt[-2:] == [mode_rec, s.ctrl.boi]
+            tops[key] = top
+    ranking_lines = []
     for j, (d, t) in enumerate(tqdm(turns, desc=f"eval {split}", dynamic_ncols=True, file=sys.stderr,
                                     mininterval=0.2 if sys.stderr.isatty() else 30)):
         turn, context = d["turns"][t], d["turns"][:t]
-        ids, targets = s.rd.example(context, turn)
-        P = next(i for i, x in enumerate(targets) if x != -1) + 1  # tokens up to and including "Assistant:"
-        cache = s.model.new_cache(1, len(ids) + s.trie.depth + 1)
-        logits, _ = s.model(torch.tensor([ids], device=s.device), cache=cache)
+        ids, P = examples[(d["id"], t)]
+        logits, _ = s.model(torch.tensor([ids], device=s.device))
         logits = logits[0]  # (T, V)
         intent_hits += int(logits[P - 1].argmax().item() == (mode_rec if turn["items"] else mode_chat))
         # perplexity of the response: the tokens after <RESP>, an item span scored as one unit
@@ -188,9 +209,7 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
                 in_span = False
         top1 = None
         if turn["items"]:
-            assert ids[P:P + 2] == [mode_rec, s.ctrl.boi]
-            cache.pos = P + 2  # rewind to just after <MODE=REC><BOI>
-            top = beam_search(s.model, ids[:P + 2], s.trie, s.ctrl, beam, cache=cache, last_logits=logits[P + 1][None])
+            top = tops[(d["id"], t)]
             lists = {"model": [i for i, _ in top], "popularity": pop.rank(context), "repeat": repeat_context(context),
                      "cooc": cooc.rank(context), "repeat+cooc": repeat_then_cooccurrence(context, cooc)}
             if has_oracle:
@@ -200,6 +219,8 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
                     ranks[m].append(rank_of(lists[m], gold))
                 fresh_flags.append(fresh)
                 cold_flags.append(gold not in trained_targets)
+                ranking_lines.append(json.dumps({"dialog": d["id"], "turn": t, "gold": gold, "fresh": fresh,
+                                                 "rank": ranks["model"][-1], "top": [[i, lp] for i, lp in top]}))
             for m in methods:
                 top_lists.setdefault(m, []).append(lists[m][:10])
             top1 = lists["model"][0] if lists["model"] else None
@@ -215,6 +236,11 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
                 gen["target_hits"] += int(target in turn["items"])
                 gen["top1_hits"] += int(top1 in turn["items"])
                 gen["faithful"] += int(target is not None and target in text_items)
+    if rankings:
+        os.makedirs(os.path.dirname(os.path.abspath(rankings)), exist_ok=True)
+        with open(rankings + ".tmp", "w") as f:
+            f.write("".join(line + "\n" for line in ranking_lines))
+        os.replace(rankings + ".tmp", rankings)
     res = {"split": split, "n_samples": len(fresh_flags), "n_fresh": sum(fresh_flags), "beam": beam}
     for m in methods:
         res[m] = rank_metrics(ranks[m])
@@ -392,7 +418,8 @@ def main(argv=None):
         if args.beam < 50:
             print(f"note: beam {args.beam} < 50, so recall@50 counts only the {args.beam} items returned")
         t0 = time.time()
-        res = evaluate(s, ds, args.eval, args.beam, args.max_samples, args.max_gen, args.max_new_tokens)
+        res = evaluate(s, ds, args.eval, args.beam, args.max_samples, args.max_gen, args.max_new_tokens,
+                       args.eval_batch, args.rankings)
         res["seconds"] = round(time.time() - t0, 1)
         print_eval(res)
         print(f"eval took {res['seconds']} s")
@@ -403,6 +430,8 @@ def main(argv=None):
                 json.dump(res, f, indent=1)
             os.replace(tmp, args.json)
             print(f"wrote {args.json}")
+        if args.rankings:
+            print(f"wrote {args.rankings}")
     if args.num_samples:
         show_samples(s, ds, args.num_samples, args, generator)
     if args.chat:
