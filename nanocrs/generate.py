@@ -276,6 +276,7 @@ def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int):
     node = torch.zeros(B, 1, dtype=torch.long, device=device)     # (B, K) trie node of each beam
     score = torch.zeros(B, 1, dtype=torch.float64, device=device)  # (B, K) summed log-prob; -inf = no beam
     fin_score, fin_item = [], []
+    prompt_len = cache.pos  # the slots all beams of a prompt share
     for step in range(trie.depth):
         K = node.shape[1]
         # every (beam, child) pair, scored: only the children's columns of the vocabulary are read
@@ -294,8 +295,9 @@ def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int):
         fin_item.append(tt.leaf_item[child])
         if step == trie.depth - 1:
             break  # no ID is longer: nothing left to expand
-        # the surviving beams' cache rows (index_select also grows the B prefill rows to B*W)
-        cache.reorder((torch.arange(B, device=device)[:, None] * K + beam).view(-1))
+        # the surviving beams' cache rows: the first step grows the B prefill rows to B*W'; later
+        # steps permute beams within a prompt, so only the generated slots need to move
+        cache.reorder((torch.arange(B, device=device)[:, None] * K + beam).view(-1), shared=prompt_len)
         logits, _ = model(tt.child_tok[parent, c].view(-1, 1), cache=cache)
         logp = torch.log_softmax(logits[:, -1].float(), -1)                 # (B*W', V)
         live = real & ~leaf

@@ -159,10 +159,17 @@ class KVCache:
         new.pad = None if self.pad is None else self.pad.expand(n).contiguous()
         return new
 
-    def reorder(self, rows: torch.Tensor):
-        """Keep/duplicate batch rows (beam search survivors): rows (B',) indices into the batch."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
+    def reorder(self, rows: torch.Tensor, shared: int = 0):
+        """Keep/duplicate batch rows (beam search survivors): rows (B',) indices into the batch.
+        shared > 0 promises that every row and the row it is replaced by hold the same first `shared`
+        slots (beams of one prompt share the prompt): with B' = B only slots [shared, pos) are copied,
+        not the whole cache."""
+        if shared and len(rows) == self.k.shape[1]:
+            self.k[:, :, :, shared:self.pos] = self.k[:, rows, :, shared:self.pos]
+            self.v[:, :, :, shared:self.pos] = self.v[:, rows, :, shared:self.pos]
+        else:
+            self.k = self.k.index_select(1, rows)
+            self.v = self.v.index_select(1, rows)
         if self.pad is not None:
             self.pad = self.pad.index_select(0, rows)
 

@@ -309,7 +309,7 @@ class Bigram:
     def new_cache(self, batch_size, max_len, pad=None):
         cache = SimpleNamespace(pos=0, max_len=max_len, pad=pad)
         cache.expand = lambda n: cache
-        cache.reorder = lambda rows: None
+        cache.reorder = lambda rows, shared=0: None
         return cache
 
     def __call__(self, idx, cache=None):

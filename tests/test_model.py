@@ -5,6 +5,7 @@ loss's ignore_index, the padded vocabulary, and llama3 RoPE scaling.
     python -m pytest tests/test_model.py -q
 """
 
+import copy
 import math
 
 import pytest
@@ -118,6 +119,21 @@ def test_left_padded_batch_equals_each_row_alone(name):
     for r in range(3):
         other[r, :L - lens[r]] = 17
     torch.testing.assert_close(model(other, cache=cache2)[0][:, -1], got[0][:, 0], atol=1e-5, rtol=0)
+
+
+def test_reorder_of_shared_prefix_copies_only_the_rest():
+    """reorder(rows, shared=P) between beams of one prompt: the same cache as a full reorder."""
+    model = make_model()
+    g = torch.Generator().manual_seed(9)
+    cache = model.new_cache(1, 12)
+    model(torch.randint(0, 50, (1, 6), generator=g), cache=cache)
+    cache.reorder(torch.zeros(4, dtype=torch.long))          # 1 -> 4 beams: a full copy
+    model(torch.randint(0, 50, (4, 2), generator=g), cache=cache)
+    full = copy.deepcopy(cache)
+    rows = torch.tensor([3, 3, 1, 0])
+    full.reorder(rows)
+    cache.reorder(rows, shared=6)
+    assert torch.equal(cache.k, full.k) and torch.equal(cache.v, full.v)
 
 
 def test_cache_overflow_is_refused():
