@@ -339,9 +339,9 @@ class StubLM:
     def eval(self):
         return self
 
-    def new_cache(self, batch_size, max_len, pad=None):
+    def new_cache(self, batch_size, max_len, pad=None, prefix=None):
         cache = SimpleNamespace(pos=0, pad=pad)
-        cache.reorder = lambda rows, shared=0: None
+        cache.reorder = lambda rows: None
         return cache
 
     def __call__(self, idx, cache=None):

@@ -276,7 +276,8 @@ def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int):
     node = torch.zeros(B, 1, dtype=torch.long, device=device)     # (B, K) trie node of each beam
     score = torch.zeros(B, 1, dtype=torch.float64, device=device)  # (B, K) summed log-prob; -inf = no beam
     fin_score, fin_item = [], []
-    prompt_len = cache.pos  # the slots all beams of a prompt share
+    # the beams' own cache holds only the SID tokens; they read their prompt from `cache`, uncopied
+    beams = model.new_cache(B, trie.depth, prefix=cache)
     for step in range(trie.depth):
         K = node.shape[1]
         # every (beam, child) pair, scored: only the children's columns of the vocabulary are read
@@ -295,10 +296,9 @@ def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int):
         fin_item.append(tt.leaf_item[child])
         if step == trie.depth - 1:
             break  # no ID is longer: nothing left to expand
-        # the surviving beams' cache rows: the first step grows the B prefill rows to B*W'; later
-        # steps permute beams within a prompt, so only the generated slots need to move
-        cache.reorder((torch.arange(B, device=device)[:, None] * K + beam).view(-1), shared=prompt_len)
-        logits, _ = model(tt.child_tok[parent, c].view(-1, 1), cache=cache)
+        # the surviving beams' cache rows (index_select also grows B rows to B*W' at the first step)
+        beams.reorder((torch.arange(B, device=device)[:, None] * K + beam).view(-1))
+        logits, _ = model(tt.child_tok[parent, c].view(-1, 1), cache=beams)
         logp = torch.log_softmax(logits[:, -1].float(), -1)                 # (B*W', V)
         live = real & ~leaf
         node = torch.where(live, child, tt.OUT)    # a finished or missing beam has no children

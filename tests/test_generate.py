@@ -306,10 +306,10 @@ class Bigram:
     def eval(self):
         return self
 
-    def new_cache(self, batch_size, max_len, pad=None):
+    def new_cache(self, batch_size, max_len, pad=None, prefix=None):
         cache = SimpleNamespace(pos=0, max_len=max_len, pad=pad)
         cache.expand = lambda n: cache
-        cache.reorder = lambda rows, shared=0: None
+        cache.reorder = lambda rows: None
         return cache
 
     def __call__(self, idx, cache=None):

@@ -5,7 +5,6 @@ loss's ignore_index, the padded vocabulary, and llama3 RoPE scaling.
     python -m pytest tests/test_model.py -q
 """
 
-import copy
 import math
 
 import pytest
@@ -121,19 +120,31 @@ def test_left_padded_batch_equals_each_row_alone(name):
     torch.testing.assert_close(model(other, cache=cache2)[0][:, -1], got[0][:, 0], atol=1e-5, rtol=0)
 
 
-def test_reorder_of_shared_prefix_copies_only_the_rest():
-    """reorder(rows, shared=P) between beams of one prompt: the same cache as a full reorder."""
-    model = make_model()
-    g = torch.Generator().manual_seed(9)
-    cache = model.new_cache(1, 12)
-    model(torch.randint(0, 50, (1, 6), generator=g), cache=cache)
-    cache.reorder(torch.zeros(4, dtype=torch.long))          # 1 -> 4 beams: a full copy
-    model(torch.randint(0, 50, (4, 2), generator=g), cache=cache)
-    full = copy.deepcopy(cache)
-    rows = torch.tensor([3, 3, 1, 0])
-    full.reorder(rows)
-    cache.reorder(rows, shared=6)
-    assert torch.equal(cache.k, full.k) and torch.equal(cache.v, full.v)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_beam_cache_over_a_padded_prefix_equals_each_sequence_alone(name):
+    """A beam cache (prefix=) over left-padded prompts: beams grow 1 -> 3 per prompt, are reordered,
+    and each decodes SID-like tokens; their logits equal each full sequence run alone."""
+    model = make_model(**CONFIGS[name])
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(11)
+    lens = [5, 11]
+    prompts = [torch.randint(0, V, (n,), generator=g) for n in lens]
+    L = max(lens)
+    ids = torch.stack([torch.cat([torch.zeros(L - len(p), dtype=torch.long), p]) for p in prompts])
+    prefix = model.new_cache(2, L, pad=torch.tensor([L - n for n in lens]))
+    model(ids, cache=prefix)
+    beams = model.new_cache(2, 3, prefix=prefix)
+    hist = [[] for _ in range(2)]                        # tokens of each beam row
+    for rows in (torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([2, 0, 0, 5, 3, 3]), torch.tensor([1, 1, 2, 4, 5, 3])):
+        beams.reorder(rows)
+        hist = [hist[r] for r in rows.tolist()]
+        toks = torch.randint(0, V, (6, 1), generator=g)
+        hist = [h + [int(t)] for h, t in zip(hist, toks[:, 0])]
+        logits, _ = model(toks, cache=beams)
+        assert prefix.pos == L and beams.pos == len(hist[0])
+        for r in range(6):
+            alone, _ = model(torch.cat([prompts[r // 3], torch.tensor(hist[r])])[None])
+            torch.testing.assert_close(logits[r, -1], alone[0, -1], atol=1e-5, rtol=0)
 
 
 def test_cache_overflow_is_refused():
