@@ -142,13 +142,13 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
              max_new_tokens: int = 64, batch: int = 8, rankings: str | None = None) -> dict:
     """The recommendation eval (paper protocol, both protocols, baselines) and the dialog metrics.
 
-    First the item rankings: on every REC turn, context + "Assistant:<MODE=REC><BOI>" (exactly how the
-    gold REC turn begins) starts a beam search; `batch` turns at a time, shortest first, so that the
-    left padding is small. Ties between equal scores go by catalogue order (nanocrs.generate), so the
-    batch size does not change a ranking beyond float rounding.
-    Then per assistant turn, ONE forward of  context + "Assistant:" + the gold structured turn  gives:
+    Per assistant turn, ONE forward of  context + "Assistant:" + the gold structured turn  gives:
       - the free-mode intent: the greedy token right after "Assistant:";
-      - the perplexity of the gold response (teacher-forced; each <BOI>..<EOI> span counts as one unit).
+      - the perplexity of the gold response (teacher-forced; each <BOI>..<EOI> span counts as one unit);
+      - on REC turns, the start of the item beam search: the cache is rewound to just after
+        <MODE=REC><BOI>, which is exactly how the gold REC turn begins.
+    Turns go `batch` at a time (score_turns), left-padded. Ties between equal scores go by catalogue
+    order (nanocrs.generate), so the batch size changes no ranking beyond float rounding.
     With `rankings`, one JSON line per sample: dialog, turn, gold, fresh, rank (1-based, 0 = not
     found) and the model's ranked [item, log-prob] list.
     On every k-th turn (about max_gen turns in all) a response is also generated greedily with the
@@ -179,37 +179,27 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
     for d, t in turns:
         ids, targets = s.rd.example(d["turns"][:t], d["turns"][t])
         examples[(d["id"], t)] = ids, next(i for i, x in enumerate(targets) if x != -1) + 1
-    # the model's rankings, batched beam search over the REC turns' prompts
-    rec = sorted(((examples[(d["id"], t)][0][:examples[(d["id"], t)][1] + 2], (d["id"], t))
-                  for d, t in turns if d["turns"][t]["items"]), key=lambda x: len(x[0]))
-    tops = {}
-    for a in tqdm(range(0, len(rec), batch), desc=f"rank {split}", dynamic_ncols=True, file=sys.stderr,
-                  mininterval=0.2 if sys.stderr.isatty() else 30):
-        chunk = rec[a:a + batch]
-        for (prompt, key), top in zip(chunk, beam_search_batch(s.model, [p for p, _ in chunk], s.trie, s.ctrl, beam)):
-            assert prompt[-2:] == [mode_rec, s.ctrl.boi]
-            tops[key] = top
+    # every turn scored, `batch` at a time: REC and CHAT turns apart (only REC turns search items),
+    # each sorted by the length of its prompt so that little padding is needed
+    scored = {}  # (dialog id, turn) -> (greedy token after "Assistant:", log-probs of the response, units, top)
+    for is_rec in (True, False):
+        keys = sorted(((d["id"], t) for d, t in turns if bool(d["turns"][t]["items"]) == is_rec),
+                      key=lambda k: examples[k][1])
+        for a in tqdm(range(0, len(keys), batch), desc=f"eval {split} ({'REC' if is_rec else 'CHAT'} turns)",
+                      dynamic_ncols=True, file=sys.stderr, mininterval=0.2 if sys.stderr.isatty() else 30):
+            chunk = keys[a:a + batch]
+            scored.update(zip(chunk, score_turns(s, [examples[k] for k in chunk], beam if is_rec else 0)))
     ranking_lines = []
-    for j, (d, t) in enumerate(tqdm(turns, desc=f"eval {split}", dynamic_ncols=True, file=sys.stderr,
-                                    mininterval=0.2 if sys.stderr.isatty() else 30)):
+    for j, (d, t) in enumerate(tqdm(turns, desc=f"eval {split} (metrics, responses)", dynamic_ncols=True,
+                                    file=sys.stderr, mininterval=0.2 if sys.stderr.isatty() else 30)):
         turn, context = d["turns"][t], d["turns"][:t]
-        ids, P = examples[(d["id"], t)]
-        logits, _ = s.model(torch.tensor([ids], device=s.device))
-        logits = logits[0]  # (T, V)
-        intent_hits += int(logits[P - 1].argmax().item() == (mode_rec if turn["items"] else mode_chat))
-        # perplexity of the response: the tokens after <RESP>, an item span scored as one unit
-        logp = torch.log_softmax(logits[:-1].float(), -1).gather(1, torch.tensor(ids[1:], device=s.device)[:, None])[:, 0]
-        k = ids.index(resp, P) + 1
-        in_span = False
-        for pos in range(k, len(ids)):
-            in_span = in_span or ids[pos] == s.ctrl.boi
-            nll_total -= logp[pos - 1].item()
-            if not in_span or ids[pos] == s.ctrl.eoi:
-                nll_units += 1
-                in_span = False
+        greedy, logps, units, top = scored[(d["id"], t)]
+        intent_hits += int(greedy == (mode_rec if turn["items"] else mode_chat))
+        for lp in logps:  # perplexity of the response: the tokens after <RESP>, an item span one unit
+            nll_total -= lp
+        nll_units += units
         top1 = None
         if turn["items"]:
-            top = tops[(d["id"], t)]
             lists = {"model": [i for i, _ in top], "popularity": pop.rank(context), "repeat": repeat_context(context),
                      "cooc": cooc.rank(context), "repeat+cooc": repeat_then_cooccurrence(context, cooc)}
             if has_oracle:
@@ -264,6 +254,50 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
         "target_accuracy": gen["target_hits"] / n_rec, "beam_top1_accuracy": gen["top1_hits"] / n_rec,
         "faithfulness": gen["faithful"] / n_rec, "n_generated_rec_turns": gen["rec_turns"]}
     return res
+
+
+@torch.no_grad()
+def score_turns(s: Session, examples: list, beam: int = 0) -> list:
+    """One left-padded forward of several turns, each (ids of context + "Assistant:" + the gold turn,
+    P = tokens up to and including "Assistant:") -> per turn (the greedy token after "Assistant:",
+    log-probs of the response tokens after <RESP>, the response's units with each item span one
+    unit, and with beam > 0, REC turns only, the ranked [(item, log-prob)] of the beam search).
+    The rows are padded so that every <BOI> (token P + 1) is at the same slot: rewound to just after
+    it, the cache holds each row's prompt up to <MODE=REC><BOI>, exactly how the gold REC turn begins,
+    and the beam search continues all rows at once. The gold tokens after that slot are simply
+    forgotten; causal attention kept them out of everything before it."""
+    device, resp = s.device, s.tok.id(RESP)
+    A = max(P for _, P in examples) + 1                # the shared slot of <BOI>
+    pads = [A - (P + 1) for _, P in examples]
+    T = max(p + len(ids) for p, (ids, _) in zip(pads, examples))
+    x = torch.full((len(examples), T), s.ctrl.eot, dtype=torch.long)  # (B, T); the filler is never attended to
+    for r, (p, (ids, _)) in enumerate(zip(pads, examples)):
+        x[r, p:p + len(ids)] = torch.tensor(ids)
+    pad = torch.tensor(pads, device=device)
+    cache = s.model.new_cache(len(examples), T, pad=pad if max(pads) else None)
+    logits, _ = s.model(x.to(device), cache=cache)   # (B, T, V)
+    out = []
+    for r, (p, (ids, P)) in enumerate(zip(pads, examples)):
+        row = logits[r, p:p + len(ids)]               # (len(ids), V): this turn's own positions
+        k = ids.index(resp, P) + 1
+        logps = torch.log_softmax(row[k - 1:-1].float(), -1).gather(
+            1, torch.tensor(ids[k:], device=device)[:, None])[:, 0].tolist()
+        units, in_span = 0, False
+        for tok in ids[k:]:
+            in_span = in_span or tok == s.ctrl.boi
+            if not in_span or tok == s.ctrl.eoi:
+                units += 1
+                in_span = False
+        out.append([int(row[P - 1].argmax()), logps, units, None])
+    if beam:
+        for ids, P in examples:
+            assert ids[P:P + 2] == [s.tok.id(MODE_REC), s.ctrl.boi]
+        cache.pos = A + 1  # rewind to just after <MODE=REC><BOI>
+        tops = beam_search_batch(s.model, [ids[:P + 2] for ids, P in examples], s.trie, s.ctrl, beam,
+                                 cache=cache, last_logits=logits[:, A])
+        for o, top in zip(out, tops):
+            o[3] = top
+    return out
 
 
 def print_eval(res: dict):

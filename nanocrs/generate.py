@@ -249,11 +249,14 @@ def beam_search(model, prompt: list[int], trie: SIDTrie, ctrl: Control, beam_wid
 
 
 @torch.no_grad()
-def beam_search_batch(model, prompts: list[list[int]], trie: SIDTrie, ctrl: Control,
-                      beam_width: int = 50) -> list[list[tuple[str, float]]]:
+def beam_search_batch(model, prompts: list[list[int]], trie: SIDTrie, ctrl: Control, beam_width: int = 50,
+                      cache=None, last_logits=None) -> list[list[tuple[str, float]]]:
     """beam_search for many prompts at once: left-padded into one prefill and one cache, each prompt
-    with its own beam_width beams. The same lists as one prompt at a time (up to float rounding)."""
+    with its own beam_width beams. The same lists as one prompt at a time (up to float rounding).
+    Pass (cache, last_logits (B, V)) of the already-prefilled prompts to skip the prefill."""
     assert all(p[-1] == ctrl.boi for p in prompts), "beam search starts right after <BOI>"
+    if cache is not None:
+        return _search(model, cache, last_logits, trie, ctrl, beam_width)
     model.eval()
     device = model.embed_tokens.weight.device
     L = max(len(p) for p in prompts)
