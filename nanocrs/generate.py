@@ -119,7 +119,8 @@ class TrieTensors:
     child_ok: torch.Tensor    # (N+1, C) bool   real trie children (not padding, not <EOI>/<BOI>)
     leaf_item: torch.Tensor   # (N+1,) int64    index into SIDTrie.item_ids, -1 for inner nodes
     outside: torch.Tensor     # (V,) bool       tokens allowed outside a span: all but SID tokens and <EOI>
-    OUT: int
+    outside_late: torch.Tensor  # (V,) bool     the same without <BOI>: near the end of the block there
+    OUT: int                    #               is too little room left to finish an item
 
     @classmethod
     def build(cls, trie: SIDTrie, ctrl: Control, vocab_size: int, device) -> "TrieTensors":
@@ -150,7 +151,9 @@ class TrieTensors:
         outside = torch.ones(vocab_size, dtype=torch.bool)
         outside[list(trie.sid_token_ids)] = False
         outside[ctrl.eoi] = False
-        return cls(tok.to(device), nxt.to(device), ok.to(device), leaf.to(device), outside.to(device), OUT)
+        late = outside.clone()
+        late[ctrl.boi] = False
+        return cls(*(t.to(device) for t in (tok, nxt, ok, leaf, outside, late)), OUT)
 
 
 def _span_state(ids, trie: SIDTrie, ctrl: Control):
@@ -195,9 +198,6 @@ def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control, n: int
     if trie is not None:
         tt = trie.tensors(ctrl, V, device)
         state = torch.full((n,), _state_index(prompt, trie, ctrl, tt), device=device)  # (n,) TrieTensors rows
-        # outside a span near the end of the block: too little room to finish an item, so no <BOI>
-        outside_late = tt.outside.clone()
-        outside_late[ctrl.boi] = False
     out = torch.full((n, max_len), -1, dtype=torch.long, device=device)  # generated tokens, -1 = none
     length = torch.zeros(n, dtype=torch.long, device=device)               # (n,) tokens generated per row
     done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -207,7 +207,7 @@ def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control, n: int
             # in a span: the node's children's logits scattered into -inf; outside: the fixed mask
             kids = tt.child_tok[state]                                   # (n, C)
             inside = torch.full_like(x, float("-inf")).scatter_(1, kids, x.gather(1, kids))
-            allowed = tt.outside if max_len - cache.pos > trie.depth + 2 else outside_late
+            allowed = tt.outside if max_len - cache.pos > trie.depth + 2 else tt.outside_late
             x = torch.where((state == tt.OUT)[:, None], x.masked_fill(~allowed, float("-inf")), inside)
         if greedy:
             nxt = x.argmax(-1)
