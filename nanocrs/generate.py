@@ -118,9 +118,9 @@ class TrieTensors:
     child_node: torch.Tensor  # (N+1, C) int64  node it leads to
     child_ok: torch.Tensor    # (N+1, C) bool   real trie children (not padding, not <EOI>/<BOI>)
     leaf_item: torch.Tensor   # (N+1,) int64    index into SIDTrie.item_ids, -1 for inner nodes
-    outside: torch.Tensor     # (V,) bool       tokens allowed outside a span: all but SID tokens and <EOI>
-    outside_late: torch.Tensor  # (V,) bool     the same without <BOI>: near the end of the block there
-    OUT: int                    #               is too little room left to finish an item
+    banned: torch.Tensor      # (V,) bool       tokens banned outside a span: SID tokens and <EOI>
+    banned_late: torch.Tensor  # (V,) bool      the same and <BOI>: near the end of the block there is
+    OUT: int                   #                too little room left to finish an item
 
     @classmethod
     def build(cls, trie: SIDTrie, ctrl: Control, vocab_size: int, device) -> "TrieTensors":
@@ -148,12 +148,12 @@ class TrieTensors:
             if row:
                 row = row + [row[0]] * (C - len(row))
                 tok[n], nxt[n] = torch.tensor([t for t, _ in row]), torch.tensor([c for _, c in row])
-        outside = torch.ones(vocab_size, dtype=torch.bool)
-        outside[list(trie.sid_token_ids)] = False
-        outside[ctrl.eoi] = False
-        late = outside.clone()
-        late[ctrl.boi] = False
-        return cls(*(t.to(device) for t in (tok, nxt, ok, leaf, outside, late)), OUT)
+        banned = torch.zeros(vocab_size, dtype=torch.bool)
+        banned[list(trie.sid_token_ids)] = True
+        banned[ctrl.eoi] = True
+        late = banned.clone()
+        late[ctrl.boi] = True
+        return cls(*(t.to(device) for t in (tok, nxt, ok, leaf, banned, late)), OUT)
 
 
 def _span_state(ids, trie: SIDTrie, ctrl: Control):
@@ -207,8 +207,8 @@ def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control, n: int
             # in a span: the node's children's logits scattered into -inf; outside: the fixed mask
             kids = tt.child_tok[state]                                   # (n, C)
             inside = torch.full_like(x, float("-inf")).scatter_(1, kids, x.gather(1, kids))
-            allowed = tt.outside if max_len - cache.pos > trie.depth + 2 else tt.outside_late
-            x = torch.where((state == tt.OUT)[:, None], x.masked_fill(~allowed, float("-inf")), inside)
+            banned = tt.banned if max_len - cache.pos > trie.depth + 2 else tt.banned_late
+            x = torch.where((state == tt.OUT)[:, None], x.masked_fill(banned, float("-inf")), inside)
         if greedy:
             nxt = x.argmax(-1)
         else:
@@ -220,7 +220,7 @@ def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control, n: int
         out[:, step] = torch.where(done, -1, nxt)
         length += ~done
         if trie is not None:
-            hit = tt.child_tok[state] == nxt[:, None]  # (n, C): which child was taken, if any
+            hit = kids == nxt[:, None]  # (n, C): which child was taken, if any
             state = torch.where(hit.any(-1), tt.child_node[state].gather(1, hit.int().argmax(-1, keepdim=True))[:, 0], tt.OUT)
             closed = state == tt.OUT
         else:

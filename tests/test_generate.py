@@ -425,8 +425,8 @@ def test_trie_tensors_match_the_dict_trie(tok, sids):
             n = int(tt.child_node[n][ok][tt.child_tok[n][ok] == t][0])
         assert trie.item_ids[int(tt.leaf_item[n])] == item
         assert set(tt.child_tok[n].tolist()) == {ctrl.eoi} and set(tt.child_node[n].tolist()) == {tt.OUT}
-    assert not tt.outside[list(trie.sid_token_ids)].any() and not tt.outside[ctrl.eoi]
-    assert int(tt.outside.sum()) == len(tok) - len(trie.sid_token_ids) - 1
+    assert tt.banned[list(trie.sid_token_ids)].all() and tt.banned[ctrl.eoi] and not tt.banned[ctrl.boi]
+    assert int(tt.banned.sum()) == len(trie.sid_token_ids) + 1 and tt.banned_late[ctrl.boi]
 
 
 class HostTransfers:
