@@ -44,7 +44,7 @@ def get_args(argv=None):
     p.add_argument("--json", default=None, help="with --eval: also write the results here")
     p.add_argument("--beam", type=int, default=50, help="beam width of the item search")
     p.add_argument("--eval-batch", type=int, default=8,
-                   help="with --eval: prompts per batched beam search (the KV cache holds batch x beam rows)")
+                   help="with --eval: turns per forward and beam search (memory: batch x block x vocab logits)")
     p.add_argument("--rankings", default=None, metavar="FILE",
                    help="with --eval: write each sample's ranked items here, one JSON line per sample")
     p.add_argument("--max-samples", type=int, default=0, help="with --eval: evaluate only the first N dialogs of the split (0: all)")
@@ -270,7 +270,8 @@ def score_turns(s: Session, examples: list, beam: int = 0) -> list:
     A = max(P for _, P in examples) + 1                # the shared slot of <BOI>
     pads = [A - (P + 1) for _, P in examples]
     T = max(p + len(ids) for p, (ids, _) in zip(pads, examples))
-    x = torch.full((len(examples), T), s.ctrl.eot, dtype=torch.long)  # (B, T); the filler is never attended to
+    # (B, T); filler on the left is masked (pad), on the right it comes after the row's last token
+    x = torch.full((len(examples), T), s.ctrl.eot, dtype=torch.long)
     for r, (p, (ids, _)) in enumerate(zip(pads, examples)):
         x[r, p:p + len(ids)] = torch.tensor(ids)
     pad = torch.tensor(pads, device=device)
@@ -449,6 +450,8 @@ def main(argv=None):
     if args.eval:
         if args.eval not in ("train", "val", "test"):
             raise DataError(f"--eval must be train, val or test, got {args.eval!r}")
+        if args.eval_batch < 1:
+            raise ValueError(f"--eval-batch must be >= 1, got {args.eval_batch}")
         if args.beam < 50:
             print(f"note: beam {args.beam} < 50, so recall@50 counts only the {args.beam} items returned")
         t0 = time.time()
