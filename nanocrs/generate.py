@@ -11,9 +11,9 @@ Outside an item span the sampler may write any text token or <BOI>, but never a 
 prefix is a complete ID the only allowed token is <EOI>. So every span the sampler emits is exactly
 one catalogue item.
 
-Beam search starts right after <BOI>: the prompt is prefilled once, the KV cache is copied to the
-beams, and each step keeps the `beam_width` best (item prefix, summed log-probability) pairs among
-all trie children of all beams. Log-probabilities are the model's own (softmax over the whole
+Beam search starts right after <BOI>: the prompt is prefilled once, the beams keep a cache of only
+their SID tokens and read the prompt's cache without copying it (KVCache prefix=), and each step keeps
+the `beam_width` best (item prefix, summed log-probability) pairs among all trie children of all beams. Log-probabilities are the model's own (softmax over the whole
 vocabulary), so with a beam at least as wide as the catalogue the ranking is exactly that of scoring
 every item one by one (tests/test_generate.py checks this).
 
