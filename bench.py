@@ -14,8 +14,8 @@ Benchmarks for nanocrs, each against the obvious alternative, printed as one tab
    the same loss value from both), where nanocrs runs its output head and its last block's output
    projection and MLP only on the supervised positions. Both use fused AdamW. With --compile, the same two rows with both
    models under torch.compile (nanocrs block by block, as train.py --compile does).
-2. Recommendation decoding: nanocrs.generate.beam_search (width 50; one prefill, the KV cache copied
-   to the beams) against transformers' generate(num_beams=50, num_return_sequences=50,
+2. Recommendation decoding: nanocrs.generate.beam_search (width 50; one prefill, the beams read the
+   prompt's cache uncopied) against transformers' generate(num_beams=50, num_return_sequences=50,
    prefix_allowed_tokens_fn=<the same trie>, max_new_tokens=SID length, length_penalty=0). Both rank
    by the summed log-probability of the SID (every SID has the same length, so the length penalty
    could not matter anyway): the top-50 item lists must be identical. Also trie-constrained sampling
