@@ -262,7 +262,7 @@ def beam_search_batch(model, prompts: list[list[int]], trie: SIDTrie, ctrl: Cont
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)  # (B,)
     ids = torch.tensor([[ctrl.eot] * (L - len(p)) + p for p in prompts], device=device)  # (B, L); pads are masked
-    cache = model.new_cache(len(prompts), L + trie.depth + 1, pad=pad if int(pad.max()) > 0 else None)
+    cache = model.new_cache(len(prompts), L, pad=pad if int(pad.max()) > 0 else None)  # the beams' tokens go elsewhere
     logits, _ = model(ids, cache=cache)
     return _search(model, cache, logits[:, -1], trie, ctrl, beam_width)
 
@@ -277,7 +277,8 @@ def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int):
     C = tt.child_tok.shape[1]
     logp = torch.log_softmax(last_logits.float(), -1)             # (B*K, V), K = 1 beam per prompt at first
     node = torch.zeros(B, 1, dtype=torch.long, device=device)     # (B, K) trie node of each beam
-    score = torch.zeros(B, 1, dtype=torch.float64, device=device)  # (B, K) summed log-prob; -inf = no beam
+    # (B, K) summed log-prob, -inf = no beam; float64 like the reference's Python floats (MPS has none)
+    score = torch.zeros(B, 1, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
     fin_score, fin_item = [], []
     # the beams' own cache holds only the SID tokens; they read their prompt from `cache`, uncopied
     beams = model.new_cache(B, trie.depth, prefix=cache)
@@ -285,7 +286,7 @@ def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int):
         K = node.shape[1]
         # every (beam, child) pair, scored: only the children's columns of the vocabulary are read
         kids = tt.child_tok[node]                                           # (B, K, C)
-        cand = score[..., None] + logp.view(B, K, V).gather(2, kids).double()
+        cand = score[..., None] + logp.view(B, K, V).gather(2, kids).to(score.dtype)
         cand = cand.masked_fill(~tt.child_ok[node], float("-inf")).view(B, K * C)
         # the W best per prompt; a stable sort keeps equal scores in (beam, child) order
         top, idx = cand.sort(dim=1, descending=True, stable=True)
