@@ -14,18 +14,22 @@ Benchmarks for nanocrs, each against the obvious alternative, printed as one tab
    the same loss value from both), where nanocrs runs its output head and its last block's output
    projection and MLP only on the supervised positions. Both use fused AdamW. With --compile, the same two rows with both
    models under torch.compile (nanocrs block by block, as train.py --compile does).
-2. Recommendation decoding: nanocrs.generate.beam_search (width 50; one prefill, the KV cache copied
-   to the beams) against transformers' generate(num_beams=50, num_return_sequences=50,
+2. Recommendation decoding: nanocrs.generate.beam_search (width 50; one prefill, the beams read the
+   prompt's cache uncopied) against transformers' generate(num_beams=50, num_return_sequences=50,
    prefix_allowed_tokens_fn=<the same trie>, max_new_tokens=SID length, length_penalty=0). Both rank
    by the summed log-probability of the SID (every SID has the same length, so the length penalty
    could not matter anyway): the top-50 item lists must be identical. Also trie-constrained sampling
-   against the same sampling loop with the trie mask switched off: the constraint's overhead.
+   against the same sampling loop with no trie: the constraint's overhead. Both at each thread count
+   of --decode-threads (1 and 2: transformers gains more from a second thread than a Python loop
+   does). Last, the decoder's own time per beam step with a 152k vocabulary and a model that costs
+   nothing: what a GPU would wait for on the host.
 3. Quantizer scale: residual k-means (3 levels x 256 codes) + collision suffixes on random 384-d
    vectors, each size in its own subprocess so that its peak RSS (VmHWM) is its own. Each level
    is fitted on at most --kmeans-points (256) points per centroid, then assigns every vector; 100k is
    also fitted on all points, and the final residual MSE of both shows what the sample costs.
 4. Evaluation throughput: rec samples/s of sample.evaluate (paper protocol, beam 50, no response
-   generation) on a small synthetic dataset and a 2-step checkpoint built in a temp folder.
+   generation) on a small synthetic dataset and a 2-step checkpoint built in a temp folder, one prompt
+   at a time (--eval-batch 1) and batched (8), with identical rankings.
 5. Load memory (--load-memory, or --sections load; not run by default: minutes, ~3x the checkpoint in
    RAM): a random ~1B-parameter Llama written as sharded safetensors into a temp folder (deleted after),
    then, each in a fresh process, the peak RSS of nanocrs.hf.load_hf against transformers'
@@ -53,13 +57,11 @@ import sys
 import tempfile
 import time
 from types import SimpleNamespace
-from unittest import mock
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from nanocrs import generate
 from nanocrs.generate import Control, SIDTrie, beam_search, sample
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import QuantizerConfig, quantize
@@ -85,6 +87,7 @@ def get_args(argv=None):
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--sections", default="train,decode,quantizer,eval", help="comma-separated subset")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads for every run (0: torch's default)")
+    p.add_argument("--decode-threads", default="1,2", help="section 2 runs once per thread count in this list")
     p.add_argument("--supervised-share", type=float, default=0.42,
                    help="section 1: share of tokens with a loss in the dialog-mask row (ReDial's training data: 0.42)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (sections 1-2)")
@@ -308,37 +311,77 @@ def compare_beams(w, hf, prompts, width=50, rounds=2):
     return res
 
 
-class AnyPrefix(dict):
-    """A trie node that accepts every token and never completes: with it (and the mask switched
-    off) generate.sample runs its own loop with no constraint at all."""
-
-    def __missing__(self, key):
-        return self
-
-
 def bench_sampling(w, prompts, max_new, rounds):
     """Decoding steps/s of generate.sample (4 rows, temperature 0.8, top-k 50) with the trie and
     without it. Steps, not tokens: rows that stop early (<EOT>) still ride along in the batch, and the
     free rows never close a span, so token counts differ while the cost per step is what we compare."""
-    V = w.model.config.vocab_size
-    free_trie = SIDTrie()
-    free_trie.root = AnyPrefix()
-    everything = torch.ones(V, dtype=torch.bool, device=w.device)
-
     def run(constrained):
         kw = dict(n=4, max_new_tokens=max_new, temperature=0.8, top_k=50,
                   generator=torch.Generator(device=w.device).manual_seed(0))
         steps = 0
-        for p in prompts:
-            if constrained:
-                outs = sample(w.model, p, w.trie, w.ctrl, **kw)
-            else:  # the same loop; the trie walk and the mask construction replaced by no-ops
-                with mock.patch.object(generate, "allowed_mask", lambda *a: everything):
-                    outs = sample(w.model, p, free_trie, w.ctrl, **kw)
+        for p in prompts:  # trie=None: the same loop with no constraint at all
+            outs = sample(w.model, p, w.trie if constrained else None, w.ctrl, **kw)
             steps += max(len(o) for o in outs)  # the rows advance together: one forward per step
         return steps
     rates = interleaved({"constrained": lambda: run(True), "free": lambda: run(False)}, rounds)
     return dict(steps_per_s=rates, overhead=rates["free"] / rates["constrained"] - 1.0)
+
+
+class StubLM:
+    """Stands in for a model with a big vocabulary (a Qwen-sized head): every row's logits are one of
+    a few fixed random rows, viewed, not copied, so a beam step's time is the decoder's own work."""
+
+    def __init__(self, vocab_size, seed=0):
+        self.config = SimpleNamespace(vocab_size=vocab_size, block_size=4096)
+        self.embed_tokens = SimpleNamespace(weight=torch.zeros(1))
+        self.rows = torch.randn(4, vocab_size, generator=torch.Generator().manual_seed(seed))
+
+    def eval(self):
+        return self
+
+    def new_cache(self, batch_size, max_len, pad=None, prefix=None):
+        cache = SimpleNamespace(pos=0, pad=pad)
+        cache.reorder = lambda rows: None
+        return cache
+
+    def __call__(self, idx, cache=None):
+        cache.pos += idx.shape[1]
+        return self.rows[int(cache.pos) % 4].expand(idx.shape[0], idx.shape[1], -1), None
+
+
+class TableSIDs:
+    """Random SIDs of `levels` tokens over `codes` codes per level, in the interface SIDTrie.build reads."""
+
+    def __init__(self, n_items, levels, codes, seed=0):
+        g = np.random.default_rng(seed)
+        ids = {tuple(g.integers(codes, size=levels)) for _ in range(3 * n_items)}
+        self.codes = sorted(ids)[:n_items]
+        self.item_ids = [f"m{i}" for i in range(len(self.codes))]
+        self.levels, self.size = levels, codes
+
+    def tokens(self, item):
+        return [f"<{chr(97 + l)}_{c}>" for l, c in enumerate(self.codes[int(item[1:])])]
+
+    def all_token_strings(self):
+        return [f"<{chr(97 + l)}_{c}>" for l in range(self.levels) for c in range(self.size)]
+
+
+def bench_beam_overhead(vocab_size=151_936, width=50, n_items=20_000, levels=3, codes=64, rounds=5):
+    """Milliseconds per beam step of nanocrs.generate.beam_search around a model that costs nothing:
+    the decoder's own work with a big vocabulary (the full-vocabulary log-softmax included)."""
+    sids = TableSIDs(n_items, levels, codes)
+    vocab = Vocab(vocab_size - len(CONTROL_TOKENS) - levels * codes, CONTROL_TOKENS + sids.all_token_strings())
+    trie, ctrl = SIDTrie.build(sids, vocab), Control.of(vocab)
+    model = StubLM(vocab.size)
+    prompt = [5, 6, 7, ctrl.boi]
+    beam_search(model, prompt, trie, ctrl, width)  # warm-up; builds the trie's tables
+    secs = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        beam_search(model, prompt, trie, ctrl, width)
+        secs.append(time.perf_counter() - t0)
+    return dict(ms_per_step=1000 * statistics.median(secs) / trie.depth, vocab=vocab.size, width=width,
+                items=len(sids.item_ids), sid_length=trie.depth)
 
 
 # -----------------------------------------------------------------------------
@@ -384,10 +427,16 @@ def bench_eval(sz, device, threads):
                     "--batch-size", "8", "--eval-interval", "0", "--device", device, "--threads", str(threads)])
         s = sample_py.Session(ckpt, device)
         ds = load_dataset(data)
-        t0 = time.perf_counter()
-        res = sample_py.evaluate(s, ds, "test", beam=50, max_gen=0)
-        secs = time.perf_counter() - t0
-    return dict(samples=res["n_samples"], seconds=secs, samples_per_s=res["n_samples"] / secs)
+        lists, n = {}, {}
+
+        def run(batch):
+            path = os.path.join(tmp, f"rankings{batch}.jsonl")
+            n[batch] = sample_py.evaluate(s, ds, "test", beam=50, max_gen=0, batch=batch, rankings=path)["n_samples"]
+            lists[batch] = [[i for i, _ in json.loads(line)["top"]] for line in open(path)]
+            return n[batch]
+        # one prompt at a time (as before batching) against batches of 8 (the default)
+        rates = interleaved({1: lambda: run(1), 8: lambda: run(8)}, 2)
+    return dict(samples=n[8], samples_per_s=rates, speedup=rates[8] / rates[1], identical=lists[1] == lists[8])
 
 
 # -----------------------------------------------------------------------------
@@ -535,17 +584,27 @@ def main(argv=None):
                 f"{r['speedup_compiled_dialog']:.2f}x", ">= 1.2x")
     if "decode" in sections:
         prompts = make_prompts(w, sz["n_prompts"], sz["prompt_len"])
-        r = compare_beams(w, hf, prompts, 50, sz["beam_rounds"])
-        fig.update(beam=r, beam_speedup=r["speedup"], beam_identical=r["identical"])
-        pps = r["prompts_per_s"]
-        add(f"beam search w50, {r['prompts']} prompts x {r['prompt_len']} tok: prompts/s nanocrs / transformers",
-            f"{pps['nanocrs']:.1f} / {pps['transformers']:.1f} = {r['speedup']:.1f}x", ">= 5x")
-        add("  top-50 item lists identical (max |score diff|)", f"{r['identical']} ({r['max_score_diff']:.1e})", "True")
-        r = bench_sampling(w, prompts, sz["sample_tokens"], sz["sample_rounds"])
-        fig.update(sampling=r, constrained_overhead=r["overhead"])
-        t = r["steps_per_s"]
-        add("sampling n=4, decoding steps/s: trie-constrained / free",
-            f"{t['constrained']:.0f} / {t['free']:.0f}: overhead {r['overhead']:+.1%}", "<= 10%")
+        fig["decode"] = {}
+        for n in [int(x) for x in args.decode_threads.split(",")]:
+            torch.set_num_threads(n)
+            r = compare_beams(w, hf, prompts, 50, sz["beam_rounds"])
+            pps = r["prompts_per_s"]
+            add(f"[{n} thread{'s' if n > 1 else ''}] beam search w50, {r['prompts']} prompts x {r['prompt_len']} tok: "
+                "prompts/s nanocrs / transformers",
+                f"{pps['nanocrs']:.1f} / {pps['transformers']:.1f} = {r['speedup']:.1f}x", ">= 10x")
+            add("  top-50 item lists identical (max |score diff|)", f"{r['identical']} ({r['max_score_diff']:.1e})", "True")
+            rs = bench_sampling(w, prompts, sz["sample_tokens"], sz["sample_rounds"])
+            t = rs["steps_per_s"]
+            add("  sampling n=4, decoding steps/s: trie-constrained / free",
+                f"{t['constrained']:.0f} / {t['free']:.0f}: overhead {rs['overhead']:+.1%}", "<= 5%")
+            fig["decode"][n] = dict(beam=r, sampling=rs)
+            # the headline figures: the last thread count of the list
+            fig.update(beam=r, beam_speedup=r["speedup"], beam_identical=r["identical"], sampling=rs,
+                       constrained_overhead=rs["overhead"])
+        torch.set_num_threads(threads)
+        r = fig["beam_overhead"] = bench_beam_overhead(rounds=3 if args.quick else 5)
+        add(f"beam search w{r['width']}, vocabulary {r['vocab']:,}, {r['items']:,} items, no model: ms per step",
+            f"{r['ms_per_step']:.1f} ms", "")
     if "quantizer" in sections:
         runs = [(n, args.kmeans_points) for n in sz["quant_sizes"]]
         if not args.quick and args.kmeans_points:  # what the sample costs: 100k fitted on every point
@@ -562,9 +621,11 @@ def main(argv=None):
             fig.update(rqkmeans_1m_seconds=v["seconds"], rqkmeans_1m_peak_rss_mb=v["peak_rss_mb"])
     if "eval" in sections:
         r = bench_eval(sz, device, args.threads)
-        fig.update(eval=r, eval_samples_per_s=r["samples_per_s"])
-        add(f"eval (sample.evaluate, beam 50, no generation): {r['samples']} rec samples",
-            f"{r['samples_per_s']:.1f} samples/s", "")
+        fig.update(eval=r, eval_samples_per_s=r["samples_per_s"][8])
+        sps = r["samples_per_s"]
+        add(f"eval (sample.evaluate, beam 50, no generation), {r['samples']} rec samples: samples/s batch 8 / 1",
+            f"{sps[8]:.1f} / {sps[1]:.1f} = {r['speedup']:.1f}x", "")
+        add("  rankings identical", f"{r['identical']}", "True")
     if "load" in sections:
         r = fig["load_memory"] = bench_load_memory(args.load_params, args.load_dtype, args.threads)
         add(f"load a {r['params'] / 1e9:.2f}B {r['dtype']} checkpoint ({r['shards']} shards): size on disk",

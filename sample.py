@@ -30,7 +30,7 @@ from nanocrs import checkpoint
 from nanocrs.checkpoint import CheckpointError
 from nanocrs.data import (MENTION, DataError, Renderer, load_dataset, load_items, rec_samples, training_dialogs,
                           write_json)
-from nanocrs.generate import Control, SIDTrie, beam_search, sample
+from nanocrs.generate import Control, SIDTrie, beam_search_batch, sample
 from nanocrs.metrics import (CoOccurrence, Popularity, calibrate_intent, corpus_bleu, distinct_per_sentence,
                              distinct_ratio, format_table, intent_metrics, perplexity, rank_metrics, rank_of, repeat_context,
                              repeat_then_cooccurrence, replace_spans)
@@ -49,6 +49,10 @@ def get_args(argv=None):
                    help=f"with --eval val: choose the free-mode REC threshold (best REC F1) and save it as "
                         f"CKPT/{INTENT_FILE}; chat and later evals use it")
     p.add_argument("--beam", type=int, default=50, help="beam width of the item search")
+    p.add_argument("--eval-batch", type=int, default=8,
+                   help="with --eval: turns per forward and beam search (memory: batch x block x vocab logits)")
+    p.add_argument("--rankings", default=None, metavar="FILE",
+                   help="with --eval: write each sample's ranked items here, one JSON line per sample")
     p.add_argument("--max-samples", type=int, default=0, help="with --eval: evaluate only the first N dialogs of the split (0: all)")
     p.add_argument("--max-gen", type=int, default=200, help="with --eval: generate responses on about this many turns for BLEU/Distinct (0: none)")
     p.add_argument("--num-samples", type=int, default=0, help="print this many test contexts with gold and generated replies")
@@ -165,7 +169,7 @@ class Session:
 
 @torch.no_grad()
 def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, max_gen: int = 200,
-             max_new_tokens: int = 64) -> dict:
+             max_new_tokens: int = 64, batch: int = 8, rankings: str | None = None) -> dict:
     """The recommendation eval (paper protocol, both protocols, baselines) and the dialog metrics.
 
     Per assistant turn, ONE forward of  context + "Assistant:" + the gold structured turn  gives:
@@ -173,6 +177,10 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
       - the perplexity of the gold response (teacher-forced; each <BOI>..<EOI> span counts as one unit);
       - on REC turns, the start of the item beam search: the cache is rewound to just after
         <MODE=REC><BOI>, which is exactly how the gold REC turn begins.
+    Turns go `batch` at a time (score_turns), left-padded. Ties between equal scores go by catalogue
+    order (nanocrs.generate), so the batch size changes no ranking beyond float rounding.
+    With `rankings`, one JSON line per sample: dialog, turn, gold, fresh, rank (1-based, 0 = not
+    found) and the model's ranked [item, log-prob] list.
     On every k-th turn (about max_gen turns in all) a response is also generated greedily with the
     gold mode forced, for BLEU / Distinct-n and, on REC turns, the target-prediction accuracy (the
     item the model writes after <BOI>) and faithfulness (the response mentions that same item)."""
@@ -197,33 +205,33 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
     nll_total, nll_units, nll_tokens = 0.0, 0, 0
     hyps, refs = [], []
     gen = {"rec_turns": 0, "target_hits": 0, "top1_hits": 0, "faithful": 0}
-    for j, (d, t) in enumerate(tqdm(turns, desc=f"eval {split}", dynamic_ncols=True, file=sys.stderr,
-                                    mininterval=0.2 if sys.stderr.isatty() else 30)):
+    examples = {}  # (dialog id, turn) -> (ids, P): P = tokens up to and including "Assistant:"
+    for d, t in turns:
+        ids, targets = s.rd.example(d["turns"][:t], d["turns"][t])
+        examples[(d["id"], t)] = ids, next(i for i, x in enumerate(targets) if x != -1) + 1
+    # every turn scored, `batch` at a time: REC and CHAT turns apart (only REC turns search items),
+    # each sorted by the length of its prompt so that little padding is needed
+    scored = {}  # (dialog id, turn) -> (p(REC) after "Assistant:", log-probs of the response, units, top)
+    for rec_turns in (True, False):
+        keys = sorted(((d["id"], t) for d, t in turns if bool(d["turns"][t]["items"]) == rec_turns),
+                      key=lambda k: examples[k][1])
+        for a in tqdm(range(0, len(keys), batch), desc=f"eval {split} ({'REC' if rec_turns else 'CHAT'} turns)",
+                      dynamic_ncols=True, file=sys.stderr, mininterval=0.2 if sys.stderr.isatty() else 30):
+            chunk = keys[a:a + batch]
+            scored.update(zip(chunk, score_turns(s, [examples[k] for k in chunk], beam if rec_turns else 0)))
+    ranking_lines = []
+    for j, (d, t) in enumerate(tqdm(turns, desc=f"eval {split} (metrics, responses)", dynamic_ncols=True,
+                                    file=sys.stderr, mininterval=0.2 if sys.stderr.isatty() else 30)):
         turn, context = d["turns"][t], d["turns"][:t]
-        ids, targets = s.rd.example(context, turn)
-        P = next(i for i, x in enumerate(targets) if x != -1) + 1  # tokens up to and including "Assistant:"
-        cache = s.model.new_cache(1, len(ids) + s.trie.depth + 1)
-        logits, _ = s.model(torch.tensor([ids], device=s.device), cache=cache)
-        logits = logits[0]  # (T, V)
-        two = logits[P - 1, [mode_rec, mode_chat]].float().softmax(-1)
-        p_rec.append(two[0].item())
+        rec_p, logps, units, top = scored[(d["id"], t)]
+        p_rec.append(rec_p)
         is_rec.append(bool(turn["items"]))
-        # perplexity of the response: the tokens after <RESP>, an item span scored as one unit
-        logp = torch.log_softmax(logits[:-1].float(), -1).gather(1, torch.tensor(ids[1:], device=s.device)[:, None])[:, 0]
-        k = ids.index(resp, P) + 1
-        in_span = False
-        for pos in range(k, len(ids)):
-            in_span = in_span or ids[pos] == s.ctrl.boi
-            nll_total -= logp[pos - 1].item()
-            nll_tokens += 1
-            if not in_span or ids[pos] == s.ctrl.eoi:
-                nll_units += 1
-                in_span = False
+        for lp in logps:  # perplexity of the response: the tokens after <RESP>, an item span one unit
+            nll_total -= lp
+        nll_units += units
+        nll_tokens += len(logps)
         top1 = None
         if turn["items"]:
-            assert ids[P:P + 2] == [mode_rec, s.ctrl.boi]
-            cache.pos = P + 2  # rewind to just after <MODE=REC><BOI>
-            top = beam_search(s.model, ids[:P + 2], s.trie, s.ctrl, beam, cache=cache, last_logits=logits[P + 1][None])
             lists = {"model": [i for i, _ in top], "popularity": pop.rank(context), "repeat": repeat_context(context),
                      "cooc": cooc.rank(context), "repeat+cooc": repeat_then_cooccurrence(context, cooc)}
             if has_oracle:
@@ -233,6 +241,8 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
                     ranks[m].append(rank_of(lists[m], gold))
                 fresh_flags.append(fresh)
                 cold_flags.append(gold not in trained_targets)
+                ranking_lines.append(json.dumps({"dialog": d["id"], "turn": t, "gold": gold, "fresh": fresh,
+                                                 "rank": ranks["model"][-1], "top": [[i, lp] for i, lp in top]}))
             for m in methods:
                 top_lists.setdefault(m, []).append(lists[m][:10])
             top1 = lists["model"][0] if lists["model"] else None
@@ -248,6 +258,11 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
                 gen["target_hits"] += int(target in turn["items"])
                 gen["top1_hits"] += int(top1 in turn["items"])
                 gen["faithful"] += int(target is not None and target in text_items)
+    if rankings:
+        os.makedirs(os.path.dirname(os.path.abspath(rankings)), exist_ok=True)
+        with open(rankings + ".tmp", "w") as f:
+            f.write("".join(line + "\n" for line in ranking_lines))
+        os.replace(rankings + ".tmp", rankings)
     res = {"split": split, "n_samples": len(fresh_flags), "n_fresh": sum(fresh_flags), "beam": beam}
     for m in methods:
         res[m] = rank_metrics(ranks[m])
@@ -279,6 +294,52 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
         "target_accuracy": gen["target_hits"] / n_rec, "beam_top1_accuracy": gen["top1_hits"] / n_rec,
         "faithfulness": gen["faithful"] / n_rec, "n_generated_rec_turns": gen["rec_turns"]}
     return res
+
+
+@torch.no_grad()
+def score_turns(s: Session, examples: list, beam: int = 0) -> list:
+    """One left-padded forward of several turns, each (ids of context + "Assistant:" + the gold turn,
+    P = tokens up to and including "Assistant:") -> per turn (p(REC) / (p(REC) + p(CHAT)) after "Assistant:",
+    log-probs of the response tokens after <RESP>, the response's units with each item span one
+    unit, and with beam > 0, REC turns only, the ranked [(item, log-prob)] of the beam search).
+    The rows are padded so that every <BOI> (token P + 1) is at the same slot: rewound to just after
+    it, the cache holds each row's prompt up to <MODE=REC><BOI>, exactly how the gold REC turn begins,
+    and the beam search continues all rows at once. The gold tokens after that slot are simply
+    forgotten; causal attention kept them out of everything before it."""
+    device, resp = s.device, s.tok.id(RESP)
+    A = max(P for _, P in examples) + 1                # the shared slot of <BOI>
+    pads = [A - (P + 1) for _, P in examples]
+    T = max(p + len(ids) for p, (ids, _) in zip(pads, examples))
+    # (B, T); filler on the left is masked (pad), on the right it comes after the row's last token
+    x = torch.full((len(examples), T), s.ctrl.eot, dtype=torch.long)
+    for r, (p, (ids, _)) in enumerate(zip(pads, examples)):
+        x[r, p:p + len(ids)] = torch.tensor(ids)
+    pad = torch.tensor(pads, device=device)
+    cache = s.model.new_cache(len(examples), T, pad=pad if max(pads) else None)
+    logits, _ = s.model(x.to(device), cache=cache)   # (B, T, V)
+    out = []
+    for r, (p, (ids, P)) in enumerate(zip(pads, examples)):
+        row = logits[r, p:p + len(ids)]               # (len(ids), V): this turn's own positions
+        k = ids.index(resp, P) + 1
+        logps = torch.log_softmax(row[k - 1:-1].float(), -1).gather(
+            1, torch.tensor(ids[k:], device=device)[:, None])[:, 0].tolist()
+        units, in_span = 0, False
+        for tok in ids[k:]:
+            in_span = in_span or tok == s.ctrl.boi
+            if not in_span or tok == s.ctrl.eoi:
+                units += 1
+                in_span = False
+        two = row[P - 1, [s.tok.id(MODE_REC), s.tok.id(MODE_CHAT)]].float().softmax(-1)  # free-mode intent
+        out.append([two[0].item(), logps, units, None])
+    if beam:
+        for ids, P in examples:
+            assert ids[P:P + 2] == [s.tok.id(MODE_REC), s.ctrl.boi]
+        cache.pos = A + 1  # rewind to just after <MODE=REC><BOI>
+        tops = beam_search_batch(s.model, [ids[:P + 2] for ids, P in examples], s.trie, s.ctrl, beam,
+                                 cache=cache, last_logits=logits[:, A])
+        for o, top in zip(out, tops):
+            o[3] = top
+    return out
 
 
 def print_eval(res: dict):
@@ -446,10 +507,13 @@ def main(argv=None):
             raise DataError(f"--eval must be train, val or test, got {args.eval!r}")
         if not ds[args.eval]:
             raise DataError(f"{os.path.join(data_dir, args.eval + '.jsonl')}: no dialogs to evaluate")
+        if args.eval_batch < 1:
+            raise ValueError(f"--eval-batch must be >= 1, got {args.eval_batch}")
         if args.beam < 50:
             print(f"note: beam {args.beam} < 50, so recall@50 counts only the {args.beam} items returned")
         t0 = time.time()
-        res = evaluate(s, ds, args.eval, args.beam, args.max_samples, args.max_gen, args.max_new_tokens)
+        res = evaluate(s, ds, args.eval, args.beam, args.max_samples, args.max_gen, args.max_new_tokens,
+                       args.eval_batch, args.rankings)
         res["seconds"] = round(time.time() - t0, 1)
         print_eval(res)
         print(f"eval took {res['seconds']} s")
@@ -465,6 +529,8 @@ def main(argv=None):
                 json.dump(res, f, indent=1)
             os.replace(tmp, args.json)
             print(f"wrote {args.json}")
+        if args.rankings:
+            print(f"wrote {args.rankings}")
     if args.num_samples:
         show_samples(s, ds, args.num_samples, args, generator)
     if args.chat:

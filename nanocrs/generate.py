@@ -4,17 +4,27 @@ Decoding with a prefix trie of valid semantic IDs: the model can never name an i
     trie = SIDTrie.build(sids, tokenizer)
     out = sample(model, prompt_ids, trie, ctrl, n=4, temperature=0.8, top_k=50)     # text + items
     top = beam_search(model, prompt_ids_ending_in_BOI, trie, ctrl, beam_width=50)  # [(item, logprob)]
+    tops = beam_search_batch(model, many_prompts, trie, ctrl, beam_width=50)      # one list per prompt
 
 Outside an item span the sampler may write any text token or <BOI>, but never a bare SID token or
 <EOI>. After <BOI> every step is restricted to the trie children of the span's prefix, and once the
 prefix is a complete ID the only allowed token is <EOI>. So every span the sampler emits is exactly
 one catalogue item.
 
-Beam search starts right after <BOI>: the prompt is prefilled once, the KV cache is copied to the
-beams, and each step keeps the `beam_width` best (item prefix, summed log-probability) pairs among
-all trie children of all beams. Log-probabilities are the model's own (softmax over the whole
+Beam search starts right after <BOI>: the prompt is prefilled once, the beams keep a cache of only
+their SID tokens and read the prompt's cache without copying it (KVCache prefix=), and each step keeps
+the `beam_width` best (item prefix, summed log-probability) pairs among all trie children of all beams. Log-probabilities are the model's own (softmax over the whole
 vocabulary), so with a beam at least as wide as the catalogue the ranking is exactly that of scoring
 every item one by one (tests/test_generate.py checks this).
+
+The trie exists twice. SIDTrie is nested dicts, the readable reference (beam_search_reference walks
+it in Python). TrieTensors is the same trie as padded tables, built once per device: per node its
+child tokens and child nodes. The decoders use that form: a step gathers the children's scores of
+all rows in one op, so nothing of vocabulary size leaves the device and no Python runs per candidate.
+
+Ties: a ranking is by score, best first, and items with exactly equal scores by their order in the
+catalogue (SIDTrie.item_ids). Within the search, candidates of equal score are kept in the order
+(beam rank, child order in the trie); both implementations do exactly this, so they agree on ties.
 """
 
 from dataclasses import dataclass
@@ -32,6 +42,8 @@ class SIDTrie:
         self.root = {}
         self.sid_token_ids = set()
         self.depth = 0  # the longest SID, in tokens
+        self.item_ids = []  # catalogue order: breaks ties between equal scores
+        self._tensors = {}  # (device, vocab size, control ids) -> TrieTensors, built on first use
 
     @classmethod
     def build(cls, sids, tokenizer) -> "SIDTrie":
@@ -46,6 +58,7 @@ class SIDTrie:
             if node:
                 raise ValueError(f"SID of {item} is a prefix of another item's SID: the table is not prefix-free")
             node[cls.LEAF] = item
+            trie.item_ids.append(item)
             trie.sid_token_ids.update(ids)
             trie.depth = max(trie.depth, len(ids))
         # every (level, code) token, even ones no item uses, is banned outside spans
@@ -72,6 +85,13 @@ class SIDTrie:
                 else:
                     stack.append((prefix + (k,), child))
 
+    def tensors(self, ctrl: "Control", vocab_size: int, device) -> "TrieTensors":
+        """The tensor form of this trie on a device, built on first use and kept."""
+        key = (str(device), vocab_size, ctrl.boi, ctrl.eoi)
+        if key not in self._tensors:
+            self._tensors[key] = TrieTensors.build(self, ctrl, vocab_size, device)
+        return self._tensors[key]
+
 
 @dataclass
 class Control:
@@ -83,6 +103,57 @@ class Control:
     @classmethod
     def of(cls, tokenizer) -> "Control":
         return cls(tokenizer.id(BOI), tokenizer.id(EOI), tokenizer.id(EOT))
+
+
+@dataclass
+class TrieTensors:
+    """SIDTrie as tables, one row per node (root = 0), plus one more row OUT = outside any span.
+
+    A leaf's only child is <EOI>, which leads to OUT; OUT's only child is <BOI>, which leads to the
+    root (for the sampler: every other token keeps a row OUT). Rows are padded to the widest node with
+    copies of their first child, so a scatter of the padded row writes each value once, and
+    child_ok says which entries are real. Beam search never expands a leaf or OUT (child_ok is
+    False there: a leaf is a finished item)."""
+    child_tok: torch.Tensor   # (N+1, C) int64  token of each child
+    child_node: torch.Tensor  # (N+1, C) int64  node it leads to
+    child_ok: torch.Tensor    # (N+1, C) bool   real trie children (not padding, not <EOI>/<BOI>)
+    leaf_item: torch.Tensor   # (N+1,) int64    index into SIDTrie.item_ids, -1 for inner nodes
+    banned: torch.Tensor      # (V,) bool       tokens banned outside a span: SID tokens and <EOI>
+    banned_late: torch.Tensor  # (V,) bool      the same and <BOI>: near the end of the block there is
+    OUT: int                   #                too little room left to finish an item
+
+    @classmethod
+    def build(cls, trie: SIDTrie, ctrl: Control, vocab_size: int, device) -> "TrieTensors":
+        index = {item: i for i, item in enumerate(trie.item_ids)}
+        nodes, kids = [trie.root], []
+        for node in nodes:  # breadth first; nodes grows while we walk it
+            row = []
+            for tok, child in node.items():
+                if tok != SIDTrie.LEAF:
+                    row.append((tok, len(nodes)))
+                    nodes.append(child)
+            kids.append(row)
+        OUT = len(nodes)
+        C = max(1, max(len(r) for r in kids))
+        tok = torch.full((OUT + 1, C), ctrl.boi, dtype=torch.long)
+        nxt = torch.zeros((OUT + 1, C), dtype=torch.long)      # OUT -<BOI>-> root
+        ok = torch.zeros((OUT + 1, C), dtype=torch.bool)
+        leaf = torch.full((OUT + 1,), -1, dtype=torch.long)
+        for n, (node, row) in enumerate(zip(nodes, kids)):
+            if SIDTrie.LEAF in node:
+                leaf[n] = index[node[SIDTrie.LEAF]]
+                row = [(ctrl.eoi, OUT)]  # a complete ID: only <EOI>, back outside
+            else:
+                ok[n, :len(row)] = True
+            if row:
+                row = row + [row[0]] * (C - len(row))
+                tok[n], nxt[n] = torch.tensor([t for t, _ in row]), torch.tensor([c for _, c in row])
+        banned = torch.zeros(vocab_size, dtype=torch.bool)
+        banned[list(trie.sid_token_ids)] = True
+        banned[ctrl.eoi] = True
+        late = banned.clone()
+        late[ctrl.boi] = True
+        return cls(*(t.to(device) for t in (tok, nxt, ok, leaf, banned, late)), OUT)
 
 
 def _span_state(ids, trie: SIDTrie, ctrl: Control):
@@ -97,26 +168,24 @@ def _span_state(ids, trie: SIDTrie, ctrl: Control):
     return None
 
 
-def allowed_mask(node, vocab_size: int, trie: SIDTrie, ctrl: Control, device) -> torch.Tensor:
-    """(V,) bool: which tokens may come next, given the span state (None = outside a span)."""
-    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-    if node is None:
-        mask[:] = True
-        mask[list(trie.sid_token_ids)] = False
-        mask[ctrl.eoi] = False
-    elif SIDTrie.LEAF in node:
-        mask[ctrl.eoi] = True
-    else:
-        mask[list(node.keys())] = True
-    return mask
+def _state_index(ids, trie: SIDTrie, ctrl: Control, tt: TrieTensors) -> int:
+    """The TrieTensors row that ids end in: OUT, or the node of an open span's prefix."""
+    if _span_state(ids, trie, ctrl) is None:
+        return tt.OUT
+    j = len(ids) - 1 - ids[::-1].index(ctrl.boi)
+    n = 0
+    for t in ids[j + 1:]:
+        n = int(tt.child_node[n][tt.child_tok[n] == t][0])
+    return n
 
 
 @torch.no_grad()
-def sample(model, prompt: list[int], trie: SIDTrie, ctrl: Control, n: int = 1, max_new_tokens: int = 64,
+def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control, n: int = 1, max_new_tokens: int = 64,
            temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
            generator: torch.Generator | None = None) -> list[list[int]]:
     """n continuations of one prompt (prefilled once, cache copied n times). Each stops after <EOT>;
-    a span open when max_new_tokens runs out is still completed, so no output holds half an item."""
+    a span open when max_new_tokens runs out is still completed, so no output holds half an item.
+    trie=None samples with no constraint at all (the baseline of bench.py's overhead figure)."""
     model.eval()
     device = model.embed_tokens.weight.device
     V = model.config.vocab_size
@@ -126,16 +195,20 @@ def sample(model, prompt: list[int], trie: SIDTrie, ctrl: Control, n: int = 1, m
     logits, _ = model(torch.tensor([prompt], device=device), cache=cache)
     cache = cache.expand(n)
     logits = logits[:, -1].expand(n, -1)  # (n, V)
-    state = [_span_state(prompt, trie, ctrl)] * n
-    done = [False] * n
-    out = [[] for _ in range(n)]
-    while not all(done):
-        if cache.pos >= max_len:
-            break
-        mask = torch.stack([allowed_mask(s, V, trie, ctrl, device) for s in state])  # (n, V)
-        if max_len - cache.pos <= trie.depth + 2:
-            mask[:, ctrl.boi] = False  # too little room left to finish an item span: don't open one
-        x = logits.float().masked_fill(~mask, float("-inf"))
+    if trie is not None:
+        tt = trie.tensors(ctrl, V, device)
+        state = torch.full((n,), _state_index(prompt, trie, ctrl, tt), device=device)  # (n,) TrieTensors rows
+    out = torch.full((n, max_len), -1, dtype=torch.long, device=device)  # generated tokens, -1 = none
+    length = torch.zeros(n, dtype=torch.long, device=device)               # (n,) tokens generated per row
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    for step in range(max_len - cache.pos):
+        x = logits.float()
+        if trie is not None:
+            # in a span: the node's children's logits scattered into -inf; outside: the fixed mask
+            kids = tt.child_tok[state]                                   # (n, C)
+            inside = torch.full_like(x, float("-inf")).scatter_(1, kids, x.gather(1, kids))
+            banned = tt.banned if max_len - cache.pos > trie.depth + 2 else tt.banned_late
+            x = torch.where((state == tt.OUT)[:, None], x.masked_fill(banned, float("-inf")), inside)
         if greedy:
             nxt = x.argmax(-1)
         else:
@@ -144,22 +217,24 @@ def sample(model, prompt: list[int], trie: SIDTrie, ctrl: Control, n: int = 1, m
                 kth = torch.topk(x, min(top_k, V), dim=-1).values[:, -1:]
                 x = x.masked_fill(x < kth, float("-inf"))
             nxt = torch.multinomial(torch.softmax(x, -1), 1, generator=generator).squeeze(-1)  # (n,)
-        for r, tok in enumerate(nxt.tolist()):
-            if done[r]:
-                continue
-            out[r].append(tok)
-            if state[r] is None:
-                state[r] = trie.root if tok == ctrl.boi else None
-            else:
-                state[r] = None if tok == ctrl.eoi else state[r][tok]
-            if tok == ctrl.eot or (len(out[r]) >= max_new_tokens and state[r] is None):
-                done[r] = True
-        if all(done):
+        out[:, step] = torch.where(done, -1, nxt)
+        length += ~done
+        if trie is not None:
+            hit = kids == nxt[:, None]  # (n, C): which child was taken, if any
+            state = torch.where(hit.any(-1), tt.child_node[state].gather(1, hit.int().argmax(-1, keepdim=True))[:, 0], tt.OUT)
+            closed = state == tt.OUT
+        else:
+            closed = torch.ones_like(done)
+        done |= (nxt == ctrl.eot) | ((length >= max_new_tokens) & closed)
+        if bool(done.all()):  # one host sync per step, of one value
             break
         logits, _ = model(nxt.view(n, 1), cache=cache)
         logits = logits[:, -1]
-    return out
+    return [row[:k] for row, k in zip(out.tolist(), length.tolist())]
 
+
+# -----------------------------------------------------------------------------
+# beam search
 
 @torch.no_grad()
 def beam_search(model, prompt: list[int], trie: SIDTrie, ctrl: Control, beam_width: int = 50,
@@ -168,39 +243,113 @@ def beam_search(model, prompt: list[int], trie: SIDTrie, ctrl: Control, beam_wid
     Returns up to beam_width items. Pass (cache, last_logits) of an already-prefilled batch-1 prompt
     to skip the prefill."""
     assert prompt[-1] == ctrl.boi, "beam search starts right after <BOI>"
+    if cache is None:
+        return beam_search_batch(model, [prompt], trie, ctrl, beam_width)[0]
+    return _search(model, cache, last_logits, trie, ctrl, beam_width)[0]
+
+
+@torch.no_grad()
+def beam_search_batch(model, prompts: list[list[int]], trie: SIDTrie, ctrl: Control, beam_width: int = 50,
+                      cache=None, last_logits=None) -> list[list[tuple[str, float]]]:
+    """beam_search for many prompts at once: left-padded into one prefill and one cache, each prompt
+    with its own beam_width beams. The same lists as one prompt at a time (up to float rounding).
+    Pass (cache, last_logits (B, V)) of the already-prefilled prompts to skip the prefill."""
+    assert all(p[-1] == ctrl.boi for p in prompts), "beam search starts right after <BOI>"
+    if cache is not None:
+        return _search(model, cache, last_logits, trie, ctrl, beam_width)
     model.eval()
     device = model.embed_tokens.weight.device
-    if cache is None:
-        cache = model.new_cache(1, len(prompt) + trie.depth + 1)
-        logits, _ = model(torch.tensor([prompt], device=device), cache=cache)
-        last_logits = logits[:, -1]
-    logp = torch.log_softmax(last_logits.float(), -1)  # (1, V)
+    L = max(len(p) for p in prompts)
+    pad = torch.tensor([L - len(p) for p in prompts], device=device)  # (B,)
+    ids = torch.tensor([[ctrl.eot] * (L - len(p)) + p for p in prompts], device=device)  # (B, L); pads are masked
+    cache = model.new_cache(len(prompts), L, pad=pad if int(pad.max()) > 0 else None)  # the beams' tokens go elsewhere
+    logits, _ = model(ids, cache=cache)
+    return _search(model, cache, logits[:, -1], trie, ctrl, beam_width)
+
+
+def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int):
+    """The beam search proper, on a prefilled cache of B prompts (B rows) and their last logits (B, V).
+    Every tensor below stays on the model's device; the host sees only the final (B, W) lists."""
+    model.eval()
+    B, V = last_logits.shape
+    device = last_logits.device
+    tt = trie.tensors(ctrl, V, device)
+    C = tt.child_tok.shape[1]
+    logp = torch.log_softmax(last_logits.float(), -1)             # (B*K, V), K = 1 beam per prompt at first
+    node = torch.zeros(B, 1, dtype=torch.long, device=device)     # (B, K) trie node of each beam
+    # (B, K) summed log-prob, -inf = no beam; float64 like the reference's Python floats (MPS has none)
+    score = torch.zeros(B, 1, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    fin_score, fin_item = [], []
+    # the beams' own cache holds only the SID tokens; they read their prompt from `cache`, uncopied
+    beams = model.new_cache(B, trie.depth, prefix=cache)
+    for step in range(trie.depth):
+        K = node.shape[1]
+        # every (beam, child) pair, scored: only the children's columns of the vocabulary are read
+        kids = tt.child_tok[node]                                           # (B, K, C)
+        cand = score[..., None] + logp.view(B, K, V).gather(2, kids).to(score.dtype)
+        cand = cand.masked_fill(~tt.child_ok[node], float("-inf")).view(B, K * C)
+        # the W best per prompt; a stable sort keeps equal scores in (beam, child) order
+        top, idx = cand.sort(dim=1, descending=True, stable=True)
+        top, idx = top[:, :W], idx[:, :W]                                   # (B, W'), W' = min(W, K*C)
+        beam, c = idx // C, idx % C
+        parent = node.gather(1, beam)
+        child = tt.child_node[parent, c]                                     # (B, W)
+        real = top > float("-inf")
+        leaf = real & (tt.leaf_item[child] >= 0)
+        fin_score.append(top.masked_fill(~leaf, float("-inf")))
+        fin_item.append(tt.leaf_item[child])
+        if step == trie.depth - 1:
+            break  # no ID is longer: nothing left to expand
+        # the surviving beams' cache rows (index_select also grows B rows to B*W' at the first step)
+        beams.reorder((torch.arange(B, device=device)[:, None] * K + beam).view(-1))
+        logits, _ = model(tt.child_tok[parent, c].view(-1, 1), cache=beams)
+        logp = torch.log_softmax(logits[:, -1].float(), -1)                 # (B*W', V)
+        live = real & ~leaf
+        node = torch.where(live, child, tt.OUT)    # a finished or missing beam has no children
+        score = top.masked_fill(~live, float("-inf"))
+    # the finished items: by score, equal scores in catalogue order (sort by item, then stably by score)
+    s, it = torch.cat(fin_score, 1), torch.cat(fin_item, 1)                # (B, W * depth)
+    order = it.argsort(dim=1, stable=True)
+    order = order.gather(1, s.gather(1, order).argsort(dim=1, descending=True, stable=True))[:, :W]
+    s, it = s.gather(1, order).tolist(), it.gather(1, order).tolist()
+    return [[(trie.item_ids[i], v) for i, v in zip(ri, rs) if v > float("-inf")] for ri, rs in zip(it, s)]
+
+
+@torch.no_grad()
+def beam_search_reference(model, prompt: list[int], trie: SIDTrie, ctrl: Control,
+                          beam_width: int = 50) -> list[tuple[str, float]]:
+    """beam_search on the nested-dict trie, one Python tuple per (beam, child) candidate: slow, but
+    the algorithm in plain sight. The tests check the tensor version against it, ties included."""
+    assert prompt[-1] == ctrl.boi, "beam search starts right after <BOI>"
+    model.eval()
+    device = model.embed_tokens.weight.device
+    cache = model.new_cache(1, len(prompt) + trie.depth + 1)
+    logits, _ = model(torch.tensor([prompt], device=device), cache=cache)
+    logp = torch.log_softmax(logits[:, -1].float(), -1)  # (1, V)
     beams = [(trie.root, 0.0)]   # (trie node, summed log-prob), one per cache row
     finished = []
     while beams:
-        # every (beam, child) pair, scored
+        # every (beam, child) pair, scored, in (beam, child) order; a stable sort keeps that order on ties
         cand = []
-        lp = logp.tolist() if logp.shape[0] * logp.shape[1] < 4_000_000 else None
         for b, (node, score) in enumerate(beams):
-            row = lp[b] if lp is not None else logp[b].tolist()
+            row = logp[b]
             for tok, child in node.items():
                 if tok != SIDTrie.LEAF:
-                    cand.append((score + row[tok], b, tok, child))
+                    cand.append((score + float(row[tok]), b, tok, child))
         cand.sort(key=lambda c: -c[0])
         cand = cand[:beam_width]
         live = []
         for score, b, tok, child in cand:
             if SIDTrie.LEAF in child:
                 finished.append((child[SIDTrie.LEAF], score))
-            if len(child) > (1 if SIDTrie.LEAF in child else 0):
+            else:
                 live.append((score, b, tok, child))
         if not live:
             break
-        # the cache rows of the surviving beams (index_select also grows the batch-1 prefill to n rows)
         cache.reorder(torch.tensor([b for _, b, _, _ in live], device=device))
-        toks = torch.tensor([[t] for _, _, t, _ in live], device=device)
-        logits, _ = model(toks, cache=cache)
+        logits, _ = model(torch.tensor([[t] for _, _, t, _ in live], device=device), cache=cache)
         logp = torch.log_softmax(logits[:, -1].float(), -1)  # (n_live, V)
         beams = [(child, score) for score, _, _, child in live]
-    finished.sort(key=lambda f: -f[1])
+    order = {item: i for i, item in enumerate(trie.item_ids)}
+    finished.sort(key=lambda f: (-f[1], order[f[0]]))
     return finished[:beam_width]

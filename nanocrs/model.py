@@ -121,15 +121,28 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Pre-allocated keys and values for all layers: (n_layer, B, n_kv_head, max_len, head_dim).
 
-    `pos` is how many positions are filled; GPT.forward writes the new block at [pos, pos + T) and
-    advances it. Every row of the batch shares `pos` (beams of one context, or equal-length prompts).
+    `pos` is how many slots are filled; GPT.forward writes the new block at [pos, pos + T) and
+    advances it. Every row of the batch shares `pos` (beams of one context, or a batch of prompts).
+    Prompts of different lengths are left-padded: `pad` (B,) says how many leading slots of each row
+    hold no token. Those slots are never attended to, and a row's positions (RoPE) count from its
+    first real token, so a padded row computes what it would alone.
     """
 
-    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32,
+                 pad: torch.Tensor | None = None, prefix: "KVCache | None" = None):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+        assert pad is None or pad.shape == (batch_size,), "pad: one count per row"
+        self.pad = pad  # (B,) int64 or None (no padding)
+        # Beams: a cache of only the tokens generated after a prefilled batch of prompts, `prefix`
+        # (B rows). Its rows are the beams, K per prompt in prompt order (B*K rows, K may change
+        # with each reorder); they attend to their prompt's slots in `prefix` without a copy of them.
+        self.prefix = prefix
+        if prefix is not None:
+            assert batch_size == prefix.k.shape[1] and pad is None, "a beam cache starts with one row per prompt"
+            self.pad = prefix.pad  # reordered with the rows, for the positions
 
     @property
     def max_len(self) -> int:
@@ -150,12 +163,29 @@ class KVCache:
         new.k = self.k.expand(-1, n, -1, -1, -1).contiguous()
         new.v = self.v.expand(-1, n, -1, -1, -1).contiguous()
         new.pos = self.pos
+        new.pad = None if self.pad is None else self.pad.expand(n).contiguous()
+        new.prefix = None
         return new
+
+    @property
+    def offset(self) -> int:
+        """Position of slot 0: the prompt's length for a beam cache, else 0."""
+        return self.prefix.pos if self.prefix is not None else 0
 
     def reorder(self, rows: torch.Tensor):
         """Keep/duplicate batch rows (beam search survivors): rows (B',) indices into the batch."""
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, rows)
+
+    def attn_mask(self, T: int, S: int):
+        """(B, 1, T, S) bool for a padded batch: the block's T queries at slots [S - T, S) see the keys
+        causally, minus each row's padding. A padding slot's query sees only itself: a fully masked
+        row would give NaN, and NaN values times a zero weight are still NaN in the next layer."""
+        q = torch.arange(S - T, S, device=self.pad.device)[:, None]  # (T, 1) slots of the queries
+        k = torch.arange(S, device=self.pad.device)[None, :]         # (1, S) slots of the keys
+        return ((k <= q) & ((k >= self.pad[:, None, None]) | (k == q)))[:, None]  # (B, 1, T, S)
 
 
 class Attention(nn.Module):
@@ -184,8 +214,13 @@ class Attention(nn.Module):
         if cache is not None:
             start = cache.pos
             k, v = cache.update(layer, k, v)  # (B, n_kv, start + T, hd)
+        if cache is not None and cache.prefix is not None:
+            y = self.prefix_attention(q, k, v, cache.prefix, layer)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
         S = k.shape[2]
-        if start == 0:
+        if cache is not None and cache.pad is not None:
+            mask, causal = cache.attn_mask(T, S), False  # a left-padded batch
+        elif start == 0:
             mask, causal = None, True          # plain causal attention over the block
         elif T == 1:
             mask, causal = None, False         # one new token sees everything before it
@@ -201,6 +236,30 @@ class Attention(nn.Module):
         if rows is not None:  # only these positions' outputs are wanted (see Block)
             y = y.flatten(0, 1)[rows]                                    # (N, H*hd)
         return self.o_proj(y)
+
+    def prefix_attention(self, q, k, v, prefix: KVCache, layer: int):
+        """One new token per beam, attending to its prompt's slots in `prefix` and its own generated
+        ones (k, v: (B*K, n_kv, S, hd), the new token last). The K beams of a prompt query the same
+        prompt keys, so they are one batch of K*g query rows per prompt: the prompt is never copied
+        per beam, and the product is a matrix product rather than K vector ones. The two parts share
+        one softmax (their scores are concatenated). -> (B*K, H, 1, hd)"""
+        BK, H, T, hd = q.shape
+        assert T == 1, "beam rows decode one token at a time"
+        B, n_kv = prefix.k.shape[1], self.n_kv_head
+        K, g, L = BK // B, H // n_kv, prefix.pos
+        kp, vp = prefix.k[layer, :, :, :L], prefix.v[layer, :, :, :L]  # (B, n_kv, L, hd)
+        # query head h reads kv head h // g (grouped-query attention)
+        qp = q.reshape(B, K, n_kv, g, hd).transpose(1, 2).reshape(B, n_kv, K * g, hd)
+        s1 = (qp @ kp.transpose(-1, -2)).float() / math.sqrt(hd)                    # (B, n_kv, K*g, L)
+        if prefix.pad is not None:  # the prompts' left padding
+            s1 = s1.masked_fill(torch.arange(L, device=q.device) < prefix.pad[:, None, None, None], float("-inf"))
+        s1 = s1.view(B, n_kv, K, g, L).transpose(1, 2).reshape(BK, n_kv, g, L)
+        s2 = (q.reshape(BK, n_kv, g, hd) @ k.transpose(-1, -2)).float() / math.sqrt(hd)  # (B*K, n_kv, g, S)
+        p = torch.softmax(torch.cat([s1, s2], -1), -1).to(v.dtype)                  # (B*K, n_kv, g, L+S)
+        p1 = p[..., :L].reshape(B, K, n_kv, g, L).transpose(1, 2).reshape(B, n_kv, K * g, L)
+        y1 = (p1 @ vp).view(B, n_kv, K, g, hd).transpose(1, 2).reshape(BK, n_kv, g, hd)
+        y = y1 + p[..., L:] @ v                                                     # (B*K, n_kv, g, hd)
+        return y.reshape(BK, H, 1, hd)
 
 
 class MLP(nn.Module):
@@ -270,9 +329,15 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def rope(self, start: int, T: int, device):
-        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(device))  # (T, hd/2)
+    def rope(self, start: int, T: int, device, pad: torch.Tensor | None = None):
+        """cos, sin of positions start..start+T-1: (T, hd/2), or (B, 1, T, hd/2) with a left padding
+        pad (B,), which shifts each row back so that its first real token is position 0."""
+        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)  # (T,)
+        if pad is not None:
+            pos = pos[None] - pad[:, None].float()  # (B, T); padding slots get negative ones (unused)
+        freqs = pos[..., None] * self.inv_freq.to(device)  # (T, hd/2) or (B, T, hd/2)
+        if pad is not None:
+            freqs = freqs[:, None]  # (B, 1, T, hd/2): broadcast over the heads
         return freqs.cos(), freqs.sin()
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, reduction: str = "mean"):
@@ -285,8 +350,8 @@ class GPT(nn.Module):
         state feeds nothing but its own output.
         With a cache, the block is placed at cache.pos and the cache advances by T."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        cos, sin = self.rope(start, T, idx.device)
+        start = cache.pos + cache.offset if cache is not None else 0
+        cos, sin = self.rope(start, T, idx.device, cache.pad if cache is not None else None)
         rows = None  # (N,) flat indices of the positions with a loss; None = all B*T positions
         if targets is not None and not torch.compiler.is_compiling():  # (a data-dependent shape
             rows = (targets.view(-1) != -1).nonzero().squeeze(1)          # would split a compiled graph)
@@ -308,13 +373,16 @@ class GPT(nn.Module):
         # fp32 softmax even under bf16 autocast
         return None, F.cross_entropy(logits.float(), t, ignore_index=-1, reduction=reduction)
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """A cache in the dtype the keys are computed in: the autocast dtype when autocast is on
-        (an fp32 cache would make SDPA mix dtypes or upcast, and rule out flash attention), else
-        the backbone's. The norm's weight has the backbone's dtype and device (never split)."""
+    def new_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | None = None,
+                  prefix: KVCache | None = None) -> KVCache:
+        """An empty cache; pad (B,): left padding of each row; prefix: the prompts' cache that this
+        one's rows (beams) continue (see KVCache). Its dtype is the one the keys are computed in: the
+        autocast dtype when autocast is on (an fp32 cache would make SDPA mix dtypes or upcast, and
+        rule out flash attention), else the backbone's. The norm's weight has the backbone's dtype and
+        device (never split)."""
         p = self.norm.weight
         dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
-        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=dtype)
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=dtype, pad=pad, prefix=prefix)
 
     def configure_optimizer(self, lr: float, weight_decay: float, betas=(0.9, 0.95), device_type="cpu"):
         # decay matrices (and the embedding), not norms or biases

@@ -1,7 +1,8 @@
 """
 End-to-end tests of the scripts run as subprocesses: bad input gives a one-line error and exit code 1
-(never a traceback), piped chat works, long chat contexts are truncated, and --eval --json writes the
-documented keys.
+(never a traceback), piped chat works, long chat contexts are truncated, --eval --json writes the
+documented keys, and --rankings writes one line per sample that agrees with the metrics, at any
+--eval-batch.
 
     python -m pytest tests/test_cli.py -q
 """
@@ -142,6 +143,35 @@ def test_eval_json(trained_ckpt, tmp_path):
     assert dg["recall@10_cold"]["popularity"] == 0.0
     assert "never a training target" in p.stdout
     assert not os.path.exists(out + ".tmp")
+
+
+def test_eval_rankings_file(trained_ckpt, tmp_path):
+    from nanocrs.metrics import rank_metrics
+    lines, results = {}, {}
+    for batch in (1, 5):
+        out, rk = str(tmp_path / f"eval{batch}.json"), str(tmp_path / f"rank{batch}.jsonl")
+        p = run("sample.py", "--ckpt", trained_ckpt, "--eval", "test", "--max-samples", "6", "--max-gen", "0",
+                "--eval-batch", str(batch), "--json", out, "--rankings", rk)
+        assert p.returncode == 0, p.stderr[-3000:]
+        results[batch], lines[batch] = json.load(open(out)), [json.loads(l) for l in open(rk)]
+    res, rows = results[5], lines[5]
+    assert len(rows) == res["n_samples"] > 0 and sum(r["fresh"] for r in rows) == res["n_fresh"]
+    for r in rows:
+        assert set(r) == {"dialog", "turn", "gold", "fresh", "rank", "top"}
+        items, scores = [i for i, _ in r["top"]], [lp for _, lp in r["top"]]
+        assert len(items) == len(set(items)) == res["beam"]
+        assert all(a >= b for a, b in zip(scores, scores[1:])) and all(lp <= 0 for lp in scores)
+        assert r["rank"] == (items.index(r["gold"]) + 1 if r["gold"] in items else 0)
+    # the file reproduces the printed metrics, standard and fresh
+    assert rank_metrics([r["rank"] for r in rows]) == res["model"]
+    assert rank_metrics([r["rank"] for r in rows if r["fresh"]]) == res["fresh"]["model"]
+    # one prompt at a time and five at once: the same samples, rankings and metrics
+    one = lines[1]
+    assert [(r["dialog"], r["turn"], r["gold"]) for r in one] == [(r["dialog"], r["turn"], r["gold"]) for r in rows]
+    for a, b in zip(one, rows):
+        assert [i for i, _ in a["top"]] == [i for i, _ in b["top"]]
+        assert max(abs(x[1] - y[1]) for x, y in zip(a["top"], b["top"])) < 1e-4
+    assert results[1]["model"] == res["model"] and results[1]["fresh"] == res["fresh"]
 
 
 def test_chat_context_survives_generated_mention_syntax(trained_ckpt):

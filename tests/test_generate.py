@@ -1,18 +1,24 @@
 """
 Tests for nanocrs/generate.py: trie-constrained sampling never emits an invalid item span (checked on
 >= 10,000 spans from an untrained model), beam search over the trie equals exhaustive scoring of
-every item, and SIDTrie.build refuses a table where one SID is a prefix of another.
+every item, the tensor beam search equals the nested-dict reference and exhaustive ranking on random
+tries and models with exact ties, batched equals one prompt at a time, a step with a 150k vocabulary
+sends nothing vocabulary-sized to the host, and SIDTrie.build refuses a table where one SID is a
+prefix of another.
 
     python -m pytest tests/test_generate.py -q
 """
 
 import math
+import random
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
 
 from nanocrs.data import Renderer
-from nanocrs.generate import Control, SIDTrie, beam_search, sample
+from nanocrs.generate import Control, SIDTrie, TrieTensors, beam_search, beam_search_batch, beam_search_reference, sample
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import MODE_REC, BOI
@@ -275,3 +281,231 @@ def test_trie_rejects_prefix_sids(tok, order):
     # without the offending pair the same table is fine
     ok = SIDTrie.build(FakeSIDs({"long": table["long"], "other": table["other"]}, fake.all), tok)
     assert len(list(ok.items())) == 2
+
+
+# -----------------------------------------------------------------------------
+# the tensor form: against the dict reference, exhaustive ranking, batching, host transfers
+
+class IdTok:
+    """A tokenizer whose token strings are their ids."""
+
+    def id(self, token):
+        return int(token)
+
+
+class Bigram:
+    """A stand-in model whose next-token logits depend on the current token only: logits = fn(idx).
+    Values on a coarse grid give exact ties between items; a cheap fn allows a 150k vocabulary. It
+    has the parts of GPT's interface the decoders use (a cache with pos, expand and reorder)."""
+
+    def __init__(self, vocab_size, fn, block_size=BLOCK):
+        self.config = SimpleNamespace(vocab_size=vocab_size, block_size=block_size)
+        self.embed_tokens = SimpleNamespace(weight=torch.zeros(1))
+        self.fn = fn
+
+    def eval(self):
+        return self
+
+    def new_cache(self, batch_size, max_len, pad=None, prefix=None):
+        cache = SimpleNamespace(pos=0, max_len=max_len, pad=pad)
+        cache.expand = lambda n: cache
+        cache.reorder = lambda rows: None
+        return cache
+
+    def __call__(self, idx, cache=None):
+        if cache is not None:
+            assert cache.pos + idx.shape[1] <= cache.max_len
+            cache.pos += idx.shape[1]
+        return self.fn(idx), None
+
+
+def grid_bigram(V, seed, levels=2, n_rows=2):
+    """Bigram logits from a (V, V) table with values in {0, 0.5, ..., levels/2} and only n_rows
+    distinct rows: many items score exactly alike."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, levels + 1, (n_rows, V), generator=g).float() / 2
+    table = rows[torch.randint(0, n_rows, (V,), generator=g)]  # (V, V)
+    return Bigram(V, lambda idx: table[idx])
+
+
+def random_trie(seed, n_tokens=12, first=20, max_depth=4):
+    """A prefix-free table of random IDs of lengths 1..max_depth over tokens first..first+n_tokens-1,
+    as (FakeSIDs, trie). Children of a node: 1-4 distinct tokens (the root 3-4), in random order."""
+    rng = random.Random(seed)
+    table = {}
+
+    def grow(prefix):
+        if prefix and (len(prefix) == max_depth or rng.random() < 0.25):
+            table[f"i{len(table)}"] = [str(t) for t in prefix]
+            return
+        for t in rng.sample(range(first, first + n_tokens), rng.randint(1 if prefix else 3, 4)):
+            grow(prefix + [t])
+    grow([])
+    items = list(table)
+    rng.shuffle(items)  # catalogue order differs from trie order: the tie rule must use the former
+    fake = FakeSIDs({i: table[i] for i in items}, [str(t) for t in range(first, first + n_tokens)])
+    return fake, SIDTrie.build(fake, IdTok())
+
+
+def exhaustive_ranking(model, prompt, trie):
+    """Every item scored by teacher forcing, summed in float64 in SID order like the beam search,
+    ranked by score then catalogue order: [(item, score)]."""
+    scored = []
+    for ids, item in trie.items():
+        logits, _ = model(torch.tensor([prompt + ids[:-1]]))
+        logp = torch.log_softmax(logits[0, len(prompt) - 1:].float(), -1)  # (len(ids), V)
+        score = 0.0
+        for k, t in enumerate(ids):
+            score += float(logp[k, t])
+        scored.append((item, score))
+    order = {item: i for i, item in enumerate(trie.item_ids)}
+    return sorted(scored, key=lambda x: (-x[1], order[x[0]]))
+
+
+CTRL = Control(boi=1, eoi=2, eot=3)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tensor_beam_equals_reference_and_exhaustive_with_ties(seed):
+    fake, trie = random_trie(seed)
+    model = grid_bigram(40, seed)
+    prompts = [[5, 6, CTRL.boi], [7, CTRL.boi], [9, 9, 8, 4, CTRL.boi]]
+    n = len(trie.item_ids)
+    ties = 0
+    for prompt in prompts:
+        want = exhaustive_ranking(model, prompt, trie)
+        ties += len(want) - len({s for _, s in want})
+        for W in (n, n + 3, 5, 2, 1):
+            got, ref = beam_search(model, prompt, trie, CTRL, W), beam_search_reference(model, prompt, trie, CTRL, W)
+            assert got == ref, (W, got, ref)  # same items, same order, same float64 scores
+            if W >= n:
+                assert got == want
+        # batched, prompts of different lengths: the same lists
+    assert beam_search_batch(model, prompts, trie, CTRL, 4) == [beam_search(model, p, trie, CTRL, 4) for p in prompts]
+    assert ties > 0  # the grid model really produced equal scores
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tensor_beam_equals_reference_on_random_gpt(tok, sids, dataset, seed):
+    table = subset(sids, 60)
+    trie, ctrl = SIDTrie.build(table, tok), Control.of(tok)
+    rd = Renderer(tok, sids, BLOCK)
+    model = random_model(len(tok), seed=10 + seed, head_scale=20.0)
+    for d in dataset["val"][seed * 3:seed * 3 + 3]:
+        prompt = rd.prompt(d["turns"][:3], forced=MODE_REC + BOI)
+        for W in (60, 10):
+            got, ref = beam_search(model, prompt, trie, ctrl, W), beam_search_reference(model, prompt, trie, ctrl, W)
+            assert [i for i, _ in got] == [i for i, _ in ref]
+            assert max(abs(a - b) for (_, a), (_, b) in zip(got, ref)) < 1e-5
+
+
+def test_batched_beam_search_equals_one_prompt_at_a_time(tok, sids, dataset):
+    """Left-padded prompts of different lengths in one cache: the same ranked lists as alone."""
+    trie, ctrl = SIDTrie.build(sids, tok), Control.of(tok)
+    rd = Renderer(tok, sids, BLOCK)
+    model = random_model(len(tok), seed=7, head_scale=20.0)
+    prompts = [rd.prompt(d["turns"][:t], forced=MODE_REC + BOI) for d, t in zip(dataset["val"][:5], (1, 3, 5, 2, 4))]
+    assert len({len(p) for p in prompts}) >= 3
+    batched = beam_search_batch(model, prompts, trie, ctrl, 30)
+    for p, got in zip(prompts, batched):
+        alone = beam_search(model, p, trie, ctrl, 30)
+        assert [i for i, _ in got] == [i for i, _ in alone]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(got, alone)) < 1e-4
+
+
+def test_trie_tensors_match_the_dict_trie(tok, sids):
+    trie, ctrl = SIDTrie.build(sids, tok), Control.of(tok)
+    tt = trie.tensors(ctrl, len(tok), "cpu")
+    assert trie.tensors(ctrl, len(tok), "cpu") is tt  # built once
+    for ids, item in trie.items():  # every ID walks to a leaf holding its item; the leaf allows <EOI> only
+        n = 0
+        for t in ids:
+            ok = tt.child_ok[n]
+            assert t in tt.child_tok[n][ok].tolist()
+            n = int(tt.child_node[n][ok][tt.child_tok[n][ok] == t][0])
+        assert trie.item_ids[int(tt.leaf_item[n])] == item
+        assert set(tt.child_tok[n].tolist()) == {ctrl.eoi} and set(tt.child_node[n].tolist()) == {tt.OUT}
+    assert tt.banned[list(trie.sid_token_ids)].all() and tt.banned[ctrl.eoi] and not tt.banned[ctrl.boi]
+    assert int(tt.banned.sum()) == len(trie.sid_token_ids) + 1 and tt.banned_late[ctrl.boi]
+
+
+class HostTransfers:
+    """Records the size of every tensor read by the host (tolist, item, int/float/bool, numpy)."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def __enter__(self):
+        self.patches = []
+        for name in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__", "numpy"):
+            orig = getattr(torch.Tensor, name)
+
+            def wrapped(t, *a, _orig=orig, **kw):
+                self.sizes.append(t.numel())
+                return _orig(t, *a, **kw)
+            p = mock.patch.object(torch.Tensor, name, wrapped)
+            p.start()
+            self.patches.append(p)
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.patches:
+            p.stop()
+
+
+def test_big_vocabulary_step_sends_only_sid_columns_to_the_host():
+    """A 150k vocabulary (a Qwen-sized head), 50 beams, 3-level IDs: the whole search reads from the
+    device only the final (prompts, beam) lists and O(1) values, never a vocabulary-sized row, and
+    the count of reads does not grow with the number of steps."""
+    V, levels, codes = 150_000, 3, 32
+    first = V - levels * codes
+    rng = random.Random(0)
+    table = {}
+    while len(table) < 3000:
+        sid = [first + lvl * codes + rng.randrange(codes) for lvl in range(levels)]
+        table.setdefault(tuple(sid), f"m{len(table)}")
+    fake = FakeSIDs({item: [str(t) for t in sid] for sid, item in table.items()},
+                    [str(t) for t in range(first, V)])
+    trie, ctrl = SIDTrie.build(fake, IdTok()), Control(boi=1, eoi=2, eot=3)
+    cols = torch.arange(V, dtype=torch.float32)
+
+    def fn(idx):  # (B, T) -> (B, T, V), deterministic and cheap
+        return torch.sin(idx[..., None].float() * 0.37 + cols * 0.011) * 3
+    model = Bigram(V, fn)
+    trie.tensors(ctrl, V, "cpu")  # built once, outside the measured search
+    prompts = [[5, 6, 7, ctrl.boi], [8, ctrl.boi]]
+    with HostTransfers() as h:
+        out = beam_search_batch(model, prompts, trie, ctrl, 50)
+    assert [len(o) for o in out] == [50, 50]
+    assert max(h.sizes) <= len(prompts) * 50 and len(h.sizes) <= 4, h.sizes
+    # the reference does read full rows: the check would notice
+    with HostTransfers() as h:
+        beam_search_reference(model, prompts[0], trie, ctrl, 50)
+    assert len(h.sizes) > 100
+
+
+def test_sampler_on_a_grid_model_follows_the_trie():
+    """The sampler's tensor walk on random variable-depth tries: every span a catalogue ID."""
+    for seed in range(4):
+        fake, trie = random_trie(seed)
+        g = torch.Generator().manual_seed(seed)
+        table = torch.randn(40, 40, generator=g)
+        table[:, CTRL.boi] += 2.0  # open spans often
+        model = Bigram(40, lambda idx: table[idx])
+        valid = {tuple(int(t) for t in fake.tokens(i)) for i in fake.item_ids}
+        sid_tokens = {int(t) for t in fake.all}
+        spans = 0
+        for prompt in ([5, 6], [5, CTRL.boi], [5, CTRL.boi] + [int(t) for t in fake.tokens(fake.item_ids[0])[:1]]):
+            for o in sample(model, prompt, trie, CTRL, n=200, max_new_tokens=30, generator=g):
+                span = list(prompt[prompt.index(CTRL.boi) + 1:]) if CTRL.boi in prompt else None
+                for t in o:
+                    if span is None:
+                        assert t not in sid_tokens and t != CTRL.eoi
+                        span = [] if t == CTRL.boi else None
+                    elif t == CTRL.eoi:
+                        assert tuple(span) in valid
+                        spans, span = spans + 1, None
+                    else:
+                        span.append(t)
+                assert span is None
+        assert spans > 500

@@ -79,6 +79,74 @@ def test_kv_cache_matches_full_forward(name):
     assert (alone - full[:, 7:12]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_left_padded_batch_equals_each_row_alone(name):
+    """Prompts of different lengths, left-padded into one cache (prefill, a block, token steps, a
+    reorder): every row's logits equal that row run alone without padding."""
+    model = make_model(**CONFIGS[name])
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(7)
+    lens = [9, 4, 13]
+    prompts = [torch.randint(0, V, (n,), generator=g) for n in lens]
+    L = max(lens)
+    pad = torch.tensor([L - n for n in lens])
+    ids = torch.stack([torch.cat([torch.full((L - len(p),), 5), p]) for p in prompts])  # (B, L); 5: any token
+    block = torch.randint(0, V, (3, 3), generator=g)   # a 3-token block appended to every row
+    steps = torch.randint(0, V, (3, 4), generator=g)   # then 4 single tokens
+    cache = model.new_cache(3, L + 3 + 4, pad=pad)
+    got = [model(ids, cache=cache)[0][:, -1:]]
+    got.append(model(block, cache=cache)[0])
+    for t in range(2):
+        got.append(model(steps[:, t:t + 1], cache=cache)[0])
+    # reorder: row 2 twice and row 0; the padding travels with its row
+    rows = torch.tensor([2, 2, 0])
+    cache.reorder(rows)
+    assert cache.pad.tolist() == pad[rows].tolist()
+    for t in range(2, 4):
+        got.append(model(steps[rows, t:t + 1], cache=cache)[0])
+    for r in range(3):
+        alone, _ = model(torch.cat([prompts[r], block[r], steps[r, :2]])[None])  # (1, T, V)
+        want = alone[0, len(prompts[r]) - 1:]                                   # the last prompt token on
+        torch.testing.assert_close(torch.cat([x[r] for x in got[:4]]), want, atol=1e-5, rtol=0)
+    for new, old in enumerate(rows.tolist()):
+        seq = torch.cat([prompts[old], block[old], steps[old]])
+        alone, _ = model(seq[None])
+        torch.testing.assert_close(torch.cat([x[new] for x in got[4:]]), alone[0, -2:], atol=1e-5, rtol=0)
+    # the padding is really masked: padding tokens of another value change nothing
+    cache2 = model.new_cache(3, L, pad=pad)
+    other = ids.clone()
+    for r in range(3):
+        other[r, :L - lens[r]] = 17
+    torch.testing.assert_close(model(other, cache=cache2)[0][:, -1], got[0][:, 0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_beam_cache_over_a_padded_prefix_equals_each_sequence_alone(name):
+    """A beam cache (prefix=) over left-padded prompts: beams grow 1 -> 3 per prompt, are reordered,
+    and each decodes SID-like tokens; their logits equal each full sequence run alone."""
+    model = make_model(**CONFIGS[name])
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(11)
+    lens = [5, 11]
+    prompts = [torch.randint(0, V, (n,), generator=g) for n in lens]
+    L = max(lens)
+    ids = torch.stack([torch.cat([torch.zeros(L - len(p), dtype=torch.long), p]) for p in prompts])
+    prefix = model.new_cache(2, L, pad=torch.tensor([L - n for n in lens]))
+    model(ids, cache=prefix)
+    beams = model.new_cache(2, 3, prefix=prefix)
+    hist = [[] for _ in range(2)]                        # tokens of each beam row
+    for rows in (torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([2, 0, 0, 5, 3, 3]), torch.tensor([1, 1, 2, 4, 5, 3])):
+        beams.reorder(rows)
+        hist = [hist[r] for r in rows.tolist()]
+        toks = torch.randint(0, V, (6, 1), generator=g)
+        hist = [h + [int(t)] for h, t in zip(hist, toks[:, 0])]
+        logits, _ = model(toks, cache=beams)
+        assert prefix.pos == L and beams.pos == len(hist[0])
+        for r in range(6):
+            alone, _ = model(torch.cat([prompts[r // 3], torch.tensor(hist[r])])[None])
+            torch.testing.assert_close(logits[r, -1], alone[0, -1], atol=1e-5, rtol=0)
+
+
 def test_cache_overflow_is_refused():
     model = make_model()
     cache = model.new_cache(1, 4)
