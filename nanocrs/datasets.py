@@ -42,6 +42,7 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 
+from nanocrs.common import atomic_path
 from nanocrs.data import ITEM_ID, MENTION, SPLITS, DataError, load_dialogs, load_items, rec_samples
 
 REDIAL_OFFICIAL_TRAIN = 10006  # dialogs in the official ReDial train split (ReDial datasheet)
@@ -668,21 +669,17 @@ def fetch(url: str, dest: str, pin: str) -> str:
     if not url.startswith("https://") and host not in ("127.0.0.1", "localhost"):
         raise DataError(f"refusing to download {url}: only https (or a local test server) is allowed")
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = dest + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            while block := r.read(1 << 20):
-                f.write(block)
-    except (urllib.error.URLError, OSError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        reason = getattr(e, "reason", e)
-        raise DataError(f"cannot download {url} ({reason}); offline? download the files yourself and pass --raw DIR") from None
-    got = digest(tmp, kind)
-    if got != want:
-        os.remove(tmp)
-        raise DataError(f"{url}: {kind} mismatch (got {got}, pinned {want}); not cached, pass --raw DIR with files you trust")
-    os.replace(tmp, dest)
+    with atomic_path(dest, suffix=".part") as tmp:  # removed again if the download or the check fails
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                while block := r.read(1 << 20):
+                    f.write(block)
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise DataError(f"cannot download {url} ({reason}); offline? download the files yourself and pass --raw DIR") from None
+        got = digest(tmp, kind)
+        if got != want:
+            raise DataError(f"{url}: {kind} mismatch (got {got}, pinned {want}); not cached, pass --raw DIR with files you trust")
     return dest
 
 

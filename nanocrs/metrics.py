@@ -31,6 +31,7 @@ import re
 import string
 from collections import Counter
 
+from nanocrs.data import MENTION
 from nanocrs.tokenizer import BOI, EOI
 
 RECALL_KS = (1, 5, 10, 20, 50)
@@ -151,7 +152,6 @@ def calibrate_intent(p_rec: list[float], is_rec: list[bool]) -> float:
 
 MOVIE = "<movie>"
 _SPAN = re.compile(re.escape(BOI) + r".*?(?:" + re.escape(EOI) + r"|$)", re.S)  # an unclosed span runs to the end
-_MENTION = re.compile(r"@\{[A-Za-z0-9_.-]+\}")  # dataset schema mentions, as in reference texts
 
 
 def replace_spans(text: str | list[str]) -> str | list[str]:
@@ -162,7 +162,7 @@ def replace_spans(text: str | list[str]) -> str | list[str]:
     (generation cut off) swallows the rest; a stray <EOI> is left as it is.
     """
     if isinstance(text, str):
-        text = _SPAN.sub(f" {MOVIE} ", _MENTION.sub(f" {MOVIE} ", text))
+        text = _SPAN.sub(f" {MOVIE} ", MENTION.sub(f" {MOVIE} ", text))
         return re.sub(r" {2,}", " ", text).strip()
     out, inside = [], False
     for tok in text:

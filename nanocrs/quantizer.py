@@ -30,13 +30,14 @@ meant for catalogues of thousands of items (the paper's 1.8k-7k), not millions, 
 import itertools
 import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanocrs.common import atomic_path
 
 CHUNK = 65536  # rows per distance chunk: CHUNK x K float32 stays small (64 MB at K=256)
 
@@ -457,10 +458,8 @@ class SemanticIDs:
         return cls(item_ids=d["item_ids"], codes=d["codes"], level_sizes=d["level_sizes"])
 
     def save(self, path):
-        tmp = str(path) + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_path(path) as tmp, open(tmp, "w") as f:  # readers never see a half-written table
             json.dump(self.to_json(), f)
-        os.replace(tmp, path)  # atomic: readers never see a half-written table
 
     @classmethod
     def load(cls, path):
