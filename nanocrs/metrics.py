@@ -250,11 +250,6 @@ def distinct_per_sentence(sentences: list[str], n: int) -> float:
     return len(grams) / len(sentences) if sentences else 0.0
 
 
-def distinct_n(sentences: list[str], n: int) -> dict:
-    """Both Distinct-n conventions, labelled."""
-    return {"distinct_ratio": distinct_ratio(sentences, n), "distinct_per_sentence": distinct_per_sentence(sentences, n)}
-
-
 def perplexity(total_nll: float, total_tokens: int) -> float:
     """Corpus perplexity from summed token NLL (nats) and the number of scored tokens."""
     if total_tokens <= 0:

@@ -431,9 +431,6 @@ class SemanticIDs:
     def token(level, code):
         return f"<{chr(ord('a') + level)}_{code}>"
 
-    def codes_of(self, item_id):
-        return self._by_item[item_id]
-
     def tokens(self, item_id):
         return [self.token(l, v) for l, v in enumerate(self._by_item[item_id])]
 

@@ -64,7 +64,7 @@ def test_unique_sids_with_many_collisions(mode):
     s = quantize(x, QuantizerConfig(levels=3, codebook_size=8, kmeans_iters=10, collisions=mode),
                  verbose=False, item_ids=ids)
     assert len(s) == len(x) == len(set(s.codes))
-    assert all(s.item_of_codes(s.codes_of(i)) == i for i in ids)
+    assert all(s.item_of_tokens(s.tokens(i)) == i for i in ids)
     for c in s.codes:
         assert all(0 <= v < n for v, n in zip(c, s.level_sizes))
     if mode == "suffix":
