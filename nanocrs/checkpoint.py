@@ -63,6 +63,16 @@ def _adapter_only(config: dict) -> bool:
     return bool(config.get("init_from")) and config.get("lora", {}).get("rank", 0) > 0
 
 
+def _commit(out_dir: str, config: dict):
+    """Replace config.json: the one rename that makes a save visible."""
+    with atomic_path(os.path.join(out_dir, "config.json"), fsync=True) as tmp, open(tmp, "w") as f:
+        json.dump(config, f, indent=1)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+        os.close(fd)
+
+
 def save_static(out_dir: str, tokenizer, sids, items_path: str):
     """The files that never change during a run: tokenizer, semantic-ID table and catalogue (train.py
     writes them once, before its first step)."""
@@ -85,12 +95,7 @@ def save(out_dir: str, model: GPT, config: dict, optimizer=None):
         files["optimizer"] = f"optimizer-{step:06d}.safetensors"
         tensors, hyper = optimizer_state(optimizer)
         _save_tensors(tensors, os.path.join(out_dir, files["optimizer"]), {**meta, "hyper": json.dumps(hyper)})
-    with atomic_path(os.path.join(out_dir, "config.json"), fsync=True) as tmp, open(tmp, "w") as f:  # the commit
-        json.dump({**config, "files": files}, f, indent=1)
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
-        os.fsync(fd)
-        os.close(fd)
+    _commit(out_dir, {**config, "files": files})
     # the previous step's tensors, and those of a save that crashed before its commit
     for name in os.listdir(out_dir):
         if (_STEP_FILE.match(name) and name not in files.values()) or name.endswith(".safetensors.tmp"):

@@ -57,9 +57,8 @@ class QuantizerConfig:
     method: str = "rqkmeans"   # "rqkmeans" (residual k-means) or "rqvae" (the paper's RQ-VAE)
     # RQ-VAE (paper Table 7 = LC-Rec's settings: 7 linear layers in_dim->2048->...->64->32, lr 1e-3,
     # wd 1e-4, batch 1024, beta 0.25). LC-Rec trains 10,000 epochs on a GPU. On CPU we default to 300
-    # (= 300 AdamW steps when N <= 1024, ~0.2-0.5 s each for the 5.9M-parameter model): on the synthetic
-    # world's 600 items that brings the reconstruction MSE from 0.0156 to ~0.005 (RQ-KMeans 4x64 leaves
-    # ~0.004) with ~0 collisions; it keeps improving after that (600 epochs: 0.0018), so raise it if
+    # (= 300 AdamW steps when N <= 1024): on the synthetic world that brings the reconstruction error
+    # close to RQ-KMeans' with almost no collisions; it keeps improving after that, so raise it if
     # minutes per run are fine. On a busy shared CPU, OMP_NUM_THREADS=1 avoids threads thrashing.
     hidden: tuple = (2048, 1024, 512, 256, 128, 64)
     latent_dim: int = 32
@@ -110,7 +109,7 @@ def _kmeans_pp_init(x, k, g):
         n = S.shape[0]
     C = torch.empty(k, x.shape[1], dtype=torch.float32)
 
-    def sqdist(c):  # (n,) squared distances to one centroid; a matvec is ~4x faster than (S - c)**2
+    def sqdist(c):  # (n,) squared distances to one centroid; a matvec, faster than (S - c)**2
         return (s2 - 2.0 * (S @ c) + c @ c).clamp_(min=0.0)
 
     C[0] = S[torch.randint(n, (1,), generator=g)]
@@ -132,7 +131,7 @@ def _update(x, assign, mind, k):
     D = x.shape[1]
     sums = torch.zeros(k, D, dtype=torch.float64)                 # float64: sums over ~1M rows
     for s in range(0, x.shape[0], CHUNK):
-        part = torch.zeros(k, D)                                  # float32 index_add is ~10x faster than
+        part = torch.zeros(k, D)                                  # float32 index_add is much faster than
         part.index_add_(0, assign[s:s + CHUNK], x[s:s + CHUNK])   # float64, and exact enough per chunk
         sums += part.double()
     counts = torch.bincount(assign, minlength=k)                  # (k,)

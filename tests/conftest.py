@@ -14,14 +14,14 @@ import pytest
 import torch
 
 # Tiny models are latency-bound: one thread is fastest, and far faster than two threads on a busy
-# 2-core machine (thread contention made small matmuls ~20x slower there).
+# machine, where thread contention slows small matmuls down badly.
 torch.set_num_threads(1)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-# small enough to build in ~3 s, big enough for the synthetic world (it needs >= 8 items in some
+# small enough to build in seconds, big enough for the synthetic world (it needs >= 8 items in some
 # genre/decade cell, which 120 items do not reach with seed 0)
 DATA_ARGS = ["--dataset", "synthetic", "--n-items", "160", "--n-train", "200", "--n-val", "30", "--n-test", "30",
              "--levels", "2", "--codebook-size", "8", "--vocab-size", "400", "--kmeans-iters", "20"]
