@@ -114,7 +114,8 @@ def build_dialogs(a):
             raise DataError("--dataset custom needs --raw DIR (items.jsonl + train/val/test.jsonl)")
         return datasets.build_custom(a.raw)
     if a.dataset in ("redial", "inspired"):
-        raw = a.raw or datasets.download(a.dataset, cache_dir=a.cache_dir)
+        from nanocrs.download import download
+        raw = a.raw or download(a.dataset, cache_dir=a.cache_dir)
         if a.dataset == "redial":
             return datasets.build_redial(raw, seed=a.seed, item_sequences=bool(a.item_sequences))
         return datasets.build_inspired(raw, seed=a.seed)

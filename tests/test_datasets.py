@@ -2,7 +2,7 @@
 Tests for nanocrs/datasets.py on small invented fixtures in the raw formats (tests/fixtures/): ReDial
 merging, mentions, deduplication across raw / UniCRS / IARD files, deterministic validation carving;
 INSPIRED TSV quirks (QUOTATION_MARK, the malformed movie_dict) and title linking; the custom schema;
-malformed input reported with file:line; the download path against a local HTTP server.
+malformed input reported with file:line; nanocrs/download.py against a local HTTP server.
 
     python -m pytest tests/test_datasets.py -q
 """
@@ -20,7 +20,7 @@ import threading
 import pytest
 
 from conftest import REPO
-from nanocrs import datasets
+from nanocrs import download
 from nanocrs.data import DataError, load_dataset
 from nanocrs.datasets import build_custom, build_inspired, build_redial, link_titles
 
@@ -226,16 +226,16 @@ def test_download_verifies_and_caches(server, tmp_path, monkeypatch):
     shutil.copytree(REDIAL, www / "redial")
     official = [(rel, f"redial/{rel}", "sha256:" + sha256(os.path.join(REDIAL, rel)))
                 for rel in ("test_data.jsonl", "train_raw.jsonl", "movies_with_mentions.csv", "metadata/id2info.json")]
-    official[1] = (official[1][0], official[1][1], "gitsha1:" + datasets.digest(os.path.join(REDIAL, "train_raw.jsonl"), "gitsha1"))
-    monkeypatch.setitem(datasets.OFFICIAL, "redial", official)
+    official[1] = (official[1][0], official[1][1], "gitsha1:" + download.digest(os.path.join(REDIAL, "train_raw.jsonl"), "gitsha1"))
+    monkeypatch.setitem(download.OFFICIAL, "redial", official)
     cache = str(tmp_path / "cache")
-    raw = datasets.download("redial", cache_dir=cache, url_base=base)
+    raw = download.download("redial", cache_dir=cache, url_base=base)
     assert sha256(os.path.join(raw, "metadata", "id2info.json")) == sha256(os.path.join(REDIAL, "metadata", "id2info.json"))
     _, splits, _ = build_redial(raw)
     assert len(splits["test"]) == 2 and len(splits["train"]) + len(splits["val"]) == 4
     # cached: a second call needs no server
     shutil.rmtree(www / "redial")
-    assert datasets.download("redial", cache_dir=cache, url_base=base) == raw
+    assert download.download("redial", cache_dir=cache, url_base=base) == raw
 
 
 def test_download_sha_mismatch(server, tmp_path):
@@ -243,10 +243,10 @@ def test_download_sha_mismatch(server, tmp_path):
     (www / "f.txt").write_text("tampered")
     dest = str(tmp_path / "cache" / "f.txt")
     with pytest.raises(DataError, match="sha256 mismatch"):
-        datasets.fetch(f"{base}/f.txt", dest, "sha256:" + "0" * 64)
+        download.fetch(f"{base}/f.txt", dest, "sha256:" + "0" * 64)
     assert not os.path.exists(dest) and not os.path.exists(dest + ".part")  # nothing unverified is cached
     with pytest.raises(DataError, match="refusing"):
-        datasets.fetch("http://example.com/f.txt", dest, "sha256:" + "0" * 64)
+        download.fetch("http://example.com/f.txt", dest, "sha256:" + "0" * 64)
 
 
 def test_offline_fails_with_one_line_saying_raw(tmp_path):
