@@ -8,6 +8,7 @@ The fixtures use absolute paths only, so the suite runs from any working directo
 """
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -43,6 +44,16 @@ def dataset_dir(tmp_path_factory):
     for f in ("items.jsonl", "train.jsonl", "val.jsonl", "test.jsonl", "sids.json", "tokenizer.json", "dataset.json"):
         assert os.path.isfile(os.path.join(out, f)), f
     return out
+
+
+# the scripts as a user runs them: a subprocess, one thread, the repository importable
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": REPO}
+
+
+def run_cli(script, *args, stdin=None, timeout=180, env=None):
+    """python REPO/script args... -> the CompletedProcess (text stdout and stderr)."""
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=env or ENV,
+                          input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
 def run_train(data_dir: str, out_dir: str, extra=()):

@@ -17,14 +17,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_train
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": REPO}
-
-
-def run(script, *args, stdin=None, timeout=180):
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=ENV,
-                          input=stdin, capture_output=True, text=True, timeout=timeout)
+from conftest import ENV, REPO, run_train
+from conftest import run_cli as run
 
 
 def one_line_error(p, *words, code=1):

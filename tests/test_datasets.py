@@ -13,13 +13,11 @@ import http.server
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_cli
 from nanocrs import download
 from nanocrs.data import DataError, load_dataset
 from nanocrs.datasets import build_custom, build_inspired, build_redial, link_titles
@@ -252,8 +250,7 @@ def test_download_sha_mismatch(server, tmp_path):
 def test_offline_fails_with_one_line_saying_raw(tmp_path):
     env = {**os.environ, "NANOCRS_DATA_URL": "http://127.0.0.1:9", "NANOCRS_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": REPO}
-    p = subprocess.run([sys.executable, os.path.join(REPO, "data_prep.py"), "--dataset", "inspired",
-                        "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=60)
+    p = run_cli("data_prep.py", "--dataset", "inspired", "--out", str(tmp_path / "out"), env=env, timeout=60)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "pass --raw" in lines[0], p.stderr
@@ -263,8 +260,7 @@ def test_data_prep_end_to_end(tmp_path):
     out = str(tmp_path / "redial")
     args = ["--dataset", "redial", "--raw", REDIAL, "--out", out, "--embed-dim", "4", "--levels", "1",
             "--codebook-size", "4", "--vocab-size", "300", "--kmeans-iters", "5"]
-    p = subprocess.run([sys.executable, os.path.join(REPO, "data_prep.py"), *args], cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=120)
+    p = run_cli("data_prep.py", *args, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     ds = load_dataset(out)
     assert len(ds["items"]) == 8 and len(ds["test"]) == 2
