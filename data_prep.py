@@ -14,15 +14,15 @@ import argparse
 import dataclasses
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
 
+from nanocrs.common import flag_error, run_script
 from nanocrs.data import MENTION, DataError, SPLITS, fingerprint, load_dataset, write_json, write_jsonl
 from nanocrs.encoder import embed_items, item_features
 from nanocrs.quantizer import QuantizerConfig, SemanticIDs, quantize
-from nanocrs.tokenizer import ASSISTANT_PREFIX, CONTROL_TOKENS, USER_PREFIX, Tokenizer
+from nanocrs.tokenizer import ASSISTANT_PREFIX, USER_PREFIX, Tokenizer, added_tokens
 
 DATASETS = ("synthetic", "redial", "inspired", "custom")
 
@@ -75,16 +75,10 @@ def get_args(argv=None):
                 "kmeans_iters": 1, "kmeans_points": 0, "vocab_size": 256}
     for k, low in at_least.items():
         if getattr(a, k) < low:
-            bad_flag(f"--{k.replace('_', '-')} must be at least {low}, got {getattr(a, k)}")
+            flag_error(f"--{k.replace('_', '-')} must be at least {low}, got {getattr(a, k)}")
     if a.levels + (a.collisions == "suffix") > 26:  # one letter per level in the ID tokens, <a_..> to <z_..>
-        bad_flag(f"--levels must be at most {26 - (a.collisions == 'suffix')} with --collisions {a.collisions}")
+        flag_error(f"--levels must be at most {26 - (a.collisions == 'suffix')} with --collisions {a.collisions}")
     return a
-
-
-def bad_flag(msg: str):
-    """A flag out of range: one line and exit code 2, as argparse does for a malformed one."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def check_out(out: str, a):
@@ -120,7 +114,8 @@ def build_dialogs(a):
             raise DataError("--dataset custom needs --raw DIR (items.jsonl + train/val/test.jsonl)")
         return datasets.build_custom(a.raw)
     if a.dataset in ("redial", "inspired"):
-        raw = a.raw or datasets.download(a.dataset, cache_dir=a.cache_dir)
+        from nanocrs.download import download
+        raw = a.raw or download(a.dataset, cache_dir=a.cache_dir)
         if a.dataset == "redial":
             return datasets.build_redial(raw, seed=a.seed, item_sequences=bool(a.item_sequences))
         return datasets.build_inspired(raw, seed=a.seed)
@@ -194,9 +189,9 @@ def prepare(a, out: str):
         for d in ds["train"]:
             for t in d["turns"]:
                 yield MENTION.sub(" ", t["text"])
-    tok = Tokenizer.train(corpus(), a.vocab_size, added=CONTROL_TOKENS + sids.all_token_strings())
+    tok = Tokenizer.train(corpus(), a.vocab_size, added=added_tokens(sids))
     tok.save(os.path.join(out, "tokenizer.json"))
-    n_added = len(CONTROL_TOKENS) + len(sids.all_token_strings())
+    n_added = len(added_tokens(sids))
     print(f"tokenizer: {len(tok)} tokens ({len(tok) - n_added} BPE + {n_added} added)")
 
     write_json(os.path.join(out, "dataset.json"), {
@@ -208,8 +203,4 @@ def prepare(a, out: str):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, ValueError, OSError) as e:  # OSError: e.g. a read-only --out
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from nanocrs import checkpoint
-from nanocrs.checkpoint import CheckpointError
+from nanocrs.common import atomic_path, flag_error, init_device, run_script
 from nanocrs.data import (MENTION, DataError, Renderer, load_dataset, load_items, rec_samples, training_dialogs,
                           write_json)
 from nanocrs.generate import Control, SIDTrie, beam_search_batch, sample
@@ -69,9 +69,8 @@ def get_args(argv=None):
     p.add_argument("--prompt", default=None, help="with --init-from: the prompt (raw text, no chat template added)")
     a = p.parse_args(argv)
     for flag, low in (("top_k", 1), ("beam", 1), ("max_new_tokens", 1), ("max_samples", 0), ("max_gen", 0), ("num_samples", 0)):
-        if getattr(a, flag) < low:  # one line and exit code 2, as argparse does for a malformed flag
-            print(f"error: --{flag.replace('_', '-')} must be at least {low}, got {getattr(a, flag)}", file=sys.stderr)
-            sys.exit(2)
+        if getattr(a, flag) < low:
+            flag_error(f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(a, flag)}")
     return a
 
 
@@ -472,9 +471,7 @@ def plain_generate(model, ids: list[int], max_new_tokens: int, greedy: bool, tem
 
 def main(argv=None):
     args = get_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = init_device(args.device, args.threads)
     if args.init_from:
         from nanocrs.backbone import load_base
         if args.prompt is None:
@@ -524,10 +521,8 @@ def main(argv=None):
             print(f"free-mode REC threshold {t:.4f} (best REC F1 on val) saved to {os.path.join(args.ckpt, INTENT_FILE)}")
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            tmp = args.json + ".tmp"
-            with open(tmp, "w") as f:
+            with atomic_path(args.json) as tmp, open(tmp, "w") as f:
                 json.dump(res, f, indent=1)
-            os.replace(tmp, args.json)
             print(f"wrote {args.json}")
         if args.rankings:
             print(f"wrote {args.rankings}")
@@ -538,8 +533,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, CheckpointError, OSError, ValueError) as e:  # OSError: unreadable or unwritable paths
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

@@ -31,22 +31,22 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from nanocrs import checkpoint
 from nanocrs.checkpoint import CheckpointError
+from nanocrs.common import Compute, atomic_path, cleanup, init_training, print0, run_script
 from nanocrs.data import (DataError, Renderer, check_catalogue, collate, epoch_batches, fingerprint, load_dataset,
                           training_dialogs)
 from nanocrs.mfu import peak_flops, train_flops
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import SemanticIDs
-from nanocrs.tokenizer import CONTROL_TOKENS, Tokenizer
+from nanocrs.tokenizer import Tokenizer, added_tokens
 
 
 # The paper's Table 7 recipes (LoRA r16/a32/dropout 0.05 on all linear layers, batch 72 through
@@ -195,79 +195,40 @@ def evaluate_loss(model, examples, batch_size, device, autocast) -> float:
     return total / max(count, 1)
 
 
-def main(argv=None):
-    given = set()
-    a = get_args(argv, given)
-    if a.resume:
-        resume_flags(a, given, checkpoint.read_config(a.out))
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    # torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (NCCL), or per CPU worker (gloo)
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world, master = 0, 1, True
-    if ddp:
-        if device_type == "cuda":  # bind the process to its GPU first, and tell NCCL which one it is
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
-                                device_id=torch.device(device) if device_type == "cuda" else None)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        master = rank == 0
-    dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
-    autocast = (torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-                if dtype == "bfloat16" else nullcontext())
-    base_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # a backbone's frozen weights
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if a.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS' deterministic workspaces
-        torch.use_deterministic_algorithms(True)
-        if device_type == "cuda":
-            torch.backends.cuda.enable_flash_sdp(False)  # its backward accumulates in a varying order
-
-    # ---- data: the dataset folder has the tokenizer and the semantic-ID table
-    ds = load_dataset(a.data)
-    data_fingerprint = fingerprint(a.data)
-    tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
-    sids = SemanticIDs.load(os.path.join(a.data, "sids.json"))
-    lora = {"rank": a.lora_rank, "alpha": a.lora_alpha, "dropout": a.lora_dropout}
-
-    # ---- model and optimizer, fresh or resumed
+def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
+    """(model, tok, sids, step): a fresh model (from scratch, or a pretrained backbone with --init-from,
+    which brings its own tokenizer), or with --resume the checkpoint's model, tokenizer and table."""
     if not a.resume and os.path.isfile(os.path.join(a.out, "config.json")):
         raise CheckpointError(f"{a.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-    step = 0
     if a.resume:
-        model, config, tok, sids = checkpoint.load(a.out, device, dtype=base_dtype)
-        step = config["step"]
-        # the model's structure comes from the checkpoint, whatever the command line says
-        a.init_from, lora = config.get("init_from") or "", config.get("lora", lora)
+        model, config, tok, sids = checkpoint.load(a.out, c.device, dtype=c.base_dtype)
+        a.init_from = config.get("init_from") or ""  # the structure comes from the checkpoint (an absolute path)
         # other data would put new items beside the old IDs: refuse it before anything is written
         checkpoint.check_data(config, a.data)
         check_catalogue(a.data, [it["id"] for it in ds["items"]], sids, tok)
-        if config.get("world", 1) != world:
-            print(f"note: {world} processes, the checkpoint was trained with {config.get('world', 1)}: the batches change")
-        cfg = model.config
-    elif a.init_from:
-        from nanocrs.backbone import prepare
-        if a.lora_rank == 0 and device_type == "cuda":  # before loading: fp32 weights + AdamW, 16 bytes a parameter
-            from nanocrs.memplan import check_full_finetune
-            check_full_finetune(a.init_from, torch.cuda.get_device_properties(device).total_memory)
-        torch.manual_seed(a.seed)  # LoRA's A init
-        model, tok, first_new = prepare(a.init_from, CONTROL_TOKENS + sids.all_token_strings(), a.block_size,
-                                        a.lora_rank, a.lora_alpha, a.lora_dropout, device, base_dtype)
-        cfg = model.config
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"backbone {a.init_from}: {len(tok) - first_new} tokens added at id {first_new}; "
-              f"{n_train / 1e6:.2f}M of {model.num_params() / 1e6:.1f}M parameters train")
-    else:
+        if config.get("world", 1) != c.world:
+            print(f"note: {c.world} processes, the checkpoint was trained with {config.get('world', 1)}: the batches change")
+        return model, tok, sids, config["step"]
+    if not a.init_from:
         torch.manual_seed(a.seed)
         cfg = GPTConfig(vocab_size=len(tok), block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
                         n_kv_head=a.n_kv_head, n_embd=a.n_embd, dropout=a.dropout)
-        model = GPT(cfg).to(device)
-    rd = Renderer(tok, sids, cfg.block_size)
+        return GPT(cfg).to(c.device), tok, sids, 0
+    from nanocrs.backbone import prepare
+    if a.lora_rank == 0 and c.device_type == "cuda":  # before loading: fp32 weights + AdamW, 16 bytes a parameter
+        from nanocrs.memplan import check_full_finetune
+        check_full_finetune(a.init_from, torch.cuda.get_device_properties(c.device).total_memory)
+    torch.manual_seed(a.seed)  # LoRA's A init
+    model, tok, first_new = prepare(a.init_from, added_tokens(sids), a.block_size, a.lora_rank, a.lora_alpha,
+                                    a.lora_dropout, c.device, c.base_dtype)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"backbone {a.init_from}: {len(tok) - first_new} tokens added at id {first_new}; "
+          f"{n_train / 1e6:.2f}M of {model.num_params() / 1e6:.1f}M parameters train")
+    return model, tok, sids, 0
+
+
+def build_data(a, ds: dict, rd: Renderer) -> tuple[list, list]:
+    """(train, val) examples: (token ids, targets) pairs, in the order the batches index them."""
     train_dialogs = training_dialogs(ds, a.train_splits, items_only=bool(a.item_sequences))
     train_ex = build_examples(rd, train_dialogs, a.format)
     if a.item_text:
@@ -277,76 +238,37 @@ def main(argv=None):
         raise DataError(f"{a.data}: the {a.train_splits} split has no assistant turn to train on")
     n_tok = sum(len(x) for x, _ in train_ex)
     n_sup = sum(sum(1 for t in y if t != -1) for _, y in train_ex)
-    say = print if master else (lambda *args, **kw: None)
-    say(f"data: {len(ds['items'])} items, {len(train_dialogs)} {a.train_splits.replace(',', '+')} dialogs -> {len(train_ex)} sequences, "
-          f"{n_tok:,} tokens ({n_sup:,} supervised); {len(val_ex)} val sequences")
-    say(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(cfg.to_dict())}")
+    print0(f"data: {len(ds['items'])} items, {len(train_dialogs)} {a.train_splits.replace(',', '+')} dialogs -> "
+           f"{len(train_ex)} sequences, {n_tok:,} tokens ({n_sup:,} supervised); {len(val_ex)} val sequences")
+    return train_ex, val_ex
 
-    opt = model.configure_optimizer(a.lr, a.weight_decay, device_type=device_type)
-    if a.resume:
-        checkpoint.load_optimizer(opt, a.out, step)
-        if step >= a.max_steps:
-            print(f"checkpoint is at step {step} >= --max-steps {a.max_steps}: nothing to do")
-            return
-    model.grad_checkpointing = a.grad_checkpoint
-    if a.compile:
-        # compile block by block, not the whole model: GPT.forward's selection of the supervised rows
-        # (a data-dependent shape) stays eager, where it costs nothing and splits no graph. Batch and
-        # length vary from step to step: dynamic from the start, not static then recompiled. That
-        # leaves {training, no_grad eval} x {all rows, the last block's supervised rows} = 4 variants
-        # (bf16 and checkpointing add none; tests/test_train.py counts them). Past Dynamo's limit
-        # (8 per function) a block would silently run eagerly, so the limit gets headroom.
-        import torch._dynamo as dynamo  # (a plain "import torch._dynamo" would make torch local to main)
-        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 16)
-        for block in model.layers:
-            block.compile(dynamic=True)
-    fwd = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None) if ddp else model
 
-    # tokenizer, item table and catalogue: written by a fresh run's first save; a resumed one keeps them
-    static_written = a.resume
+def compile_blocks(model: GPT):
+    # Block by block, not the whole model: GPT.forward's selection of the supervised rows (a
+    # data-dependent shape) stays eager, where it costs nothing and splits no graph. Batch and length
+    # vary from step to step: dynamic from the start, not static then recompiled. That leaves
+    # {training, no_grad eval} x {all rows, the last block's supervised rows} = 4 variants (bf16 and
+    # checkpointing add none; tests/test_train.py counts them). Past Dynamo's limit (8 per function) a
+    # block would silently run eagerly, so the limit gets headroom.
+    import torch._dynamo as dynamo
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 16)
+    for block in model.layers:
+        block.compile(dynamic=True)
 
-    def save():
-        nonlocal static_written
-        if not master:
-            return
-        # a finite loss can still be followed by an update that overflows: never overwrite the last
-        # good checkpoint with such weights
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise TrainingError(f"step {step}: the weights are not finite (training diverged: lower --lr); "
-                                f"not saved, {a.out} keeps its last checkpoint")
-        config = {"model": cfg.to_dict(), "train": vars(a), "step": step, "world": world, "data": os.path.abspath(a.data),
-                  "init_from": a.init_from if a.init_from in ("", "smollm2") else os.path.abspath(a.init_from),
-                  "lora": lora, "fingerprint": data_fingerprint,
-                  "dataset": ds["meta"].get("name", os.path.basename(a.data.rstrip("/")))}
-        first = not static_written
-        checkpoint.save(a.out, model, config, opt, tokenizer=tok if first else None, sids=sids if first else None,
-                        items_path=os.path.join(a.data, "items.jsonl") if first else None)
-        static_written = True
 
-    # ---- the loop. Step s takes global batch s % nb of epoch s // nb, a pure function of (seed, s),
-    # so a resumed run sees exactly the batches the uninterrupted one would have. A global batch of
-    # batch_size * grad_accum * world sequences is cut into micro-batches of batch_size; rank r does
-    # micro-batches r, r + world, ... Every micro-batch's summed loss is divided by the number of
-    # supervised tokens in the WHOLE global batch, so one process, gradient accumulation and N
-    # processes compute the same gradient (up to float summation order).
-    global_bs = a.batch_size * a.grad_accum * world
-    nb = len(epoch_batches(train_ex, global_bs, a.seed, 0))
-    epoch_cache = {}
+def run_config(a, c: Compute, model: GPT, ds: dict) -> dict:
+    """What config.json holds besides the step and the file names: the same at every save of a run."""
+    return {"model": model.config.to_dict(), "train": vars(a), "world": c.world, "data": os.path.abspath(a.data),
+            "init_from": a.init_from if a.init_from in ("", "smollm2") else os.path.abspath(a.init_from),
+            "lora": {"rank": a.lora_rank, "alpha": a.lora_alpha, "dropout": a.lora_dropout},
+            "fingerprint": fingerprint(a.data), "dataset": ds["meta"].get("name", os.path.basename(a.data.rstrip("/")))}
 
-    def global_batch(s):
-        e = s // nb
-        if e not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[e] = epoch_batches(train_ex, global_bs, a.seed, e)
-        return epoch_cache[e][s % nb]
 
-    def to_device(t):
-        return t.pin_memory().to(device, non_blocking=True) if device_type == "cuda" else t
-
-    os.makedirs(a.out, exist_ok=True)
-    log_path = os.path.join(a.out, "log.jsonl")
-    if a.resume and master and os.path.isfile(log_path):  # drop lines of steps after the checkpoint
-        with open(log_path) as f:
+def open_log(out: str, step: int, resume: bool):
+    """log.jsonl for appending; on --resume first without the lines of steps after the checkpoint."""
+    path = os.path.join(out, "log.jsonl")
+    if resume and os.path.isfile(path):
+        with open(path) as f:
             lines = f.readlines()
         kept = []
         for n, line in enumerate(lines, 1):
@@ -355,112 +277,188 @@ def main(argv=None):
                 assert isinstance(rec, dict) and isinstance(rec.get("step"), int)
             except (json.JSONDecodeError, AssertionError):
                 if n < len(lines):
-                    raise CheckpointError(f"{log_path}:{n}: not a log line (a JSON object with a step)") from None
+                    raise CheckpointError(f"{path}:{n}: not a log line (a JSON object with a step)") from None
                 # a crash while the line was written: the steps it would log are after the checkpoint anyway
-                print(f"warning: {log_path}:{n}: dropped a torn last line")
+                print(f"warning: {path}:{n}: dropped a torn last line")
                 continue
             if rec["step"] <= step:
                 kept.append(line)
-        with open(log_path + ".tmp", "w") as f:
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
             f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
-    log = open(log_path, "a") if master else None  # before any step: a read-only --out fails here, not at the first save
-    model.train()
-    # in a log file (not a terminal) redraw the bar rarely, so the log stays readable
-    pbar = tqdm(total=a.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout,
-                mininterval=0.2 if sys.stdout.isatty() else 30, disable=not master)
-    t0, tokens_seen = time.time(), 0
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
-    window = []  # (seconds, real tokens, model FLOPs) of this process's recent steps, for tok/s and MFU
-    # Ctrl-C and SIGTERM only raise a flag, read between steps: the checkpoint then holds the weights of
-    # exactly the steps it counts (an interrupt inside opt.step() would otherwise save step N+1's
-    # weights as step N, and the resumed run would apply one batch twice)
+    return open(path, "a")  # before any step: a read-only --out fails here, not at the first save
+
+
+class Batches:
+    """Step s takes global batch s % nb of epoch s // nb, a pure function of (seed, s), so a resumed run
+    sees exactly the batches the uninterrupted one would have. Holds one epoch's order at a time."""
+
+    def __init__(self, examples: list, global_bs: int, seed: int):
+        self.examples, self.global_bs, self.seed = examples, global_bs, seed
+        self.epoch, self.order = 0, epoch_batches(examples, global_bs, seed, 0)
+        self.nb = len(self.order)  # batches per epoch
+
+    def __getitem__(self, step: int) -> list[int]:
+        if step // self.nb != self.epoch:
+            self.epoch = step // self.nb
+            self.order = epoch_batches(self.examples, self.global_bs, self.seed, self.epoch)
+        return self.order[step % self.nb]
+
+
+def train_step(fwd, model: GPT, opt, examples: list, idx: list[int], step: int, a, c: Compute):
+    """One optimizer step on the global batch idx -> (loss, tokens with padding, real tokens, model FLOPs);
+    the last three are this process's. The global batch of batch_size * grad_accum * world sequences is
+    cut into micro-batches of batch_size; rank r does micro-batches r, r + world, ... Every micro-batch's
+    summed loss is divided by the number of supervised tokens in the WHOLE global batch, so one process,
+    gradient accumulation and N processes compute the same gradient (up to float summation order)."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, a)
+    # dropout masks from (seed, step, rank) alone, so a resumed run draws the same ones
+    torch.manual_seed(a.seed * 1_000_003 + step * c.world + c.rank)
+    n_sup = sum(1 for i in idx for t in examples[i][1] if t != -1)
+    loss_sum = torch.zeros((), device=c.device)
+    padded, real, flops = 0, 0, 0.0
+    for micro in range(a.grad_accum):
+        part = idx[(micro * c.world + c.rank) * a.batch_size:(micro * c.world + c.rank + 1) * a.batch_size]
+        weight = 1.0
+        if not part:  # a short last batch: still run, so every rank joins the gradient all-reduce
+            part, weight = idx[:1], 0.0
+        x, y = collate([examples[i] for i in part])
+        if c.device_type == "cuda":
+            x, y = x.pin_memory().to(c.device, non_blocking=True), y.pin_memory().to(c.device, non_blocking=True)
+        sync = nullcontext() if not c.ddp or micro == a.grad_accum - 1 else fwd.no_sync()
+        with sync:
+            with c.autocast():
+                _, s = fwd(x, y, reduction="sum")  # summed over supervised tokens, fp32
+            (s * (weight * c.world / n_sup)).backward()  # DDP averages over ranks: * world undoes it
+        loss_sum += s.detach() * weight
+        padded += x.numel()
+        lens = [len(examples[i][0]) for i in part] if weight else []  # real lengths, no padding
+        real += sum(lens)
+        flops += train_flops(model, lens, sum(1 for i in part for t in examples[i][1] if t != -1) if weight else 0)
+    if c.ddp:
+        dist.all_reduce(loss_sum)
+    loss = loss_sum.item() / n_sup
+    if not math.isfinite(loss):  # before opt.step(): the weights, and every checkpoint, stay finite
+        raise TrainingError(f"step {step + 1}: the loss is {loss} (training diverged: lower --lr); nothing was saved "
+                            f"after it, {a.out} keeps its last checkpoint")
+    if a.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, padded, real, flops
+
+
+def save(out: str, model: GPT, opt, run: dict, step: int):
+    # a finite loss can still be followed by an update that overflows: never overwrite the last good
+    # checkpoint with such weights
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise TrainingError(f"step {step}: the weights are not finite (training diverged: lower --lr); "
+                            f"not saved, {out} keeps its last checkpoint")
+    checkpoint.save(out, model, {**run, "step": step}, opt)
+
+
+@contextmanager
+def deferred_signals():
+    """Ctrl-C and SIGTERM only append to the yielded list, read between steps: the checkpoint then holds
+    the weights of exactly the steps it counts (an interrupt inside opt.step() would otherwise save step
+    N+1's weights as step N, and the resumed run would apply one batch twice)."""
     stop = []
     handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while step < a.max_steps:
-            if ddp:  # every rank stops at the same step, or the others would wait forever in an all-reduce
-                flag = torch.tensor([float(len(stop))], device=device)
-                dist.all_reduce(flag)
-                if flag.item() and not stop:
-                    stop.append(signal.SIGTERM)
-            if stop:
-                break
-            lr = lr_at(step, a)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            # dropout masks from (seed, step, rank) alone, so a resumed run draws the same ones
-            torch.manual_seed(a.seed * 1_000_003 + step * world + rank)
-            idx = global_batch(step)
-            n_sup = sum(1 for i in idx for t in train_ex[i][1] if t != -1)
-            loss_sum = torch.zeros((), device=device)
-            t_step, step_tokens, step_flops = time.time(), 0, 0.0
-            for micro in range(a.grad_accum):
-                part = idx[(micro * world + rank) * a.batch_size:(micro * world + rank + 1) * a.batch_size]
-                weight = 1.0
-                if not part:  # a short last batch: still run, so every rank joins the gradient all-reduce
-                    part, weight = idx[:1], 0.0
-                x, y = collate([train_ex[i] for i in part])
-                x, y = to_device(x), to_device(y)
-                sync = nullcontext() if not ddp or micro == a.grad_accum - 1 else fwd.no_sync()
-                with sync:
-                    with autocast:
-                        _, s = fwd(x, y, reduction="sum")  # summed over supervised tokens, fp32
-                    (s * (weight * world / n_sup)).backward()  # DDP averages over ranks: * world undoes it
-                loss_sum += s.detach() * weight
-                tokens_seen += x.numel()
-                lens = [len(train_ex[i][0]) for i in part] if weight else []  # real lengths, no padding
-                step_tokens += sum(lens)
-                step_flops += train_flops(model, lens, sum(1 for i in part for t in train_ex[i][1] if t != -1) if weight else 0)
-            if ddp:
-                dist.all_reduce(loss_sum)
-            loss = loss_sum.item() / n_sup
-            if not math.isfinite(loss):  # before opt.step(): the weights, and every checkpoint, stay finite
-                raise TrainingError(f"step {step + 1}: the loss is {loss} (training diverged: lower --lr); nothing was saved "
-                                    f"after it, {a.out} keeps its last checkpoint")
-            if a.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            window = (window + [(time.time() - t_step, step_tokens, step_flops)])[-MFU_WINDOW:]  # loss.item() synced
-            if not master:
-                continue
-            rec = {"step": step, "lr": lr, "loss": loss}
-            if a.eval_interval and val_ex and (step % a.eval_interval == 0 or step == a.max_steps):  # no val: no figure
-                rec["val_loss"] = evaluate_loss(model, val_ex, 32, device, autocast)
-                tqdm.write(f"step {step}: train loss {loss:.4f}, val loss {rec['val_loss']:.4f}")
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            secs = sum(w[0] for w in window)
-            post = {"loss": f"{loss:.3f}", "tok_s": f"{sum(w[1] for w in window) * world / secs:.0f}"}
-            if peak:  # model FLOPs utilisation of this GPU against its dense bf16 peak (nanocrs/mfu.py)
-                post["mfu"] = f"{sum(w[2] for w in window) / secs / peak:.1%}"
-            pbar.set_postfix(**post)
-            pbar.update(1)
-            if (a.save_interval and step % a.save_interval == 0) or step == a.max_steps:
-                save()
-        if stop:
-            pbar.close()
-            if master:
-                print(f"\ninterrupted: saving step {step} to {a.out} (continue with --resume)")
-                save()
-            sys.exit(128 + stop[0])  # the shell's code for death by that signal: 130 Ctrl-C, 143 SIGTERM
+        yield stop
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        if ddp:
-            dist.destroy_process_group()
+
+
+def should_stop(stop: list, c: Compute) -> bool:
+    if c.ddp:  # every rank stops at the same step, or the others would wait forever in an all-reduce
+        flag = torch.tensor([float(len(stop))], device=c.device)
+        dist.all_reduce(flag)
+        if flag.item() and not stop:
+            stop.append(signal.SIGTERM)
+    return bool(stop)
+
+
+def main(argv=None):
+    given = set()
+    a = get_args(argv, given)
+    if a.resume:
+        resume_flags(a, given, checkpoint.read_config(a.out))
+    c = init_training(a.device, a.threads, a.dtype, a.deterministic)  # device, torchrun's DDP, autocast dtype
+
+    # data and model: the dataset folder has the tokenizer and the semantic-ID table
+    ds = load_dataset(a.data)
+    tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
+    sids = SemanticIDs.load(os.path.join(a.data, "sids.json"))
+    model, tok, sids, step = build_model(a, c, ds, tok, sids)
+    train_ex, val_ex = build_data(a, ds, Renderer(tok, sids, model.config.block_size))
+    print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(model.config.to_dict())}")
+    opt = model.configure_optimizer(a.lr, a.weight_decay, device_type=c.device_type)
+    if a.resume:
+        checkpoint.load_optimizer(opt, a.out, step)
+        if step >= a.max_steps:
+            print(f"checkpoint is at step {step} >= --max-steps {a.max_steps}: nothing to do")
+            return
+    model.grad_checkpointing = a.grad_checkpoint
+    if a.compile:
+        compile_blocks(model)
+    fwd = DDP(model, device_ids=[torch.cuda.current_device()] if c.device_type == "cuda" else None) if c.ddp else model
+
+    # what never changes during the run: the config (less the step), tokenizer, item table, catalogue
+    run = run_config(a, c, model, ds)
+    os.makedirs(a.out, exist_ok=True)
+    if c.master and not a.resume:
+        checkpoint.save_static(a.out, tok, sids, os.path.join(a.data, "items.jsonl"))
+    log = open_log(a.out, step, a.resume) if c.master else None
+    batches = Batches(train_ex, a.batch_size * a.grad_accum * c.world, a.seed)
+    # in a log file (not a terminal) redraw the bar rarely, so the log stays readable
+    pbar = tqdm(total=a.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout,
+                mininterval=0.2 if sys.stdout.isatty() else 30, disable=not c.master)
+    peak = peak_flops(torch.cuda.get_device_name(c.device)) if c.device_type == "cuda" else None
+    t0, tokens_seen, window = time.time(), 0, []  # window: (seconds, real tokens, FLOPs) of recent steps
+    model.train()
+    with deferred_signals() as stop:
+        try:
+            while step < a.max_steps and not should_stop(stop, c):
+                # one optimizer step over the global batch
+                t_step = time.time()
+                loss, padded, real, flops = train_step(fwd, model, opt, train_ex, batches[step], step, a, c)
+                step += 1
+                tokens_seen += padded
+                window = (window + [(time.time() - t_step, real, flops)])[-MFU_WINDOW:]  # loss.item() synced
+                if not c.master:
+                    continue
+                # log the loss, and every eval_interval steps the validation loss (no val: no figure)
+                rec = {"step": step, "lr": lr_at(step - 1, a), "loss": loss}
+                if a.eval_interval and val_ex and (step % a.eval_interval == 0 or step == a.max_steps):
+                    rec["val_loss"] = evaluate_loss(model, val_ex, 32, c.device, c.autocast())
+                    tqdm.write(f"step {step}: train loss {loss:.4f}, val loss {rec['val_loss']:.4f}")
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                # the progress bar: tokens/s and MFU (against the GPU's dense bf16 peak) over the window
+                secs = sum(w[0] for w in window)
+                post = {"loss": f"{loss:.3f}", "tok_s": f"{sum(w[1] for w in window) * c.world / secs:.0f}"}
+                if peak:
+                    post["mfu"] = f"{sum(w[2] for w in window) / secs / peak:.1%}"
+                pbar.set_postfix(**post)
+                pbar.update(1)
+                # a checkpoint every save_interval steps and at the end
+                if (a.save_interval and step % a.save_interval == 0) or step == a.max_steps:
+                    save(a.out, model, opt, run, step)
+            if stop:  # Ctrl-C or SIGTERM: save the steps done, exit with the shell's code for that signal
+                pbar.close()
+                if c.master:
+                    print(f"\ninterrupted: saving step {step} to {a.out} (continue with --resume)")
+                    save(a.out, model, opt, run, step)
+                sys.exit(128 + stop[0])  # 130 Ctrl-C, 143 SIGTERM
+        finally:
+            cleanup(c)
     pbar.close()
     elapsed = time.time() - t0
-    if master:
-        print(f"done: {step} steps, {tokens_seen * world:,} tokens in {elapsed:.0f} s "
-              f"({tokens_seen * world / max(elapsed, 1e-9):.0f} tokens/s); checkpoint in {a.out}")
+    print0(f"done: {step} steps, {tokens_seen * c.world:,} tokens in {elapsed:.0f} s "
+           f"({tokens_seen * c.world / max(elapsed, 1e-9):.0f} tokens/s); checkpoint in {a.out}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, CheckpointError, OSError, ValueError) as e:  # OSError: e.g. a read-only --out
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

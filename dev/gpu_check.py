@@ -43,6 +43,7 @@ import torch.nn as nn  # noqa: E402
 
 from nanocrs import memplan  # noqa: E402
 from nanocrs.backbone import prepare  # noqa: E402
+from nanocrs.common import atomic_path  # noqa: E402
 from nanocrs.generate import Control, SIDTrie, beam_search  # noqa: E402
 from nanocrs.hf import export_hf  # noqa: E402
 from nanocrs.lora import LoRALinear  # noqa: E402
@@ -529,9 +530,8 @@ def main(argv=None):
             status = 1
         report["sections"][name] = fig
         report["total_seconds"] = round(time.time() - t_all, 1)
-        with open(a.out + ".tmp", "w") as f:
+        with atomic_path(a.out) as tmp, open(tmp, "w") as f:
             json.dump(report, f, indent=1, default=str)
-        os.replace(a.out + ".tmp", a.out)
         print(json.dumps({k: v for k, v in fig.items() if k != "traceback"}, default=str)[:2000], flush=True)
         if status:
             print(f"FAILED in {name}: {fig['error']}\n{fig['traceback']}", file=sys.stderr)

@@ -28,50 +28,23 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file, load_file
 
+from nanocrs.common import atomic_path
 from nanocrs.data import DataError, check_catalogue, fingerprint, load_items
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import SemanticIDs
-from nanocrs.tokenizer import Tokenizer
+from nanocrs.tokenizer import Tokenizer, added_tokens
 
 REQUIRED = ("config.json", "tokenizer.json", "sids.json", "items.jsonl")  # + the files config.json names
-LEGACY_FILES = {"model": "model.safetensors", "optimizer": "optimizer.safetensors"}  # before per-step names
-_STEP_FILE = re.compile(r"^(model|optimizer)(-\d+)?\.safetensors$")
+_STEP_FILE = re.compile(r"^(model|optimizer)-\d+\.safetensors$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder that can not be used; one line, naming the folder and the problem."""
 
 
-def _fsync(path: str):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: str, path: str):
-    """Flush tmp to disk, then rename it onto path (atomic on POSIX and Windows)."""
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
 def _save_tensors(tensors: dict, path: str, metadata: dict):
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    _commit(tmp, path)
-
-
-def _write_json(path: str, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    _commit(tmp, path)
-
-
-def files_of(config: dict) -> dict:
-    """{"model": file name, "optimizer": file name} of the step config.json commits to."""
-    return config.get("files", LEGACY_FILES)
+    with atomic_path(path, fsync=True) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
 def model_state(model: GPT, trainable_only: bool = False) -> dict:
@@ -90,32 +63,39 @@ def _adapter_only(config: dict) -> bool:
     return bool(config.get("init_from")) and config.get("lora", {}).get("rank", 0) > 0
 
 
-def save(out_dir: str, model: GPT, config: dict, optimizer=None, tokenizer=None, sids=None, items_path=None):
-    """Write the checkpoint of config["step"], atomically as a whole (see the top of this file).
-    Static files (tokenizer, table, items) are written only when given (train.py gives them on its
-    first save; they never change during a run)."""
+def _commit(out_dir: str, config: dict):
+    """Replace config.json: the one rename that makes a save visible."""
+    with atomic_path(os.path.join(out_dir, "config.json"), fsync=True) as tmp, open(tmp, "w") as f:
+        json.dump(config, f, indent=1)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+def save_static(out_dir: str, tokenizer, sids, items_path: str):
+    """The files that never change during a run: tokenizer, semantic-ID table and catalogue (train.py
+    writes them once, before its first step)."""
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    sids.save(os.path.join(out_dir, "sids.json"))
+    with atomic_path(os.path.join(out_dir, "items.jsonl"), fsync=True) as tmp:
+        shutil.copyfile(items_path, tmp)
+
+
+def save(out_dir: str, model: GPT, config: dict, optimizer=None):
+    """Write the weights (and optimizer state) of config["step"] and then config.json, atomically as a
+    whole (see the top of this file). The static files come from save_static."""
     os.makedirs(out_dir, exist_ok=True)
     step = config["step"]
     meta = {"step": str(step)}
-    if tokenizer is not None:
-        tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    if sids is not None:
-        sids.save(os.path.join(out_dir, "sids.json"))
-    if items_path is not None:
-        tmp = os.path.join(out_dir, "items.jsonl.tmp")
-        shutil.copyfile(items_path, tmp)
-        _commit(tmp, os.path.join(out_dir, "items.jsonl"))
     files = {"model": f"model-{step:06d}.safetensors"}
     _save_tensors(model_state(model, _adapter_only(config)), os.path.join(out_dir, files["model"]), meta)
     if optimizer is not None:
         files["optimizer"] = f"optimizer-{step:06d}.safetensors"
         tensors, hyper = optimizer_state(optimizer)
         _save_tensors(tensors, os.path.join(out_dir, files["optimizer"]), {**meta, "hyper": json.dumps(hyper)})
-    _write_json(os.path.join(out_dir, "config.json"), {**config, "files": files})  # the commit
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
-        os.fsync(fd)
-        os.close(fd)
+    _commit(out_dir, {**config, "files": files})
     # the previous step's tensors, and those of a save that crashed before its commit
     for name in os.listdir(out_dir):
         if (_STEP_FILE.match(name) and name not in files.values()) or name.endswith(".safetensors.tmp"):
@@ -133,7 +113,7 @@ def optimizer_state(opt: torch.optim.Optimizer):
 
 
 def load_optimizer(opt: torch.optim.Optimizer, ckpt_dir: str, step: int):
-    name = files_of(read_config(ckpt_dir)).get("optimizer")
+    name = read_config(ckpt_dir)["files"].get("optimizer")
     path = os.path.join(ckpt_dir, name or "optimizer-*.safetensors")
     if not name or not os.path.isfile(path):
         raise CheckpointError(f"{path}: the optimizer state is missing, can not resume")
@@ -172,7 +152,9 @@ def read_config(ckpt_dir: str) -> dict:
                 config = json.load(f)
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{ckpt_dir}/config.json: invalid JSON ({e.msg})") from None
-    needed = REQUIRED + ((files_of(config)["model"],) if config is not None else ())
+    if config is not None and not (isinstance(config.get("files"), dict) and "model" in config["files"]):
+        raise CheckpointError(f"{ckpt_dir}/config.json names no tensor files: not a checkpoint of this version")
+    needed = REQUIRED + ((config["files"]["model"],) if config is not None else ())
     missing = [f for f in needed if not os.path.isfile(os.path.join(ckpt_dir, f))]
     if missing:
         raise CheckpointError(f"{ckpt_dir}: not a complete checkpoint, missing {', '.join(missing)}")
@@ -191,13 +173,12 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False, dtype: torch.dtype | 
     sids = SemanticIDs.load(os.path.join(ckpt_dir, "sids.json"))
     if config.get("init_from"):
         from nanocrs.backbone import prepare
-        from nanocrs.tokenizer import CONTROL_TOKENS
         lora = config.get("lora", {})
-        model, _, _ = prepare(config["init_from"], CONTROL_TOKENS + sids.all_token_strings(), cfg.block_size,
+        model, _, _ = prepare(config["init_from"], added_tokens(sids), cfg.block_size,
                               lora.get("rank", 0), lora.get("alpha", 1.0), lora.get("dropout", 0.0), device, dtype)
     else:
         model = GPT(cfg)
-    path = os.path.join(ckpt_dir, files_of(config)["model"])
+    path = os.path.join(ckpt_dir, config["files"]["model"])
     step, sd = _read_tensors(path)
     if step != config["step"]:
         raise CheckpointError(f"{path}: weights of step {step}, config.json is at step {config['step']}")

@@ -33,6 +33,7 @@ import re
 
 import torch
 
+from nanocrs.common import atomic_path
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import (ASSISTANT_PREFIX, BOI, EOI, EOT, MODE_CHAT, MODE_REC, RESP, USER_PREFIX, Tokenizer)
 
@@ -50,18 +51,14 @@ class DataError(ValueError):
 
 def write_jsonl(path: str, rows):
     """Atomic: a crash mid-write leaves the previous file, never half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def write_json(path: str, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
 
 
 def decode_line(raw: bytes, where: str) -> str:

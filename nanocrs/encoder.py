@@ -73,16 +73,18 @@ def tfidf_svd(texts: list[str], dim: int = 64, min_df: int = 2, max_words: int =
     Xt = torch.from_numpy(X).double()
     k = min(dim, N, V)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # multithreaded LAPACK eigh was 100x slower on a busy 2-core machine
-    if N <= V:
-        evals, evecs = torch.linalg.eigh(Xt @ Xt.T)                  # ascending, (N,), (N, N)
-        U = evecs[:, -k:].flip(1)                                     # (N, k)
-        S = evals[-k:].flip(0).clamp(min=0).sqrt()                    # (k,)
-        E = (U * S).numpy()                                           # = X V_k
-    else:
-        evals, evecs = torch.linalg.eigh(Xt.T @ Xt)                  # (V, V)
-        E = (Xt @ evecs[:, -k:].flip(1)).numpy()                      # (N, k) = U_k S_k
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # multithreaded LAPACK eigh is far slower on a busy machine; restored below
+    try:
+        if N <= V:
+            evals, evecs = torch.linalg.eigh(Xt @ Xt.T)                  # ascending, (N,), (N, N)
+            U = evecs[:, -k:].flip(1)                                     # (N, k)
+            S = evals[-k:].flip(0).clamp(min=0).sqrt()                    # (k,)
+            E = (U * S).numpy()                                           # = X V_k
+        else:
+            evals, evecs = torch.linalg.eigh(Xt.T @ Xt)                  # (V, V)
+            E = (Xt @ evecs[:, -k:].flip(1)).numpy()                      # (N, k) = U_k S_k
+    finally:
+        torch.set_num_threads(threads)
     signs = np.sign(E[np.abs(E).argmax(axis=0), np.arange(k)])
     E *= np.where(signs == 0, 1, signs)
     E /= np.linalg.norm(E, axis=1, keepdims=True).clip(min=1e-12)

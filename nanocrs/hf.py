@@ -4,7 +4,7 @@ GPT, grow its vocabulary by nanocrs' tokens, and export the result back to a Hug
 
     from nanocrs.hf import load_hf, add_tokens, export_hf
     model, tok = load_hf("path/to/Qwen2.5-0.5B", device="cuda")     # bf16 on CUDA, fp32 on the CPU
-    n_new = add_tokens(model, tok, CONTROL_TOKENS + sids.all_token_strings())
+    n_new = add_tokens(model, tok, added_tokens(sids))
     ...fine-tune...
     export_hf(model, tok, "out/export")   # config.json + model.safetensors + tokenizer.json
 
@@ -29,6 +29,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nanocrs.common import atomic_path
 from nanocrs.lora import merge_lora
 from nanocrs.model import GPT, GPTConfig, rope_frequencies
 from nanocrs.tokenizer import Tokenizer
@@ -330,8 +331,8 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str, model_type: str | 
 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "model.safetensors")
-    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
     # Without it transformers' AutoTokenizer would guess a model-specific class
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:

@@ -10,7 +10,7 @@ B (out, r) trained, B = 0 at the start so the adapted model begins exactly as th
     train_new_token_rows(model, first_new_id=49152)           # rows >= 49152 become trainable
     opt = model.configure_optimizer(lr, weight_decay)         # only requires_grad params go in
     ... train ...
-    torch.save(lora_state_dict(model), "adapter.pt")          # the small part (LoRA + new rows)
+    checkpoint.save(out, model, config, opt)                  # stores only LoRA + new rows (safetensors)
     merge_lora(model)                                         # plain GPT again, base state-dict names
 
 New token rows: the embedding (and the untied lm_head) is split into a frozen `base_rows` parameter
@@ -201,11 +201,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
     merge_new_rows(model)
     model.requires_grad_(True)
     return model
-
-
-def lora_state_dict(model: nn.Module) -> dict:
-    """Only what training changed: the LoRA A/B matrices and the new token rows (detached copies).
-    Load it back into a model prepared the same way with model.load_state_dict(sd, strict=False)."""
-    # a tied head shares new_rows with the embedding: named_parameters() lists it once, and loading
-    # it restores both
-    return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(_TRAINABLE_SUFFIXES)}

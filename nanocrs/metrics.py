@@ -31,6 +31,7 @@ import re
 import string
 from collections import Counter
 
+from nanocrs.data import MENTION
 from nanocrs.tokenizer import BOI, EOI
 
 RECALL_KS = (1, 5, 10, 20, 50)
@@ -151,7 +152,6 @@ def calibrate_intent(p_rec: list[float], is_rec: list[bool]) -> float:
 
 MOVIE = "<movie>"
 _SPAN = re.compile(re.escape(BOI) + r".*?(?:" + re.escape(EOI) + r"|$)", re.S)  # an unclosed span runs to the end
-_MENTION = re.compile(r"@\{[A-Za-z0-9_.-]+\}")  # dataset schema mentions, as in reference texts
 
 
 def replace_spans(text: str | list[str]) -> str | list[str]:
@@ -162,7 +162,7 @@ def replace_spans(text: str | list[str]) -> str | list[str]:
     (generation cut off) swallows the rest; a stray <EOI> is left as it is.
     """
     if isinstance(text, str):
-        text = _SPAN.sub(f" {MOVIE} ", _MENTION.sub(f" {MOVIE} ", text))
+        text = _SPAN.sub(f" {MOVIE} ", MENTION.sub(f" {MOVIE} ", text))
         return re.sub(r" {2,}", " ", text).strip()
     out, inside = [], False
     for tok in text:
@@ -248,11 +248,6 @@ def distinct_per_sentence(sentences: list[str], n: int) -> float:
     """CRSLab / UniCRS Distinct-n: unique n-grams over the corpus / number of sentences (can exceed 1)."""
     grams = {g for s in sentences for g in _ngrams(distinct_tokens(s), n)}
     return len(grams) / len(sentences) if sentences else 0.0
-
-
-def distinct_n(sentences: list[str], n: int) -> dict:
-    """Both Distinct-n conventions, labelled."""
-    return {"distinct_ratio": distinct_ratio(sentences, n), "distinct_per_sentence": distinct_per_sentence(sentences, n)}
 
 
 def perplexity(total_nll: float, total_tokens: int) -> float:

@@ -30,13 +30,14 @@ meant for catalogues of thousands of items (the paper's 1.8k-7k), not millions, 
 import itertools
 import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanocrs.common import atomic_path
 
 CHUNK = 65536  # rows per distance chunk: CHUNK x K float32 stays small (64 MB at K=256)
 
@@ -56,9 +57,8 @@ class QuantizerConfig:
     method: str = "rqkmeans"   # "rqkmeans" (residual k-means) or "rqvae" (the paper's RQ-VAE)
     # RQ-VAE (paper Table 7 = LC-Rec's settings: 7 linear layers in_dim->2048->...->64->32, lr 1e-3,
     # wd 1e-4, batch 1024, beta 0.25). LC-Rec trains 10,000 epochs on a GPU. On CPU we default to 300
-    # (= 300 AdamW steps when N <= 1024, ~0.2-0.5 s each for the 5.9M-parameter model): on the synthetic
-    # world's 600 items that brings the reconstruction MSE from 0.0156 to ~0.005 (RQ-KMeans 4x64 leaves
-    # ~0.004) with ~0 collisions; it keeps improving after that (600 epochs: 0.0018), so raise it if
+    # (= 300 AdamW steps when N <= 1024): on the synthetic world that brings the reconstruction error
+    # close to RQ-KMeans' with almost no collisions; it keeps improving after that, so raise it if
     # minutes per run are fine. On a busy shared CPU, OMP_NUM_THREADS=1 avoids threads thrashing.
     hidden: tuple = (2048, 1024, 512, 256, 128, 64)
     latent_dim: int = 32
@@ -109,7 +109,7 @@ def _kmeans_pp_init(x, k, g):
         n = S.shape[0]
     C = torch.empty(k, x.shape[1], dtype=torch.float32)
 
-    def sqdist(c):  # (n,) squared distances to one centroid; a matvec is ~4x faster than (S - c)**2
+    def sqdist(c):  # (n,) squared distances to one centroid; a matvec, faster than (S - c)**2
         return (s2 - 2.0 * (S @ c) + c @ c).clamp_(min=0.0)
 
     C[0] = S[torch.randint(n, (1,), generator=g)]
@@ -131,7 +131,7 @@ def _update(x, assign, mind, k):
     D = x.shape[1]
     sums = torch.zeros(k, D, dtype=torch.float64)                 # float64: sums over ~1M rows
     for s in range(0, x.shape[0], CHUNK):
-        part = torch.zeros(k, D)                                  # float32 index_add is ~10x faster than
+        part = torch.zeros(k, D)                                  # float32 index_add is much faster than
         part.index_add_(0, assign[s:s + CHUNK], x[s:s + CHUNK])   # float64, and exact enough per chunk
         sums += part.double()
     counts = torch.bincount(assign, minlength=k)                  # (k,)
@@ -430,9 +430,6 @@ class SemanticIDs:
     def token(level, code):
         return f"<{chr(ord('a') + level)}_{code}>"
 
-    def codes_of(self, item_id):
-        return self._by_item[item_id]
-
     def tokens(self, item_id):
         return [self.token(l, v) for l, v in enumerate(self._by_item[item_id])]
 
@@ -457,10 +454,8 @@ class SemanticIDs:
         return cls(item_ids=d["item_ids"], codes=d["codes"], level_sizes=d["level_sizes"])
 
     def save(self, path):
-        tmp = str(path) + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_path(path) as tmp, open(tmp, "w") as f:  # readers never see a half-written table
             json.dump(self.to_json(), f)
-        os.replace(tmp, path)  # atomic: readers never see a half-written table
 
     @classmethod
     def load(cls, path):

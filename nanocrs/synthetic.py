@@ -37,6 +37,8 @@ The profile is always revealed before the first REC turn:
 import random
 import re
 
+from nanocrs.data import MENTION
+
 GENRES = ("action", "comedy", "drama", "horror", "sci-fi", "romance", "thriller", "animation")
 DECADES = (1970, 1980, 1990, 2000, 2010)
 MIN_CELL = 8  # a profile's cell must hold this many items, so 3 REC turns never run dry
@@ -161,8 +163,6 @@ ASK_MORE = ["Glad I could help! Anything else you need?", "Happy to help. Need a
 USER_BYE = ["No, that's all for today. Thanks, bye!", "Nope, I am all set. Thank you so much!"]
 BYE = ["You're welcome, enjoy the movie tonight!", "Enjoy your movie night, see you next time!",
        "Have fun watching, and come back anytime!", "My pleasure, enjoy the film! Goodbye!"]
-
-MENTION = re.compile(r"@\{([A-Za-z0-9_.-]+)\}")
 
 
 def an(word):

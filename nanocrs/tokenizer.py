@@ -7,7 +7,7 @@ Added tokens are atomic (never split, never merged with text), and only ever com
 They are appended after the BPE vocabulary, so a pretrained backbone's token ids stay where they
 were and the new embedding rows sit at the end of the matrix.
 
-    tok = Tokenizer.train(texts, vocab_size=2048, added=CONTROL_TOKENS + sids.all_token_strings())
+    tok = Tokenizer.train(texts, vocab_size=2048, added=added_tokens(sids))
     tok.save("data/synthetic/tokenizer.json"); tok = Tokenizer.load("data/synthetic/tokenizer.json")
     ids = tok.encode("<MODE=REC><BOI>")       # nanocrs' own strings: added tokens are matched
     ids = tok.encode_text("I typed <BOI>")     # free text (users, datasets): "<BOI>" stays plain bytes
@@ -17,10 +17,18 @@ import os
 
 from tokenizers import Tokenizer as HFTokenizer, AddedToken, decoders, models, pre_tokenizers, trainers
 
+from nanocrs.common import atomic_path
+
 BOI, EOI, MODE_REC, MODE_CHAT, RESP, EOT = "<BOI>", "<EOI>", "<MODE=REC>", "<MODE=CHAT>", "<RESP>", "<EOT>"
 CONTROL_TOKENS = [BOI, EOI, MODE_REC, MODE_CHAT, RESP, EOT]
 # Role prefixes are plain text, as in the paper ("Assistant:" then the structured target)
 USER_PREFIX, ASSISTANT_PREFIX = "User:", "Assistant:"
+
+
+def added_tokens(sids) -> list[str]:
+    """The tokens nanocrs adds to a vocabulary, in the order their ids follow: the control tokens, then
+    every semantic-ID token of the table `sids` (a quantizer.SemanticIDs)."""
+    return CONTROL_TOKENS + sids.all_token_strings()
 
 
 class Tokenizer:
@@ -54,9 +62,8 @@ class Tokenizer:
             raise ValueError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
 
     def save(self, path: str):
-        tmp = path + ".tmp"
-        self.tk.save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            self.tk.save(tmp)
 
     def add_tokens(self, tokens: list[str]) -> int:
         """Append tokens (skipping ones already present); returns how many were new."""
@@ -85,8 +92,8 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids, skip_special: bool = False) -> str:
-        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
+    def decode(self, ids) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=False)
 
     def token(self, i: int) -> str:
         return self.tk.id_to_token(i)

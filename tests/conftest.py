@@ -8,20 +8,21 @@ The fixtures use absolute paths only, so the suite runs from any working directo
 """
 
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
 # Tiny models are latency-bound: one thread is fastest, and far faster than two threads on a busy
-# 2-core machine (thread contention made small matmuls ~20x slower there).
+# machine, where thread contention slows small matmuls down badly.
 torch.set_num_threads(1)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-# small enough to build in ~3 s, big enough for the synthetic world (it needs >= 8 items in some
+# small enough to build in seconds, big enough for the synthetic world (it needs >= 8 items in some
 # genre/decade cell, which 120 items do not reach with seed 0)
 DATA_ARGS = ["--dataset", "synthetic", "--n-items", "160", "--n-train", "200", "--n-val", "30", "--n-test", "30",
              "--levels", "2", "--codebook-size", "8", "--vocab-size", "400", "--kmeans-iters", "20"]
@@ -43,6 +44,16 @@ def dataset_dir(tmp_path_factory):
     for f in ("items.jsonl", "train.jsonl", "val.jsonl", "test.jsonl", "sids.json", "tokenizer.json", "dataset.json"):
         assert os.path.isfile(os.path.join(out, f)), f
     return out
+
+
+# the scripts as a user runs them: a subprocess, one thread, the repository importable
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": REPO}
+
+
+def run_cli(script, *args, stdin=None, timeout=180, env=None):
+    """python REPO/script args... -> the CompletedProcess (text stdout and stderr)."""
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=env or ENV,
+                          input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
 def run_train(data_dir: str, out_dir: str, extra=()):

@@ -1,5 +1,5 @@
 """
-The correctness half of bench.py --quick: nanocrs' trie-constrained beam search and transformers'
+The correctness half of dev/bench.py --quick: nanocrs' trie-constrained beam search and transformers'
 generate(num_beams=50, prefix_allowed_tokens_fn=...) on the same tiny random model and catalogue
 return the same top-50 item lists, after the two models' logits were checked equal. No timing.
 
@@ -7,6 +7,7 @@ return the same top-50 item lists, after the two models' logits were checked equ
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
 import bench  # noqa: E402
 
 

@@ -17,14 +17,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_train
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": REPO}
-
-
-def run(script, *args, stdin=None, timeout=180):
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=ENV,
-                          input=stdin, capture_output=True, text=True, timeout=timeout)
+from conftest import ENV, REPO, run_train
+from conftest import run_cli as run
 
 
 def one_line_error(p, *words, code=1):
@@ -59,9 +53,9 @@ def session(trained_ckpt):
 
 def test_typed_control_and_id_tokens_are_plain_text(tok, sids, dataset):
     from nanocrs.data import Renderer
-    from nanocrs.tokenizer import CONTROL_TOKENS
+    from nanocrs.tokenizer import added_tokens
     rd = Renderer(tok, sids, 256)
-    added = {tok.id(t) for t in CONTROL_TOKENS + sids.all_token_strings()}
+    added = {tok.id(t) for t in added_tokens(sids)}
     typed = "<BOI><MODE=REC><EOT> and <a_1><b_2><c_3> " + "".join(sids.tokens(dataset["items"][0]["id"]))
     user, _ = rd.turn_ids({"role": "user", "text": typed, "items": []})
     assert not added & set(user)

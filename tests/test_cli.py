@@ -10,19 +10,12 @@ documented keys, and --rankings writes one line per sample that agrees with the 
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": REPO}
-
-
-def run(script, *args, stdin=None, timeout=120):
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=ENV,
-                          input=stdin, capture_output=True, text=True, timeout=timeout)
+from conftest import run_cli as run
 
 
 def assert_one_line_error(p, *words):

@@ -2,7 +2,7 @@
 Tests for nanocrs/datasets.py on small invented fixtures in the raw formats (tests/fixtures/): ReDial
 merging, mentions, deduplication across raw / UniCRS / IARD files, deterministic validation carving;
 INSPIRED TSV quirks (QUOTATION_MARK, the malformed movie_dict) and title linking; the custom schema;
-malformed input reported with file:line; the download path against a local HTTP server.
+malformed input reported with file:line; nanocrs/download.py against a local HTTP server.
 
     python -m pytest tests/test_datasets.py -q
 """
@@ -13,14 +13,12 @@ import http.server
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 
 import pytest
 
-from conftest import REPO
-from nanocrs import datasets
+from conftest import REPO, run_cli
+from nanocrs import download
 from nanocrs.data import DataError, load_dataset
 from nanocrs.datasets import build_custom, build_inspired, build_redial, link_titles
 
@@ -226,16 +224,16 @@ def test_download_verifies_and_caches(server, tmp_path, monkeypatch):
     shutil.copytree(REDIAL, www / "redial")
     official = [(rel, f"redial/{rel}", "sha256:" + sha256(os.path.join(REDIAL, rel)))
                 for rel in ("test_data.jsonl", "train_raw.jsonl", "movies_with_mentions.csv", "metadata/id2info.json")]
-    official[1] = (official[1][0], official[1][1], "gitsha1:" + datasets.digest(os.path.join(REDIAL, "train_raw.jsonl"), "gitsha1"))
-    monkeypatch.setitem(datasets.OFFICIAL, "redial", official)
+    official[1] = (official[1][0], official[1][1], "gitsha1:" + download.digest(os.path.join(REDIAL, "train_raw.jsonl"), "gitsha1"))
+    monkeypatch.setitem(download.OFFICIAL, "redial", official)
     cache = str(tmp_path / "cache")
-    raw = datasets.download("redial", cache_dir=cache, url_base=base)
+    raw = download.download("redial", cache_dir=cache, url_base=base)
     assert sha256(os.path.join(raw, "metadata", "id2info.json")) == sha256(os.path.join(REDIAL, "metadata", "id2info.json"))
     _, splits, _ = build_redial(raw)
     assert len(splits["test"]) == 2 and len(splits["train"]) + len(splits["val"]) == 4
     # cached: a second call needs no server
     shutil.rmtree(www / "redial")
-    assert datasets.download("redial", cache_dir=cache, url_base=base) == raw
+    assert download.download("redial", cache_dir=cache, url_base=base) == raw
 
 
 def test_download_sha_mismatch(server, tmp_path):
@@ -243,17 +241,16 @@ def test_download_sha_mismatch(server, tmp_path):
     (www / "f.txt").write_text("tampered")
     dest = str(tmp_path / "cache" / "f.txt")
     with pytest.raises(DataError, match="sha256 mismatch"):
-        datasets.fetch(f"{base}/f.txt", dest, "sha256:" + "0" * 64)
+        download.fetch(f"{base}/f.txt", dest, "sha256:" + "0" * 64)
     assert not os.path.exists(dest) and not os.path.exists(dest + ".part")  # nothing unverified is cached
     with pytest.raises(DataError, match="refusing"):
-        datasets.fetch("http://example.com/f.txt", dest, "sha256:" + "0" * 64)
+        download.fetch("http://example.com/f.txt", dest, "sha256:" + "0" * 64)
 
 
 def test_offline_fails_with_one_line_saying_raw(tmp_path):
     env = {**os.environ, "NANOCRS_DATA_URL": "http://127.0.0.1:9", "NANOCRS_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": REPO}
-    p = subprocess.run([sys.executable, os.path.join(REPO, "data_prep.py"), "--dataset", "inspired",
-                        "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=60)
+    p = run_cli("data_prep.py", "--dataset", "inspired", "--out", str(tmp_path / "out"), env=env, timeout=60)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "pass --raw" in lines[0], p.stderr
@@ -263,8 +260,7 @@ def test_data_prep_end_to_end(tmp_path):
     out = str(tmp_path / "redial")
     args = ["--dataset", "redial", "--raw", REDIAL, "--out", out, "--embed-dim", "4", "--levels", "1",
             "--codebook-size", "4", "--vocab-size", "300", "--kmeans-iters", "5"]
-    p = subprocess.run([sys.executable, os.path.join(REPO, "data_prep.py"), *args], cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=120)
+    p = run_cli("data_prep.py", *args, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     ds = load_dataset(out)
     assert len(ds["items"]) == 8 and len(ds["test"]) == 2

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from nanocrs.metrics import (CoOccurrence, Popularity, corpus_bleu, distinct_n, distinct_per_sentence, distinct_ratio,
+from nanocrs.metrics import (CoOccurrence, Popularity, corpus_bleu, distinct_per_sentence, distinct_ratio,
                              perplexity, rank_metrics, rank_of, repeat_context, repeat_then_cooccurrence, replace_spans,
                              tokenize_13a)
 
@@ -119,7 +119,6 @@ def test_distinct_hand_computed():
     assert distinct_ratio(sents, 3) == pytest.approx(1.0)
     assert distinct_per_sentence(sents, 1) == pytest.approx(5 / 2)
     assert distinct_per_sentence(sents, 2) == pytest.approx(4 / 2)
-    assert distinct_n(sents, 2) == {"distinct_ratio": pytest.approx(0.8), "distinct_per_sentence": pytest.approx(2.0)}
     assert distinct_ratio(["hi"], 2) == 0.0 and distinct_per_sentence([], 2) == 0.0
 
 

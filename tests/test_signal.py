@@ -18,7 +18,7 @@ from nanocrs.data import Renderer, load_dataset
 from nanocrs.datasets import build_inspired, build_redial
 from nanocrs.encoder import cooc_svd, item_features
 from nanocrs.quantizer import SemanticIDs
-from nanocrs.tokenizer import BOI, CONTROL_TOKENS, EOI, MODE_REC, RESP, Tokenizer
+from nanocrs.tokenizer import BOI, EOI, MODE_REC, RESP, Tokenizer, added_tokens
 
 FIX = os.path.join(REPO, "tests", "fixtures")
 
@@ -61,7 +61,7 @@ def test_redial_item_sequences(tmp_path):
 def _tiny_renderer(item_ids, block_size=256):
     sids = SemanticIDs(item_ids, [(k % 3, k // 3) for k in range(len(item_ids))], [3, 3])
     text = ["User: Assistant: the film is good (1999) | comedy, drama"] * 5
-    tok = Tokenizer.train(text, 300, added=CONTROL_TOKENS + sids.all_token_strings())
+    tok = Tokenizer.train(text, 300, added=added_tokens(sids))
     return Renderer(tok, sids, block_size), tok, sids
 
 

@@ -11,10 +11,9 @@ import time
 
 import pytest
 
+from nanocrs.data import MENTION
 from nanocrs.synthetic import (DECADES, GENRE_PHRASES, GENRES, MAX_WORDS, MIN_CELL, MIN_WORDS,
                                describe_world, make_world)
-
-MENTION = re.compile(r"@\{([A-Za-z0-9_.-]+)\}")
 
 
 @pytest.fixture(scope="module")

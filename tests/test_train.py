@@ -66,8 +66,8 @@ def test_checkpoint_round_trip_identical_logits(trained_ckpt, tmp_path):
 
     # save the loaded model again (what a resumed run does) and load it: same logits
     out = str(tmp_path / "again")
-    checkpoint.save(out, m1, {**cfg1, "step": 7}, tokenizer=tok, sids=sids,
-                    items_path=os.path.join(trained_ckpt, "items.jsonl"))
+    checkpoint.save_static(out, tok, sids, os.path.join(trained_ckpt, "items.jsonl"))
+    checkpoint.save(out, m1, {**cfg1, "step": 7})
     m3, cfg3, _, _ = checkpoint.load(out)
     assert cfg3["step"] == 7
     assert torch.equal(m3.eval()(x)[0], l1)
@@ -83,8 +83,8 @@ def test_in_memory_model_save_load(trained_ckpt, tmp_path, extra):
     for p in model.parameters():  # make every weight (biases and norms too) distinctive
         p.add_(0.05 * torch.randn_like(p))
     out = str(tmp_path / "ck")
-    checkpoint.save(out, model, {"model": model.config.to_dict(), "step": 1}, tokenizer=tok, sids=sids,
-                    items_path=os.path.join(trained_ckpt, "items.jsonl"))
+    checkpoint.save_static(out, tok, sids, os.path.join(trained_ckpt, "items.jsonl"))
+    checkpoint.save(out, model, {"model": model.config.to_dict(), "step": 1})
     loaded, config, _, _ = checkpoint.load(out)
     x = probe(len(tok))
     assert torch.equal(loaded.eval()(x)[0], model(x)[0])
@@ -183,7 +183,7 @@ def test_crash_while_saving_keeps_the_last_checkpoint(ckpt_copy, monkeypatch, wh
         before = model(x)[0]
         for p in model.parameters():
             p.add_(0.01)  # "step 7" weights differ from step 6
-    real_save_file, real_write_json = checkpoint.save_file, checkpoint._write_json
+    real_save_file, real_commit = checkpoint.save_file, checkpoint._commit
 
     def dying_save_file(tensors, path, metadata=None):
         if os.path.basename(path).startswith(where):
@@ -192,13 +192,13 @@ def test_crash_while_saving_keeps_the_last_checkpoint(ckpt_copy, monkeypatch, wh
             raise Crash
         real_save_file(tensors, path, metadata=metadata)
 
-    def dying_write_json(path, obj):
-        if where == "commit" and path.endswith("config.json"):
+    def dying_commit(out_dir, config):
+        if where == "commit":
             raise Crash
-        real_write_json(path, obj)
+        real_commit(out_dir, config)
 
     monkeypatch.setattr(checkpoint, "save_file", dying_save_file)
-    monkeypatch.setattr(checkpoint, "_write_json", dying_write_json)
+    monkeypatch.setattr(checkpoint, "_commit", dying_commit)
     with pytest.raises(Crash):
         checkpoint.save(ckpt_copy, model, {**cfg, "step": 7}, opt)
     monkeypatch.undo()
@@ -217,20 +217,6 @@ def test_crash_while_saving_keeps_the_last_checkpoint(ckpt_copy, monkeypatch, wh
     m7.eval()
     with torch.no_grad():
         assert cfg7["step"] == 7 and torch.equal(m7(x)[0], model(x)[0])
-
-
-def test_loads_checkpoints_from_before_per_step_names(ckpt_copy):
-    """Folders written before the tensor files carried the step (model.safetensors,
-    optimizer.safetensors, no "files" in config.json) still load and resume."""
-    path = os.path.join(ckpt_copy, "config.json")
-    cfg = json.load(open(path))
-    for kind, name in cfg.pop("files").items():
-        os.replace(os.path.join(ckpt_copy, name), os.path.join(ckpt_copy, checkpoint.LEGACY_FILES[kind]))
-    json.dump(cfg, open(path, "w"))
-    model, cfg2, _, _ = checkpoint.load(ckpt_copy)
-    checkpoint.load_optimizer(model.configure_optimizer(1e-3, 0.1), ckpt_copy, 6)
-    checkpoint.save(ckpt_copy, model, {**cfg2, "step": 7})  # the next save replaces the old names
-    assert sorted(f for f in os.listdir(ckpt_copy) if f.endswith(".safetensors")) == ["model-000007.safetensors"]
 
 
 def test_invalid_config_json(ckpt_copy):

@@ -1,11 +1,11 @@
 """
 Benchmarks for nanocrs, each against the obvious alternative, printed as one table.
 
-    python bench.py --quick                         # tiny sizes, about 30 s: a smoke test
-    python bench.py --json out/bench.json           # quickstart-size model; quantizer on 10k, 100k, 1M (~6 min)
-    python bench.py --compile --json out/bench.json # + torch.compile'd training (both models)
-    python bench.py --sections train,decode --threads 1      # a subset, one CPU thread
-    OMP_NUM_THREADS=1 python bench.py --load-memory [--load-dtype bf16|fp32] [--load-params 1e9]  # section 5 only
+    python dev/bench.py --quick                         # tiny sizes, about 30 s: a smoke test
+    python dev/bench.py --json out/bench.json           # quickstart-size model; quantizer on 10k, 100k, 1M (~6 min)
+    python dev/bench.py --compile --json out/bench.json # + torch.compile'd training (both models)
+    python dev/bench.py --sections train,decode --threads 1      # a subset, one CPU thread
+    OMP_NUM_THREADS=1 python dev/bench.py --load-memory [--load-dtype bf16|fp32] [--load-params 1e9]  # section 5 only
 
 1. Training throughput: tokens/s of one training step (forward, backward, AdamW) of nanocrs' GPT
    against transformers' LlamaForCausalLM built from the same config with the same weights, batch,
@@ -58,14 +58,19 @@ import tempfile
 import time
 from types import SimpleNamespace
 
-import numpy as np
-import torch
-from safetensors.torch import save_file
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # nanocrs and the top-level scripts (section 4 runs them)
 
-from nanocrs.generate import Control, SIDTrie, beam_search, sample
-from nanocrs.model import GPT, GPTConfig
-from nanocrs.quantizer import QuantizerConfig, quantize
-from nanocrs.tokenizer import CONTROL_TOKENS
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from nanocrs import generate  # noqa: E402
+from nanocrs.common import init_device, run_script  # noqa: E402
+from nanocrs.generate import Control, SIDTrie, beam_search, sample  # noqa: E402
+from nanocrs.model import GPT, GPTConfig  # noqa: E402
+from nanocrs.quantizer import QuantizerConfig, quantize  # noqa: E402
+from nanocrs.tokenizer import CONTROL_TOKENS, added_tokens  # noqa: E402
 
 # model / data sizes: the quickstart's, and tiny ones for --quick and the test
 FULL = dict(n_bpe=1330, n_items=600, levels=3, codes=16, n_layer=4, n_embd=192, n_head=4, n_kv_head=2,
@@ -134,7 +139,7 @@ def build_world(sz, device="cpu", seed=0):
     emb = np.random.default_rng(seed).standard_normal((sz["n_items"], 64)).astype(np.float32)
     sids = quantize(emb, QuantizerConfig(levels=sz["levels"], codebook_size=sz["codes"], seed=seed),
                     verbose=False, item_ids=[f"m{i:04d}" for i in range(sz["n_items"])])
-    vocab = Vocab(sz["n_bpe"], CONTROL_TOKENS + sids.all_token_strings())
+    vocab = Vocab(sz["n_bpe"], added_tokens(sids))
     trie, ctrl = SIDTrie.build(sids, vocab), Control.of(vocab)
     assert all(len(ids) == trie.depth for ids, _ in trie.items()), "equal-length SIDs"
     cfg = GPTConfig(vocab_size=vocab.size, block_size=256, n_layer=sz["n_layer"], n_embd=sz["n_embd"],
@@ -532,8 +537,7 @@ def bench_load_memory(n_params, dtype, threads):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = init_device(args.device, args.threads)
     if args.quantizer_child:
         return quantizer_child(*args.quantizer_child, args.threads)
     if args.load_child:
@@ -543,7 +547,6 @@ def main(argv=None):
     unknown = sections - {"train", "decode", "quantizer", "eval", "load"}
     if unknown:
         raise ValueError(f"--sections: unknown {sorted(unknown)} (use train, decode, quantizer, eval, load)")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
     rows = []  # (benchmark, figure, target)
 
@@ -648,8 +651,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)
