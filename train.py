@@ -90,6 +90,9 @@ def get_args(argv=None, given: set | None = None):
     p.add_argument("--item-sequences", type=int, default=1,
                    help="0: leave out the dataset's items-only dialogs (item sequences without text), which "
                         "the eval's baselines then do not count either")
+    p.add_argument("--item-loss-weight", type=float, default=1.0,
+                   help="weight of a semantic-ID target token in the loss against 1 for text: a small model "
+                        "spends most of its loss on language otherwise (the logged loss is then weighted)")
     p.add_argument("--item-text", type=int, default=0,
                    help="1: also train on item-text alignment (each item's ID <-> its title, year and genres, "
                         "both directions; Renderer.item_text_windows)")
@@ -304,17 +307,23 @@ class Batches:
         return self.order[step % self.nb]
 
 
-def train_step(fwd, model: GPT, opt, examples: list, idx: list[int], step: int, a, c: Compute):
+def train_step(fwd, model: GPT, opt, examples: list, idx: list[int], step: int, a, c: Compute,
+               item_tokens: torch.Tensor | None = None):
     """One optimizer step on the global batch idx -> (loss, tokens with padding, real tokens, model FLOPs);
     the last three are this process's. The global batch of batch_size * grad_accum * world sequences is
     cut into micro-batches of batch_size; rank r does micro-batches r, r + world, ... Every micro-batch's
     summed loss is divided by the number of supervised tokens in the WHOLE global batch, so one process,
-    gradient accumulation and N processes compute the same gradient (up to float summation order)."""
+    gradient accumulation and N processes compute the same gradient (up to float summation order).
+    With --item-loss-weight w != 1, a target that is a semantic-ID token (item_tokens, (V,) bool)
+    counts w times, in the sum and in that count alike."""
     for group in opt.param_groups:
         group["lr"] = lr_at(step, a)
     # dropout masks from (seed, step, rank) alone, so a resumed run draws the same ones
     torch.manual_seed(a.seed * 1_000_003 + step * c.world + c.rank)
+    w = a.item_loss_weight
     n_sup = sum(1 for i in idx for t in examples[i][1] if t != -1)
+    if w != 1:
+        n_sup += (w - 1) * sum(int(item_tokens[t]) for i in idx for t in examples[i][1] if t != -1)
     loss_sum = torch.zeros((), device=c.device)
     padded, real, flops = 0, 0, 0.0
     for micro in range(a.grad_accum):
@@ -328,7 +337,12 @@ def train_step(fwd, model: GPT, opt, examples: list, idx: list[int], step: int, 
         sync = nullcontext() if not c.ddp or micro == a.grad_accum - 1 else fwd.no_sync()
         with sync:
             with c.autocast():
-                _, s = fwd(x, y, reduction="sum")  # summed over supervised tokens, fp32
+                if w == 1:
+                    _, s = fwd(x, y, reduction="sum")  # summed over supervised tokens, fp32
+                else:  # per-token losses: those of the supervised rows (all rows under compile, 0 off them)
+                    _, per = fwd(x, y, reduction="none")
+                    t = y.view(-1) if per.numel() == y.numel() else y.view(-1)[y.view(-1) != -1]
+                    s = (per * (1 + (w - 1) * item_tokens.to(per.device)[t.clamp(min=0)].float())).sum()
             (s * (weight * c.world / n_sup)).backward()  # DDP averages over ranks: * world undoes it
         loss_sum += s.detach() * weight
         padded += x.numel()
@@ -393,6 +407,8 @@ def main(argv=None):
     sids = SemanticIDs.load(os.path.join(a.data, "sids.json"))
     model, tok, sids, step = build_model(a, c, ds, tok, sids)
     train_ex, val_ex = build_data(a, ds, Renderer(tok, sids, model.config.block_size))
+    item_tokens = torch.zeros(model.config.padded_vocab_size, dtype=torch.bool)  # the tokens that name items
+    item_tokens[[tok.id(t) for t in sids.all_token_strings()]] = True
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(model.config.to_dict())}")
     opt = model.configure_optimizer(a.lr, a.weight_decay, device_type=c.device_type)
     if a.resume:
@@ -423,7 +439,7 @@ def main(argv=None):
             while step < a.max_steps and not should_stop(stop, c):
                 # one optimizer step over the global batch
                 t_step = time.time()
-                loss, padded, real, flops = train_step(fwd, model, opt, train_ex, batches[step], step, a, c)
+                loss, padded, real, flops = train_step(fwd, model, opt, train_ex, batches[step], step, a, c, item_tokens)
                 step += 1
                 tokens_seen += padded
                 window = (window + [(time.time() - t_step, real, flops)])[-MFU_WINDOW:]  # loss.item() synced

@@ -299,3 +299,19 @@ def test_fresh_run_refuses_to_overwrite_a_checkpoint(dataset_dir, tmp_path):
     run_train(dataset_dir, str(tmp_path / "c"), ["--max-steps", "1"])
     with pytest.raises(CheckpointError, match="--resume"):
         run_train(dataset_dir, str(tmp_path / "c"), ["--max-steps", "1"])
+
+
+def test_item_loss_weight(dataset_dir, tmp_path):
+    # the weighted path (per-token losses) is the plain one when the weight is (almost) 1, and a weight
+    # on the semantic-ID tokens changes training; it also holds with gradient accumulation
+    run_train(dataset_dir, str(tmp_path / "one"), ["--max-steps", "3", "--eval-interval", "0"])
+    run_train(dataset_dir, str(tmp_path / "near"), ["--max-steps", "3", "--eval-interval", "0", "--item-loss-weight", "1.000001"])
+    run_train(dataset_dir, str(tmp_path / "five"), ["--max-steps", "3", "--eval-interval", "0", "--item-loss-weight", "5",
+                                                     "--batch-size", "4", "--grad-accum", "2"])
+    run_train(dataset_dir, str(tmp_path / "five1"), ["--max-steps", "3", "--eval-interval", "0", "--item-loss-weight", "5"])
+    one, near, five, five1 = (_losses(tmp_path / n) for n in ("one", "near", "five", "five1"))
+    for a, b in zip(one, near):
+        assert abs(a - b) < 1e-4, (one, near)
+    for a, b in zip(five, five1):
+        assert abs(a - b) < 1e-4, (five, five1)
+    assert abs(five1[0] - one[0]) > 1e-3  # the ID tokens' share of the loss moved
