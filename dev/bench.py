@@ -338,7 +338,7 @@ class StubLM:
 
     def __init__(self, vocab_size, seed=0):
         self.config = SimpleNamespace(vocab_size=vocab_size, block_size=4096)
-        self.embed_tokens = SimpleNamespace(weight=torch.zeros(1))
+        self.norm = SimpleNamespace(weight=torch.zeros(1))  # where the decoders find the device
         self.rows = torch.randn(4, vocab_size, generator=torch.Generator().manual_seed(seed))
 
     def eval(self):

@@ -1,5 +1,6 @@
 """
-The dataset schema, its reader and writer, and the one place where a dialog becomes tokens.
+The dataset schema, its reader and writer, and the one place where a dialog becomes tokens and
+generated tokens become a turn again (Renderer.parse).
 
 On disk (data/NAME/, written by data_prep.py; any dataset, synthetic or real, looks like this):
     items.jsonl          {"id": "m0042", "title": "...", "text": "title: ... | year: ... | ...", "metadata": {...}}
