@@ -27,7 +27,7 @@ Benchmarks for nanocrs, each against the obvious alternative, printed as one tab
    vectors, each size in its own subprocess so that its peak RSS (VmHWM) is its own. Each level
    is fitted on at most --kmeans-points (256) points per centroid, then assigns every vector; 100k is
    also fitted on all points, and the final residual MSE of both shows what the sample costs.
-4. Evaluation throughput: rec samples/s of sample.evaluate (paper protocol, beam 50, no response
+4. Evaluation throughput: rec samples/s of nanocrs.evaluate (paper protocol, beam 50, no response
    generation) on a small synthetic dataset and a 2-step checkpoint built in a temp folder, one prompt
    at a time (--eval-batch 1) and batched (8), with identical rankings.
 5. Load memory (--load-memory, or --sections load; not run by default: minutes, ~3x the checkpoint in
@@ -338,7 +338,7 @@ class StubLM:
 
     def __init__(self, vocab_size, seed=0):
         self.config = SimpleNamespace(vocab_size=vocab_size, block_size=4096)
-        self.embed_tokens = SimpleNamespace(weight=torch.zeros(1))
+        self.norm = SimpleNamespace(weight=torch.zeros(1))  # where the decoders find the device
         self.rows = torch.randn(4, vocab_size, generator=torch.Generator().manual_seed(seed))
 
     def eval(self):
@@ -420,9 +420,10 @@ def bench_quantizer(runs, threads):
 
 def bench_eval(sz, device, threads):
     import data_prep
-    import sample as sample_py
     import train
     from nanocrs.data import load_dataset
+    from nanocrs.evaluate import evaluate
+    from nanocrs.session import Session
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
         data, ckpt = os.path.join(tmp, "data"), os.path.join(tmp, "ckpt")
@@ -430,13 +431,13 @@ def bench_eval(sz, device, threads):
         train.main(["--data", data, "--out", ckpt, "--max-steps", "2", "--n-layer", str(sz["n_layer"]),
                     "--n-embd", str(sz["n_embd"]), "--n-head", str(sz["n_head"]), "--n-kv-head", str(sz["n_kv_head"]),
                     "--batch-size", "8", "--eval-interval", "0", "--device", device, "--threads", str(threads)])
-        s = sample_py.Session(ckpt, device)
+        s = Session(ckpt, device)
         ds = load_dataset(data)
         lists, n = {}, {}
 
         def run(batch):
             path = os.path.join(tmp, f"rankings{batch}.jsonl")
-            n[batch] = sample_py.evaluate(s, ds, "test", beam=50, max_gen=0, batch=batch, rankings=path)["n_samples"]
+            n[batch] = evaluate(s, ds, "test", beam=50, max_gen=0, batch=batch, rankings=path)["n_samples"]
             lists[batch] = [[i for i, _ in json.loads(line)["top"]] for line in open(path)]
             return n[batch]
         # one prompt at a time (as before batching) against batches of 8 (the default)
@@ -626,7 +627,7 @@ def main(argv=None):
         r = bench_eval(sz, device, args.threads)
         fig.update(eval=r, eval_samples_per_s=r["samples_per_s"][8])
         sps = r["samples_per_s"]
-        add(f"eval (sample.evaluate, beam 50, no generation), {r['samples']} rec samples: samples/s batch 8 / 1",
+        add(f"eval (nanocrs.evaluate, beam 50, no generation), {r['samples']} rec samples: samples/s batch 8 / 1",
             f"{sps[8]:.1f} / {sps[1]:.1f} = {r['speedup']:.1f}x", "")
         add("  rankings identical", f"{r['identical']}", "True")
     if "load" in sections:

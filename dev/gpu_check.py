@@ -13,7 +13,7 @@ Sections, in order; the first that fails stops the run (exit status 1):
                prefill and one-token decoding
   parity       CPU vs GPU: logits, KV-cache greedy decoding, beam-search top-50 lists
   cli          data_prep.py, train.py (bf16 from scratch, resumed, --init-from + LoRA),
-               sample.py --eval and --export-hf, as subprocesses on the GPU
+               sample.py --eval and python -m nanocrs.hf export, as subprocesses on the GPU
   fp32_master  trainable parameters are fp32 over a bf16 base; one step at lr=1e-5 moves them
   big_shapes   Qwen2.5-7B and Llama-3.1-8B shapes, random bf16 weights + LoRA r16 + new rows, the
                presets' micro-batch (8 x 768, turn format) with and without activation checkpointing:
@@ -221,7 +221,7 @@ def sec_parity(ctx):
         first_sid = V - 200 if dry else V - 3 * 64 - 8
         codes = 16 if dry else 64
         trie = random_catalogue(300 if dry else 2000, first_sid, codes=codes)
-        ctrl = Control(boi=V - 2, eoi=V - 1, eot=V - 3)
+        ctrl = Control(boi=V - 2, eoi=V - 1, mode_rec=V - 6, mode_chat=V - 5, resp=V - 4, eot=V - 3)
         prompt = x[0, :80].tolist() + [ctrl.boi]
         b_cpu, b_gpu = top_items(cpu, prompt, trie, ctrl), top_items(gpu, prompt, trie, ctrl)
         same = [i for i, _ in b_cpu] == [i for i, _ in b_gpu]
@@ -291,7 +291,8 @@ def sec_cli(ctx):
     with open(ev) as f:
         fig["eval"] = {k: v for k, v in json.load(f).items() if isinstance(v, (int, float))}
     exp = os.path.join(w, "export")
-    fig["export_s"] = run(["sample.py", "--ckpt", lora, "--export-hf", exp, "--device", dev.type], "sample.py --export-hf")
+    fig["export_s"] = run(["-m", "nanocrs.hf", "export", "--ckpt", lora, "--out", exp, "--device", dev.type],
+                          "python -m nanocrs.hf export")
     check(os.path.isfile(os.path.join(exp, "config.json")), "export wrote no config.json")
     return fig
 
@@ -427,7 +428,7 @@ def sec_beam(ctx):
     V = model.config.vocab_size
     n_items = 6924  # ReDial's movies
     trie = random_catalogue(n_items, first_new + len(CONTROL_TOKENS), levels=3, codes=64)
-    ctrl = Control(boi=first_new, eoi=first_new + 1, eot=first_new + 5)  # CONTROL_TOKENS' order
+    ctrl = Control(*range(first_new, first_new + len(CONTROL_TOKENS)))  # the ids follow CONTROL_TOKENS' order
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, first_new, (64 if dry else 400,), generator=g).tolist() + [ctrl.boi] for _ in range(3)]
     times = []

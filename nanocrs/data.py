@@ -1,5 +1,6 @@
 """
-The dataset schema, its reader and writer, and the one place where a dialog becomes tokens.
+The dataset schema, its reader and writer, and the one place where a dialog becomes tokens and
+generated tokens become a turn again (Renderer.parse).
 
 On disk (data/NAME/, written by data_prep.py; any dataset, synthetic or real, looks like this):
     items.jsonl          {"id": "m0042", "title": "...", "text": "title: ... | year: ... | ...", "metadata": {...}}
@@ -35,7 +36,7 @@ import torch
 
 from nanocrs.common import atomic_path
 from nanocrs.quantizer import SemanticIDs
-from nanocrs.tokenizer import (ASSISTANT_PREFIX, BOI, EOI, EOT, MODE_CHAT, MODE_REC, RESP, USER_PREFIX, Tokenizer)
+from nanocrs.tokenizer import ASSISTANT_PREFIX, BOI, EOI, EOT, MODE_CHAT, MODE_REC, RESP, USER_PREFIX, Control, Tokenizer
 
 ITEM_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
 MENTION = re.compile(r"@\{([A-Za-z0-9_.\-]+)\}")
@@ -218,11 +219,12 @@ def rec_samples(dialogs: list[dict]):
 # rendering
 
 class Renderer:
-    """Turns dialogs into token ids; the single source of truth for the prompt format."""
+    """Turns dialogs into token ids and generated ids back into a turn (parse); the single source of
+    truth for the prompt format."""
 
     def __init__(self, tokenizer, sids, block_size: int):
         self.tok, self.sids, self.block_size = tokenizer, sids, block_size
-        self.id = {t: tokenizer.id(t) for t in (BOI, EOI, MODE_REC, MODE_CHAT, RESP, EOT)}
+        self.ctrl = Control.of(tokenizer)
         self.assistant_ids = tokenizer.encode(ASSISTANT_PREFIX)
 
     def item_span(self, item_id: str) -> str:
@@ -230,7 +232,7 @@ class Renderer:
 
     def item_ids(self, item_id: str) -> list[int]:
         """<BOI> SID <EOI> as token ids."""
-        return [self.id[BOI]] + [self.tok.id(t) for t in self.sids.tokens(item_id)] + [self.id[EOI]]
+        return [self.ctrl.boi] + [self.tok.id(t) for t in self.sids.tokens(item_id)] + [self.ctrl.eoi]
 
     def text(self, text: str) -> str:
         """Dialog text with every @{id} written as <BOI>SID<EOI> (for people; the model's ids come
@@ -264,10 +266,10 @@ class Renderer:
         if turn["items"]:
             item = item or turn["items"][0]
             assert item in turn["items"], f"{item} is not mentioned in this turn"
-            head = [self.id[MODE_REC]] + self.item_ids(item)
+            head = [self.ctrl.mode_rec] + self.item_ids(item)
         else:
-            head = [self.id[MODE_CHAT]]
-        return head + [self.id[RESP]] + self.text_ids(" ", turn["text"]) + [self.id[EOT]]
+            head = [self.ctrl.mode_chat]
+        return head + [self.ctrl.resp] + self.text_ids(" ", turn["text"]) + [self.ctrl.eot]
 
     def turn_ids(self, turn: dict, item=None, items_only: bool = False) -> tuple[list[int], list[int]]:
         """(prompt part, supervised part) of one turn. A user turn is all prompt. In an items-only
@@ -276,7 +278,7 @@ class Renderer:
         if turn["role"] == "user":
             return self.text_ids(f"{USER_PREFIX} ", turn["text"], "\n"), []
         if items_only:
-            return self.assistant_ids, [self.id[MODE_REC]] + self.item_ids(item or turn["items"][0])
+            return self.assistant_ids, [self.ctrl.mode_rec] + self.item_ids(item or turn["items"][0])
         return self.assistant_ids, self.structured_ids(turn, item)
 
     def context_ids(self, context: list[dict]) -> list[list[int]]:
@@ -337,7 +339,6 @@ class Renderer:
                 windows.append(self.example(turns[:k], turns[k], items_only=items_only))
         return windows
 
-
     def item_text_windows(self, items: list[dict], per_window: int = 8) -> list[tuple[list[int], list[int]]]:
         """Item-text alignment (as LC-Rec trains it): for every item both directions,
             <BOI>SID<EOI> = title (year) | genres\n          the text is supervised
@@ -366,6 +367,43 @@ class Renderer:
             targets = [ids[t + 1] if sup[t + 1] else -1 for t in range(len(ids) - 1)] + [-1]
             windows.append((ids, targets))
         return windows
+
+
+    # -- parsing: generated ids back into a turn ------------------------------------------------------
+    def item_of(self, sid_ids: list[int]) -> str | None:
+        """The item whose SID tokens these are, or None."""
+        return self.sids.item_of_tokens([self.tok.token(t) for t in sid_ids])
+
+    def parse(self, ids: list[int]):
+        """What the model wrote after "Assistant:" -> (mode "REC"/"CHAT"/None, slot item or None,
+        response), the inverse of structured_ids. The response is a list of pieces: decoded text
+        strings and ("item", id) for each <BOI>SID<EOI> span; it ends at <EOT>."""
+        c = self.ctrl
+        head, body = (ids[:ids.index(c.resp)], ids[ids.index(c.resp) + 1:]) if c.resp in ids else (ids, [])
+        mode = {c.mode_rec: "REC", c.mode_chat: "CHAT"}.get(head[0]) if head else None
+        slot = None
+        if mode == "REC" and c.boi in head and c.eoi in head:
+            slot = self.item_of(head[head.index(c.boi) + 1:head.index(c.eoi)])
+        pieces, text_ids, span = [], [], None
+        for i in body:
+            if i == c.eot:
+                break
+            if i == c.boi:
+                span = []
+            elif i == c.eoi and span is not None:
+                pieces += [self.tok.decode(text_ids), ("item", self.item_of(span))]
+                text_ids, span = [], None
+            elif span is not None:
+                span.append(i)
+            else:
+                text_ids.append(i)
+        pieces.append(self.tok.decode(text_ids))
+        return mode, slot, pieces
+
+    @staticmethod
+    def join(pieces, item_text) -> str:
+        """parse()'s response as one string, each item span written by item_text(item_id)."""
+        return " ".join("".join(p if isinstance(p, str) else item_text(p[1]) for p in pieces).split())
 
 
 # -----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanocrs.tokenizer import BOI, EOI, EOT
+from nanocrs.tokenizer import Control
 
 
 class SIDTrie:
@@ -91,18 +91,6 @@ class SIDTrie:
         if key not in self._tensors:
             self._tensors[key] = TrieTensors.build(self, ctrl, vocab_size, device)
         return self._tensors[key]
-
-
-@dataclass
-class Control:
-    """Token ids the decoder needs (from the tokenizer)."""
-    boi: int
-    eoi: int
-    eot: int
-
-    @classmethod
-    def of(cls, tokenizer) -> "Control":
-        return cls(tokenizer.id(BOI), tokenizer.id(EOI), tokenizer.id(EOT))
 
 
 @dataclass
@@ -180,14 +168,15 @@ def _state_index(ids, trie: SIDTrie, ctrl: Control, tt: TrieTensors) -> int:
 
 
 @torch.no_grad()
-def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control, n: int = 1, max_new_tokens: int = 64,
+def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control | None, n: int = 1, max_new_tokens: int = 64,
            temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
-           generator: torch.Generator | None = None) -> list[list[int]]:
-    """n continuations of one prompt (prefilled once, cache copied n times). Each stops after <EOT>;
-    a span open when max_new_tokens runs out is still completed, so no output holds half an item.
-    trie=None samples with no constraint at all (the baseline of bench.py's overhead figure)."""
+           generator: torch.Generator | None = None, stop: set[int] | None = None) -> list[list[int]]:
+    """n continuations of one prompt (prefilled once, cache copied n times). Each stops after a token
+    of `stop` (default: <EOT>); a span open when max_new_tokens runs out is still completed, so no
+    output holds half an item. trie=None samples with no constraint at all: a base model's plain text
+    (sample.py --init-from, with ctrl=None and its own stop tokens) or bench.py's overhead baseline."""
     model.eval()
-    device = model.embed_tokens.weight.device
+    device = model.norm.weight.device
     V = model.config.vocab_size
     max_len = min(len(prompt) + max_new_tokens + 8, model.config.block_size)
     assert len(prompt) < max_len, "prompt is too long for the model's block size: truncate it first"
@@ -198,6 +187,7 @@ def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control, n: int
     if trie is not None:
         tt = trie.tensors(ctrl, V, device)
         state = torch.full((n,), _state_index(prompt, trie, ctrl, tt), device=device)  # (n,) TrieTensors rows
+    stop = torch.tensor(sorted(stop if stop is not None else {ctrl.eot}), dtype=torch.long, device=device)
     out = torch.full((n, max_len), -1, dtype=torch.long, device=device)  # generated tokens, -1 = none
     length = torch.zeros(n, dtype=torch.long, device=device)               # (n,) tokens generated per row
     done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -225,7 +215,7 @@ def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control, n: int
             closed = state == tt.OUT
         else:
             closed = torch.ones_like(done)
-        done |= (nxt == ctrl.eot) | ((length >= max_new_tokens) & closed)
+        done |= torch.isin(nxt, stop) | ((length >= max_new_tokens) & closed)
         if bool(done.all()):  # one host sync per step, of one value
             break
         logits, _ = model(nxt.view(n, 1), cache=cache)
@@ -258,7 +248,7 @@ def beam_search_batch(model, prompts: list[list[int]], trie: SIDTrie, ctrl: Cont
     if cache is not None:
         return _search(model, cache, last_logits, trie, ctrl, beam_width)
     model.eval()
-    device = model.embed_tokens.weight.device
+    device = model.norm.weight.device
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)  # (B,)
     ids = torch.tensor([[ctrl.eot] * (L - len(p)) + p for p in prompts], device=device)  # (B, L); pads are masked
@@ -322,7 +312,7 @@ def beam_search_reference(model, prompt: list[int], trie: SIDTrie, ctrl: Control
     the algorithm in plain sight. The tests check the tensor version against it, ties included."""
     assert prompt[-1] == ctrl.boi, "beam search starts right after <BOI>"
     model.eval()
-    device = model.embed_tokens.weight.device
+    device = model.norm.weight.device
     cache = model.new_cache(1, len(prompt) + trie.depth + 1)
     logits, _ = model(torch.tensor([prompt], device=device), cache=cache)
     logp = torch.log_softmax(logits[:, -1].float(), -1)  # (1, V)

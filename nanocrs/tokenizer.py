@@ -14,6 +14,7 @@ were and the new embedding rows sit at the end of the matrix.
 """
 
 import os
+from dataclasses import dataclass
 
 from tokenizers import Tokenizer as HFTokenizer, AddedToken, decoders, models, pre_tokenizers, trainers
 
@@ -23,6 +24,22 @@ BOI, EOI, MODE_REC, MODE_CHAT, RESP, EOT = "<BOI>", "<EOI>", "<MODE=REC>", "<MOD
 CONTROL_TOKENS = [BOI, EOI, MODE_REC, MODE_CHAT, RESP, EOT]
 # Role prefixes are plain text, as in the paper ("Assistant:" then the structured target)
 USER_PREFIX, ASSISTANT_PREFIX = "User:", "Assistant:"
+
+
+@dataclass(frozen=True)
+class Control:
+    """The ids of the six control tokens in one tokenizer, looked up once (Control.of): what the
+    renderer writes and parses (nanocrs/data.py) and what the decoder constrains (nanocrs/generate.py)."""
+    boi: int
+    eoi: int
+    mode_rec: int
+    mode_chat: int
+    resp: int
+    eot: int
+
+    @classmethod
+    def of(cls, tokenizer) -> "Control":
+        return cls(*(tokenizer.id(t) for t in CONTROL_TOKENS))  # the fields are in CONTROL_TOKENS' order
 
 
 def added_tokens(sids) -> list[str]:

@@ -44,8 +44,8 @@ def run_chat(s, lines, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def session(trained_ckpt):
-    import sample as sample_py
-    return sample_py.Session(trained_ckpt, "cpu")
+    from nanocrs.session import Session
+    return Session(trained_ckpt, "cpu")
 
 
 # -----------------------------------------------------------------------------
@@ -137,9 +137,9 @@ def test_checkpoint_with_foreign_catalogue_is_refused(trained_ckpt, other_datase
 def test_resume_with_other_data_is_refused_and_spans_stay_in_catalogue(trained_ckpt, other_dataset, tmp_path):
     """--resume with another --data is refused before anything is written; then 10,000 sampled item
     spans all name catalogue items."""
-    import sample as sample_py
     from nanocrs import checkpoint
     from nanocrs.generate import sample
+    from nanocrs.session import Session
     from nanocrs.tokenizer import BOI, MODE_REC
     ck = str(tmp_path / "ck")
     shutil.copytree(trained_ckpt, ck)
@@ -147,7 +147,7 @@ def test_resume_with_other_data_is_refused_and_spans_stay_in_catalogue(trained_c
     with pytest.raises(checkpoint.CheckpointError, match="not the dataset"):
         run_train(other_dataset, ck, ["--resume", "--max-steps", "9"])
     assert {f: open(os.path.join(ck, f), "rb").read() for f in os.listdir(ck)} == before
-    s = sample_py.Session(ck, "cpu")
+    s = Session(ck, "cpu")
     g = torch.Generator().manual_seed(0)
     prompt = s.rd.prompt([{"role": "user", "text": "something scary please", "items": []}], forced=MODE_REC + BOI)
     named = []

@@ -173,7 +173,8 @@ def test_chat_context_survives_generated_mention_syntax(trained_ckpt):
     still render instead of crashing with a KeyError (user input is escaped the same way: "@ {")."""
     sys.path.insert(0, REPO)
     import sample as sample_py
-    s = sample_py.Session(trained_ckpt, "cpu")
+    from nanocrs.session import Session
+    s = Session(trained_ckpt, "cpu")
     ids = s.tok.encode("<MODE=CHAT><RESP> what about @{zz9} then?<EOT>")
     text = sample_py._reply_text(s, ids)
     context = [{"role": "user", "text": "hi", "items": []}, {"role": "assistant", "text": text, "items": []},

@@ -108,6 +108,17 @@ def test_multi_item_turn_renders_each_item_in_the_slot(rd, tok, sids, dataset):
     assert found == 5
 
 
+@pytest.mark.parametrize("rec", [True, False])
+def test_parse_inverts_structured_ids(rd, dataset, rec):
+    """parse(structured_ids(turn)) gives the turn back: its mode, its slot item, and its text with each
+    mention an ("item", id) piece (join writes them as @{id} again)."""
+    for d, t in list(assistant_turns(dataset, rec))[:25]:
+        turn = d["turns"][t]
+        mode, slot, pieces = rd.parse(rd.structured_ids(turn))
+        assert (mode, slot) == (("REC", turn["items"][0]) if rec else ("CHAT", None))
+        assert Renderer.join(pieces, lambda i: "@{" + i + "}") == " ".join(turn["text"].split())
+
+
 def test_item_not_in_turn_is_refused(rd, dataset):
     d, t = next(assistant_turns(dataset, True))
     other = next(i["id"] for i in dataset["items"] if i["id"] not in d["turns"][t]["items"])

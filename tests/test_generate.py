@@ -300,7 +300,7 @@ class Bigram:
 
     def __init__(self, vocab_size, fn, block_size=BLOCK):
         self.config = SimpleNamespace(vocab_size=vocab_size, block_size=block_size)
-        self.embed_tokens = SimpleNamespace(weight=torch.zeros(1))
+        self.norm = SimpleNamespace(weight=torch.zeros(1))  # where the decoders find the device
         self.fn = fn
 
     def eval(self):
@@ -362,7 +362,20 @@ def exhaustive_ranking(model, prompt, trie):
     return sorted(scored, key=lambda x: (-x[1], order[x[0]]))
 
 
-CTRL = Control(boi=1, eoi=2, eot=3)
+def test_unconstrained_sample_is_plain_decoding():
+    """trie=None, ctrl=None (sample.py --init-from on a base model): greedy sample() is the argmax of
+    the full forward, token by token, and a row ends with the first token of `stop`."""
+    model = random_model(64, head_scale=4.0)
+    prompt, ids = [5, 9, 2, 33], [5, 9, 2, 33]
+    for _ in range(12):
+        ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    want = ids[len(prompt):]
+    assert sample(model, prompt, None, None, max_new_tokens=12, greedy=True, stop=set())[0] == want
+    k = want.index(want[5])
+    assert sample(model, prompt, None, None, max_new_tokens=12, greedy=True, stop={want[5]})[0] == want[:k + 1]
+
+
+CTRL = Control(boi=1, eoi=2, mode_rec=4, mode_chat=5, resp=6, eot=3)  # the decoder reads boi, eoi, eot
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -466,7 +479,7 @@ def test_big_vocabulary_step_sends_only_sid_columns_to_the_host():
         table.setdefault(tuple(sid), f"m{len(table)}")
     fake = FakeSIDs({item: [str(t) for t in sid] for sid, item in table.items()},
                     [str(t) for t in range(first, V)])
-    trie, ctrl = SIDTrie.build(fake, IdTok()), Control(boi=1, eoi=2, eot=3)
+    trie, ctrl = SIDTrie.build(fake, IdTok()), CTRL
     cols = torch.arange(V, dtype=torch.float32)
 
     def fn(idx):  # (B, T) -> (B, T, V), deterministic and cheap

@@ -1,0 +1,264 @@
+"""
+The evaluation of a trained checkpoint: the recommendation eval and the dialog metrics (sample.py --eval).
+
+    s = Session("out/synthetic", "cpu")
+    res = evaluate(s, load_dataset("data/synthetic"), "test", beam=50)
+    print_eval(res)
+
+Evaluation follows the paper's protocol: one sample per (assistant turn, item it mentions); the mode
+is forced from the gold turn, the context is followed by  Assistant:<MODE=REC><BOI>  and a
+trie-constrained beam search (width beam, >= the largest k) gives the ranked list. Reported:
+Recall@1/5/10/20/50, NDCG and MRR @5/10/20 on the standard protocol and on the fresh one (gold items
+not mentioned earlier in the dialog), the free-mode intent accuracy (the greedy token after
+"Assistant:" on every assistant turn), and the same metrics for the popularity and repeat-context
+baselines and, on the synthetic world, the generator's oracle, all on the same samples.
+
+evaluate() is three steps over the assistant turns:
+    score_all     one teacher-forced forward per turn, batched (score_turns): the free-mode intent,
+                  the gold response's log-probs and, on REC turns, the item beam search
+    rank_pass     the model's and the baselines' ranked lists against the gold items
+    dialog_pass   intent, perplexity, and responses generated on some turns (BLEU, Distinct-n, ...)
+"""
+
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from nanocrs.data import Renderer, rec_samples, training_dialogs, write_jsonl
+from nanocrs.generate import beam_search_batch, sample
+from nanocrs.metrics import (CoOccurrence, Popularity, calibrate_intent, corpus_bleu, distinct_per_sentence,
+                             distinct_ratio, format_table, intent_metrics, perplexity, rank_metrics, rank_of, repeat_context,
+                             repeat_then_cooccurrence, replace_spans)
+from nanocrs.session import Session
+from nanocrs.tokenizer import MODE_CHAT, MODE_REC
+
+
+@torch.no_grad()
+def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, max_gen: int = 200,
+             max_new_tokens: int = 64, batch: int = 8, rankings: str | None = None) -> dict:
+    """The recommendation eval (paper protocol, both protocols, baselines) and the dialog metrics.
+
+    Per assistant turn, ONE forward of  context + "Assistant:" + the gold structured turn  gives:
+      - the free-mode intent: the greedy token right after "Assistant:";
+      - the perplexity of the gold response (teacher-forced; each <BOI>..<EOI> span counts as one unit);
+      - on REC turns, the start of the item beam search: the cache is rewound to just after
+        <MODE=REC><BOI>, which is exactly how the gold REC turn begins.
+    Turns go `batch` at a time (score_turns), left-padded. Ties between equal scores go by catalogue
+    order (nanocrs.generate), so the batch size changes no ranking beyond float rounding.
+    With `rankings`, one JSON line per sample: dialog, turn, gold, fresh, rank (1-based, 0 = not
+    found) and the model's ranked [item, log-prob] list.
+    On every k-th turn (about max_gen turns in all) a response is also generated greedily with the
+    gold mode forced, for BLEU / Distinct-n and, on REC turns, the target-prediction accuracy (the
+    item the model writes after <BOI>) and faithfulness (the response mentions that same item)."""
+    dialogs = ds[split][:max_dialogs] if max_dialogs else ds[split]
+    turns = [(d, t) for d in dialogs for t, turn in enumerate(d["turns"]) if turn["role"] == "assistant" and t > 0]
+    scored = score_all(s, turns, beam, batch, split)
+    res = {"split": split, **rank_pass(s, ds, dialogs, turns, scored, beam, rankings)}
+    return {**res, **dialog_pass(s, turns, scored, max_gen, max_new_tokens, split)}
+
+
+def progress(it, desc: str):
+    """A progress bar on stderr, redrawn rarely when stderr is a log file."""
+    return tqdm(it, desc=desc, dynamic_ncols=True, file=sys.stderr, mininterval=0.2 if sys.stderr.isatty() else 30)
+
+
+def score_all(s: Session, turns: list, beam: int, batch: int, split: str) -> dict:
+    """(dialog id, turn) -> (p(REC) after "Assistant:", log-probs of the response, units, top) for
+    every turn, `batch` at a time: REC and CHAT turns apart (only REC turns search items), each sorted
+    by the length of its prompt so that little padding is needed."""
+    examples = {}  # (dialog id, turn) -> (ids, P): P = tokens up to and including "Assistant:"
+    for d, t in turns:
+        ids, targets = s.rd.example(d["turns"][:t], d["turns"][t])
+        examples[(d["id"], t)] = ids, next(i for i, x in enumerate(targets) if x != -1) + 1
+    scored = {}
+    for rec_turns in (True, False):
+        keys = sorted(((d["id"], t) for d, t in turns if bool(d["turns"][t]["items"]) == rec_turns),
+                      key=lambda k: examples[k][1])
+        for a in progress(range(0, len(keys), batch), f"eval {split} ({'REC' if rec_turns else 'CHAT'} turns)"):
+            chunk = keys[a:a + batch]
+            scored.update(zip(chunk, score_turns(s, [examples[k] for k in chunk], beam if rec_turns else 0)))
+    return scored
+
+
+def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, beam: int,
+              rankings: str | None = None) -> dict:
+    """The ranking metrics of the model's beam lists and of the baselines, on the same samples: the
+    standard and the fresh protocol, and diagnostics (cold items, distinct top-1s, coverage)."""
+    catalogue = [it["id"] for it in ds["items"]]
+    # the baselines count what the model was trained on (train, or train+val with --train-splits)
+    seen = training_dialogs(ds, s.config["train"].get("train_splits", "train"), bool(s.config["train"].get("item_sequences", 1)))
+    pop, cooc = Popularity(seen, catalogue), CoOccurrence(seen, catalogue)
+    trained_targets = {i for d in seen for turn in d["turns"] if turn["role"] == "assistant" for i in turn["items"]}
+    has_oracle = any("oracle" in t for d in dialogs for t in d["turns"])
+    methods = ["model", "popularity", "repeat", "cooc", "repeat+cooc"] + (["oracle"] if has_oracle else [])
+    golds_by_turn = {}
+    for d, t, gold, fresh in rec_samples(dialogs):
+        golds_by_turn.setdefault((d["id"], t), []).append((gold, fresh))
+    ranks = {m: [] for m in methods}
+    fresh_flags, cold_flags, top_lists, ranking_rows = [], [], {m: [] for m in methods}, []
+    for d, t in turns:
+        turn, context = d["turns"][t], d["turns"][:t]
+        if not turn["items"]:
+            continue
+        top = scored[(d["id"], t)][3]
+        lists = {"model": [i for i, _ in top], "popularity": pop.rank(context), "repeat": repeat_context(context),
+                 "cooc": cooc.rank(context), "repeat+cooc": repeat_then_cooccurrence(context, cooc)}
+        if has_oracle:
+            lists["oracle"] = turn.get("oracle", [])
+        for gold, fresh in golds_by_turn[(d["id"], t)]:
+            for m in methods:
+                ranks[m].append(rank_of(lists[m], gold))
+            fresh_flags.append(fresh)
+            cold_flags.append(gold not in trained_targets)
+            ranking_rows.append({"dialog": d["id"], "turn": t, "gold": gold, "fresh": fresh,
+                                 "rank": ranks["model"][-1], "top": [[i, lp] for i, lp in top]})
+        for m in methods:
+            top_lists[m].append(lists[m][:10])
+    if rankings:
+        os.makedirs(os.path.dirname(os.path.abspath(rankings)), exist_ok=True)
+        write_jsonl(rankings, ranking_rows)
+    res = {"n_samples": len(fresh_flags), "n_fresh": sum(fresh_flags), "beam": beam}
+    for m in methods:
+        res[m] = rank_metrics(ranks[m])
+    res["fresh"] = {m: rank_metrics([r for r, f in zip(ranks[m], fresh_flags) if f]) for m in methods}
+    # why a model wins or loses: can it recommend items it never saw as a target, and how many
+    # different items does it recommend at all (a model stuck on a few popular IDs shows here)?
+    res["diagnostics"] = {
+        "cold_share": sum(cold_flags) / max(len(cold_flags), 1),
+        "recall@10_cold": {m: rank_metrics([r for r, c in zip(ranks[m], cold_flags) if c])["recall@10"] for m in methods},
+        "recall@10_warm": {m: rank_metrics([r for r, c in zip(ranks[m], cold_flags) if not c])["recall@10"] for m in methods},
+        "top1_distinct": {m: len({x[0] for x in top_lists[m] if x}) for m in methods},
+        "coverage@10": {m: len({i for x in top_lists[m] for i in x}) / len(catalogue) for m in methods}}
+    return res
+
+
+@torch.no_grad()
+def dialog_pass(s: Session, turns: list, scored: dict, max_gen: int, max_new_tokens: int, split: str) -> dict:
+    """The free-mode intent, the gold responses' perplexity, and on every k-th turn (about max_gen in
+    all) a response generated greedily with the gold mode forced: BLEU, Distinct-n and, on REC turns,
+    target-prediction accuracy and faithfulness."""
+    gen_every = max(1, len(turns) // max_gen) if max_gen else 0
+    p_rec, is_rec = [], []  # free-mode intent: p(REC) / (p(REC) + p(CHAT)) after "Assistant:", and the gold
+    nll_total, nll_units, nll_tokens = 0.0, 0, 0
+    hyps, refs = [], []
+    gen = {"rec_turns": 0, "target_hits": 0, "top1_hits": 0, "faithful": 0}
+    for j, (d, t) in enumerate(progress(turns, f"eval {split} (metrics, responses)")):
+        turn, context = d["turns"][t], d["turns"][:t]
+        rec_p, logps, units, top = scored[(d["id"], t)]
+        p_rec.append(rec_p)
+        is_rec.append(bool(turn["items"]))
+        for lp in logps:  # perplexity of the response: the tokens after <RESP>, an item span one unit
+            nll_total -= lp
+        nll_units += units
+        nll_tokens += len(logps)
+        if gen_every and j % gen_every == 0:
+            prompt = s.rd.prompt(context, forced=MODE_REC if turn["items"] else MODE_CHAT)
+            out = sample(s.model, prompt, s.trie, s.ctrl, max_new_tokens=max_new_tokens, greedy=True)[0]
+            _, target, pieces = s.rd.parse([s.ctrl.mode_rec if turn["items"] else s.ctrl.mode_chat] + out)
+            hyps.append(Renderer.join(pieces, lambda i: " <movie> "))  # each item span one "<movie>" token
+            refs.append(replace_spans(turn["text"]))
+            if turn["items"]:
+                top1 = top[0][0] if top else None
+                gen["rec_turns"] += 1
+                gen["target_hits"] += int(target in turn["items"])
+                gen["top1_hits"] += int(top1 in turn["items"])
+                gen["faithful"] += int(target is not None and target in [p[1] for p in pieces if not isinstance(p, str)])
+    res = {"intent": intent_metrics(p_rec, is_rec)}  # the plain argmax between the two modes
+    if s.rec_threshold is not None:
+        res["intent_calibrated"] = intent_metrics(p_rec, is_rec, s.rec_threshold)
+    res["intent_best_threshold"] = calibrate_intent(p_rec, is_rec)  # on THIS split: only --calibrate on val uses it
+    res["intent_at_best_threshold"] = intent_metrics(p_rec, is_rec, res["intent_best_threshold"])
+    res["intent_accuracy"] = res["intent"]["accuracy"]
+    res["n_intent_turns"] = len(turns)
+    n_rec = max(gen["rec_turns"], 1)
+    res["dialog"] = {
+        "perplexity": perplexity(nll_total, nll_units), "ppl_units": nll_units,
+        "perplexity_per_token": perplexity(nll_total, nll_tokens), "ppl_tokens": nll_tokens,
+        "bleu": corpus_bleu(hyps, refs) if hyps else 0.0, "n_generated": len(hyps),
+        "distinct_ratio": {n: distinct_ratio(hyps, n) for n in (1, 2, 3, 4)},
+        "distinct_per_sentence": {n: distinct_per_sentence(hyps, n) for n in (1, 2, 3, 4)},
+        # Distinct-n grows as the corpus shrinks: the gold responses of the same turns are the yardstick
+        "gold_distinct_ratio": {n: distinct_ratio(refs, n) for n in (1, 2, 3, 4)},
+        "target_accuracy": gen["target_hits"] / n_rec, "beam_top1_accuracy": gen["top1_hits"] / n_rec,
+        "faithfulness": gen["faithful"] / n_rec, "n_generated_rec_turns": gen["rec_turns"]}
+    return res
+
+
+@torch.no_grad()
+def score_turns(s: Session, examples: list, beam: int = 0) -> list:
+    """One left-padded forward of several turns, each (ids of context + "Assistant:" + the gold turn,
+    P = tokens up to and including "Assistant:") -> per turn (p(REC) / (p(REC) + p(CHAT)) after "Assistant:",
+    log-probs of the response tokens after <RESP>, the response's units with each item span one
+    unit, and with beam > 0, REC turns only, the ranked [(item, log-prob)] of the beam search).
+    The rows are padded so that every <BOI> (token P + 1) is at the same slot: rewound to just after
+    it, the cache holds each row's prompt up to <MODE=REC><BOI>, exactly how the gold REC turn begins,
+    and the beam search continues all rows at once. The gold tokens after that slot are simply
+    forgotten; causal attention kept them out of everything before it."""
+    device, resp = s.device, s.ctrl.resp
+    A = max(P for _, P in examples) + 1                # the shared slot of <BOI>
+    pads = [A - (P + 1) for _, P in examples]
+    T = max(p + len(ids) for p, (ids, _) in zip(pads, examples))
+    # (B, T); filler on the left is masked (pad), on the right it comes after the row's last token
+    x = torch.full((len(examples), T), s.ctrl.eot, dtype=torch.long)
+    for r, (p, (ids, _)) in enumerate(zip(pads, examples)):
+        x[r, p:p + len(ids)] = torch.tensor(ids)
+    pad = torch.tensor(pads, device=device)
+    cache = s.model.new_cache(len(examples), T, pad=pad if max(pads) else None)
+    logits, _ = s.model(x.to(device), cache=cache)   # (B, T, V)
+    out = []
+    for r, (p, (ids, P)) in enumerate(zip(pads, examples)):
+        row = logits[r, p:p + len(ids)]               # (len(ids), V): this turn's own positions
+        k = ids.index(resp, P) + 1
+        logps = torch.log_softmax(row[k - 1:-1].float(), -1).gather(
+            1, torch.tensor(ids[k:], device=device)[:, None])[:, 0].tolist()
+        units, in_span = 0, False
+        for tok in ids[k:]:
+            in_span = in_span or tok == s.ctrl.boi
+            if not in_span or tok == s.ctrl.eoi:
+                units += 1
+                in_span = False
+        two = row[P - 1, [s.ctrl.mode_rec, s.ctrl.mode_chat]].float().softmax(-1)  # free-mode intent
+        out.append([two[0].item(), logps, units, None])
+    if beam:
+        for ids, P in examples:
+            assert ids[P:P + 2] == [s.ctrl.mode_rec, s.ctrl.boi]
+        cache.pos = A + 1  # rewind to just after <MODE=REC><BOI>
+        tops = beam_search_batch(s.model, [ids[:P + 2] for ids, P in examples], s.trie, s.ctrl, beam,
+                                 cache=cache, last_logits=logits[:, A])
+        for o, top in zip(out, tops):
+            o[3] = top
+    return out
+
+
+def print_eval(res: dict):
+    keys = ["recall@1", "recall@5", "recall@10", "recall@20", "recall@50", "ndcg@10", "mrr@10"]
+    methods = [m for m in ("model", "popularity", "repeat", "cooc", "repeat+cooc", "oracle") if m in res]
+    print(f"\nstandard protocol: {res['n_samples']} samples ({res['split']}), beam {res['beam']}")
+    print(format_table({m: res[m] for m in methods}, keys))
+    print(f"\nfresh protocol (gold not mentioned earlier): {res['n_fresh']} samples")
+    print(format_table({m: res["fresh"][m] for m in methods}, keys))
+    dg = res["diagnostics"]
+    print(f"\ngold items never a training target: {dg['cold_share']:.1%} of samples. "
+          "recall@10 on those / on the others, distinct top-1 items, share of the catalogue in some top-10:")
+    for m in methods:
+        print(f"  {m:<13} {dg['recall@10_cold'][m]:.4f} / {dg['recall@10_warm'][m]:.4f}   "
+              f"{dg['top1_distinct'][m]:5d}   {dg['coverage@10'][m]:.4f}")
+    dm = res["dialog"]
+    for key, what in (("intent", "argmax"), ("intent_calibrated", "threshold from val")):
+        if key in res:
+            im = res[key]
+            print(f"\nfree-mode intent ({what}, p(REC) >= {im['threshold']:.3f}): accuracy {im['accuracy']:.4f}, "
+                  f"REC precision {im['rec_precision']:.4f} recall {im['rec_recall']:.4f} "
+                  f"over {im['n_turns']} assistant turns ({im['n_rec']} REC)")
+    print(f"dialog: perplexity {dm['perplexity']:.3f} with each item span as one unit ({dm['ppl_units']} units), "
+          f"{dm['perplexity_per_token']:.3f} per token ({dm['ppl_tokens']} tokens), gold responses")
+    print(f"BLEU {dm['bleu']:.2f} (SacreBLEU-compatible, {dm['n_generated']} generated responses, mode forced)")
+    print(f"distinct-1..4 ratio (paper) on those {dm['n_generated']} responses: "
+          + " ".join(f"{dm['distinct_ratio'][n]:.4f}" for n in (1, 2, 3, 4))
+          + " | the gold responses of the same turns: " + " ".join(f"{dm['gold_distinct_ratio'][n]:.4f}" for n in (1, 2, 3, 4))
+          + " | per sentence (CRSLab): " + " ".join(f"{dm['distinct_per_sentence'][n]:.3f}" for n in (1, 2, 3, 4)))
+    print(f"on {dm['n_generated_rec_turns']} generated REC turns: target-prediction accuracy {dm['target_accuracy']:.4f} "
+          f"(greedy item after <BOI>) vs beam top-1 {dm['beam_top1_accuracy']:.4f}; "
+          f"faithfulness {dm['faithfulness']:.4f} (response mentions the predicted item)")

@@ -1,0 +1,70 @@
+"""
+A trained checkpoint ready to talk: the model, its renderer, trie and catalogue, one reply at a time,
+and generated ids shown as text for people. sample.py (samples, chat) and nanocrs/evaluate.py use it.
+
+    s = Session("out/synthetic", "cpu")
+    ids = s.reply([{"role": "user", "text": "a scary movie please", "items": []}], args, generator)
+    mode, item, text = s.show(ids)    # ("REC", "m0042", "Try [Night Tide (1981)], it is ...")
+"""
+
+import json
+import os
+
+import torch
+
+from nanocrs import checkpoint
+from nanocrs.data import MENTION, Renderer, load_items
+from nanocrs.generate import SIDTrie, sample
+
+INTENT_FILE = "intent.json"  # the free-mode REC threshold, chosen on val, beside the checkpoint
+
+
+class Session:
+    """Everything loaded from a checkpoint, plus the helpers that turn tokens into readable text."""
+
+    def __init__(self, ckpt: str, device: str):
+        self.model, self.config, self.tok, self.sids = checkpoint.load(ckpt, device, merge=True)
+        self.model.eval()
+        self.items = {it["id"]: it for it in load_items(os.path.join(ckpt, "items.jsonl"))}
+        self.rd = Renderer(self.tok, self.sids, self.model.config.block_size)
+        self.trie = SIDTrie.build(self.sids, self.tok)
+        self.ctrl = self.rd.ctrl
+        self.device = device
+        # the free-mode REC threshold chosen on the validation split (sample.py --eval val --calibrate)
+        path = os.path.join(ckpt, INTENT_FILE)
+        self.rec_threshold = json.load(open(path))["rec_threshold"] if os.path.isfile(path) else None
+
+    def link(self, text: str) -> tuple[str, list[str]]:
+        """Typed text with every catalogue title found in it written as an @{id} mention, the way the
+        dataset readers link titles (nanocrs/datasets.py), so the model sees a typed title as the item
+        it saw in training. Returns (text, linked item ids in order)."""
+        from nanocrs.datasets import link_titles
+        text, _ = link_titles(text, [(it["title"], i) for i, it in self.items.items()])
+        return text, list(dict.fromkeys(MENTION.findall(text)))
+
+    def title(self, item_id: str) -> str:
+        it = self.items[item_id]
+        year = it.get("metadata", {}).get("year")
+        return f"[{it['title']}{f' ({year})' if year else ''}]"
+
+    def show_text(self, text: str) -> str:
+        """Dialog text with @{id} mentions shown as titles."""
+        return MENTION.sub(lambda m: self.title(m.group(1)), text)
+
+    def show(self, ids: list[int]):
+        """Generated ids after "Assistant:" -> (mode, slot item, response with item spans shown as titles)."""
+        mode, slot, pieces = self.rd.parse(ids)
+        return mode, slot, Renderer.join(pieces, self.title)
+
+    def reply(self, context: list[dict], args, generator) -> list[int]:
+        """The ids the model writes after "Assistant:"; args: max_new_tokens, temperature, top_k, greedy."""
+        prompt = self.rd.prompt(context)
+        kw = dict(n=1, temperature=args.temperature, top_k=args.top_k, greedy=args.greedy, generator=generator)
+        if self.rec_threshold is not None:  # choose the mode with the calibrated threshold, then go on
+            logits, _ = self.model(torch.tensor([prompt], device=self.device))
+            rec, chat = self.ctrl.mode_rec, self.ctrl.mode_chat
+            p = logits[0, -1, [rec, chat]].float().softmax(-1)[0].item()
+            mode = rec if p >= self.rec_threshold else chat
+            return [mode] + sample(self.model, prompt + [mode], self.trie, self.ctrl,
+                                   max_new_tokens=args.max_new_tokens - 1, **kw)[0]
+        return sample(self.model, prompt, self.trie, self.ctrl, max_new_tokens=args.max_new_tokens, **kw)[0]
