@@ -435,15 +435,21 @@ def link_titles(text: str, movies: list[tuple[str, str]]) -> tuple[str, int]:
     new text and how many candidates were found. Longest titles first, so "It" cannot eat into
     "It Chapter Two"; found spans become placeholders so that later titles never match inside them."""
     found, slots = 0, []
+    text = _SLOT.sub("", text)  # (a private-use character in the input itself is dropped)
     for title, item_id in sorted(movies, key=lambda m: -len(m[0])):
         pat = _title_regex(title)
         if pat is None:
             continue
-        text, n = pat.subn(lambda m: f"\x00{len(slots)}\x00", text)
+        # the placeholder is one private-use character: no title's pattern can match inside it (a
+        # numbered placeholder once let the movie "2" match the slot number of an earlier title)
+        text, n = pat.subn(lambda m: chr(0xF0000 + len(slots)), text)
         if n:
             found += 1
             slots.append(item_id)
-    return re.sub(r"\x00(\d+)\x00", lambda m: "@{" + slots[int(m.group(1))] + "}", text), found
+    return _SLOT.sub(lambda m: "@{" + slots[ord(m.group(0)) - 0xF0000] + "}", text), found
+
+
+_SLOT = re.compile("[\U000F0000-\U000FFFFD]")  # link_titles' placeholders
 
 
 def _tsv_dialogs(path: str, skips: Skips):

@@ -265,3 +265,10 @@ def test_data_prep_end_to_end(tmp_path):
     ds = load_dataset(out)
     assert len(ds["items"]) == 8 and len(ds["test"]) == 2
     assert ds["meta"]["info"]["official_train_used"] == 6
+
+
+def test_link_titles_numeric_title_never_matches_a_placeholder():
+    # three titles linked before the movie "2": its pattern must not match inside their placeholders
+    text, n = link_titles("I loved Glass Orchard, Moonlight Circus and Paper Lanterns",
+                          [("Glass Orchard", "g"), ("Moonlight Circus", "m"), ("Paper Lanterns", "p"), ("2", "two")])
+    assert (text, n) == ("I loved @{g}, @{m} and @{p}", 3)
