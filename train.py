@@ -323,7 +323,8 @@ def train_step(fwd, model: GPT, opt, examples: list, idx: list[int], step: int, 
     w = a.item_loss_weight
     n_sup = sum(1 for i in idx for t in examples[i][1] if t != -1)
     if w != 1:
-        n_sup += (w - 1) * sum(int(item_tokens[t]) for i in idx for t in examples[i][1] if t != -1)
+        sup = torch.tensor([t for i in idx for t in examples[i][1] if t != -1], dtype=torch.long)
+        n_sup += (w - 1) * int(item_tokens[sup].sum())
     loss_sum = torch.zeros((), device=c.device)
     padded, real, flops = 0, 0, 0.0
     for micro in range(a.grad_accum):

@@ -143,8 +143,17 @@ def calibrate_intent(p_rec: list[float], is_rec: list[bool]) -> float:
     A model trained on dialogs where most assistant turns chat learns that prior: with the plain
     argmax it almost never opens with <MODE=REC>, so a chat user asking for a movie gets none. The
     threshold is one number read off held-out turns, so it moves the decision, not the model."""
-    candidates = sorted(set(p_rec)) or [0.5]
-    return max(candidates, key=lambda t: (intent_metrics(p_rec, is_rec, t)["rec_f1"], -abs(t - 0.5)))
+    # one sweep from the highest p down: at threshold t, REC is predicted for every p >= t
+    pairs = sorted(zip(p_rec, is_rec), reverse=True)
+    n_gold, best, tp, k = sum(is_rec), (-1.0, 0.0, -0.5), 0, 0  # (F1, -|t - 0.5|, -t); any F1 beats -1
+    while k < len(pairs):
+        t = pairs[k][0]
+        while k < len(pairs) and pairs[k][0] == t:  # equal probabilities fall on the same side
+            tp, k = tp + pairs[k][1], k + 1
+        prec, rec = tp / k, tp / max(n_gold, 1)  # as intent_metrics computes them, to the last bit
+        f1 = 2 * prec * rec / max(prec + rec, 1e-12)
+        best = max(best, (f1, -abs(t - 0.5), -t))  # ties: the threshold nearest 0.5, then the lower
+    return -best[2]
 
 
 # -----------------------------------------------------------------------------
