@@ -45,8 +45,9 @@ from nanocrs.data import (DataError, Renderer, check_catalogue, collate, epoch_b
                           training_dialogs)
 from nanocrs.mfu import peak_flops, train_flops
 from nanocrs.model import GPT, GPTConfig
+from nanocrs.pointer import pointer_spec
 from nanocrs.quantizer import SemanticIDs
-from nanocrs.tokenizer import Tokenizer, added_tokens
+from nanocrs.tokenizer import Control, Tokenizer, added_tokens
 
 
 # The paper's Table 7 recipes (LoRA r16/a32/dropout 0.05 on all linear layers, batch 72 through
@@ -96,6 +97,9 @@ def get_args(argv=None, given: set | None = None):
     p.add_argument("--item-text", type=int, default=0,
                    help="1: also train on item-text alignment (each item's ID <-> its title, year and genres, "
                         "both directions; Renderer.item_text_windows)")
+    p.add_argument("--pointer", type=int, default=0,
+                   help="size of the copy head's attention (0: none): the recommendation slot can point back at an "
+                        "item the dialog already mentioned (nanocrs/pointer.py)")
     p.add_argument("--format", choices=["dialog", "turn"], default="dialog",
                    help="dialog: one sequence per dialog, all assistant turns supervised (O(turns) tokens); "
                         "turn: one example per (assistant turn, item), as in the paper (O(turns^2))")
@@ -137,7 +141,7 @@ def get_args(argv=None, given: set | None = None):
 LOCAL_FLAGS = ("resume", "out", "device", "threads")
 # the model's shape: fixed by the checkpoint's weights
 MODEL_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "dropout", "init_from", "lora_rank",
-               "lora_alpha", "lora_dropout")
+               "lora_alpha", "lora_dropout", "pointer")
 
 
 def resume_flags(a, given: set, config: dict):
@@ -212,10 +216,11 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
         if config.get("world", 1) != c.world:
             print(f"note: {c.world} processes, the checkpoint was trained with {config.get('world', 1)}: the batches change")
         return model, tok, sids, config["step"]
+    spec = pointer_spec(Control.of(tok), a.pointer) if a.pointer else {}
     if not a.init_from:
         torch.manual_seed(a.seed)
         cfg = GPTConfig(vocab_size=len(tok), block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
-                        n_kv_head=a.n_kv_head, n_embd=a.n_embd, dropout=a.dropout)
+                        n_kv_head=a.n_kv_head, n_embd=a.n_embd, dropout=a.dropout, pointer=spec)
         return GPT(cfg).to(c.device), tok, sids, 0
     from nanocrs.backbone import prepare
     if a.lora_rank == 0 and c.device_type == "cuda":  # before loading: fp32 weights + AdamW, 16 bytes a parameter
@@ -224,6 +229,8 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
     torch.manual_seed(a.seed)  # LoRA's A init
     model, tok, first_new = prepare(a.init_from, added_tokens(sids), a.block_size, a.lora_rank, a.lora_alpha,
                                     a.lora_dropout, c.device, c.base_dtype)
+    if a.pointer:  # the backbone's own tokenizer: the control tokens' ids are its added ones
+        model.add_pointer(pointer_spec(Control.of(tok), a.pointer))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"backbone {a.init_from}: {len(tok) - first_new} tokens added at id {first_new}; "
           f"{n_train / 1e6:.2f}M of {model.num_params() / 1e6:.1f}M parameters train")

@@ -340,6 +340,7 @@ class StubLM:
         self.config = SimpleNamespace(vocab_size=vocab_size, block_size=4096)
         self.norm = SimpleNamespace(weight=torch.zeros(1))  # where the decoders find the device
         self.rows = torch.randn(4, vocab_size, generator=torch.Generator().manual_seed(seed))
+        self.pointer = None  # no copy head
 
     def eval(self):
         return self
@@ -349,7 +350,7 @@ class StubLM:
         cache.reorder = lambda rows: None
         return cache
 
-    def __call__(self, idx, cache=None):
+    def __call__(self, idx, cache=None, return_hidden=False):
         cache.pos += idx.shape[1]
         return self.rows[int(cache.pos) % 4].expand(idx.shape[0], idx.shape[1], -1), None
 

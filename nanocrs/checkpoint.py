@@ -176,6 +176,8 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False, dtype: torch.dtype | 
         lora = config.get("lora", {})
         model, _, _ = prepare(config["init_from"], added_tokens(sids), cfg.block_size,
                               lora.get("rank", 0), lora.get("alpha", 1.0), lora.get("dropout", 0.0), device, dtype)
+        if cfg.pointer:
+            model.add_pointer(cfg.pointer)
     else:
         model = GPT(cfg)
     path = os.path.join(ckpt_dir, config["files"]["model"])

@@ -206,7 +206,8 @@ def score_turns(s: Session, examples: list, beam: int = 0) -> list:
         x[r, p:p + len(ids)] = torch.tensor(ids)
     pad = torch.tensor(pads, device=device)
     cache = s.model.new_cache(len(examples), T, pad=pad if max(pads) else None)
-    logits, _ = s.model(x.to(device), cache=cache)   # (B, T, V)
+    ptr = s.model.pointer
+    logits, h = s.model(x.to(device), cache=cache, return_hidden=ptr is not None)  # (B, T, V), (B, T, C)
     out = []
     for r, (p, (ids, P)) in enumerate(zip(pads, examples)):
         row = logits[r, p:p + len(ids)]               # (len(ids), V): this turn's own positions
@@ -225,8 +226,12 @@ def score_turns(s: Session, examples: list, beam: int = 0) -> list:
         for ids, P in examples:
             assert ids[P:P + 2] == [s.ctrl.mode_rec, s.ctrl.boi]
         cache.pos = A + 1  # rewind to just after <MODE=REC><BOI>
+        copy = None
+        if ptr is not None:  # the copy head reads the states up to the slot, <BOI> at slot A of every row
+            copy = ptr.copy_mass(h, x.tolist(), [A] * len(examples), s.trie,
+                                 s.trie.tensors(s.ctrl, logits.shape[-1], device))
         tops = beam_search_batch(s.model, [ids[:P + 2] for ids, P in examples], s.trie, s.ctrl, beam,
-                                 cache=cache, last_logits=logits[:, A])
+                                 cache=cache, last_logits=logits[:, A], copy=copy)
         for o, top in zip(out, tops):
             o[3] = top
     return out

@@ -27,6 +27,7 @@ catalogue (SIDTrie.item_ids). Within the search, candidates of equal score are k
 (beam rank, child order in the trie); both implementations do exactly this, so they agree on ties.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,13 @@ class SIDTrie:
                 return None
         return node
 
+    def item_index(self, ids) -> int | None:
+        """The catalogue index (into item_ids) of the item whose SID these token ids are, or None."""
+        if not hasattr(self, "_index"):
+            self._index = {item: i for i, item in enumerate(self.item_ids)}
+        node = self.walk(ids)
+        return self._index[node[self.LEAF]] if node is not None and self.LEAF in node else None
+
     def items(self):
         """All (token ids, item) pairs, depth first."""
         stack = [((), self.root)]
@@ -106,6 +114,7 @@ class TrieTensors:
     child_node: torch.Tensor  # (N+1, C) int64  node it leads to
     child_ok: torch.Tensor    # (N+1, C) bool   real trie children (not padding, not <EOI>/<BOI>)
     leaf_item: torch.Tensor   # (N+1,) int64    index into SIDTrie.item_ids, -1 for inner nodes
+    item_path: torch.Tensor   # (items, depth) int64  the nodes from an item's first token to its leaf (OUT-padded)
     banned: torch.Tensor      # (V,) bool       tokens banned outside a span: SID tokens and <EOI>
     banned_late: torch.Tensor  # (V,) bool      the same and <BOI>: near the end of the block there is
     OUT: int                   #                too little room left to finish an item
@@ -141,7 +150,14 @@ class TrieTensors:
         banned[ctrl.eoi] = True
         late = banned.clone()
         late[ctrl.boi] = True
-        return cls(*(t.to(device) for t in (tok, nxt, ok, leaf, banned, late)), OUT)
+        number = {id(node): n for n, node in enumerate(nodes)}
+        path = torch.full((len(trie.item_ids), max(1, trie.depth)), OUT, dtype=torch.long)
+        for ids, item in trie.items():
+            node = trie.root
+            for d, t in enumerate(ids):
+                node = node[t]
+                path[index[item], d] = number[id(node)]
+        return cls(*(t.to(device) for t in (tok, nxt, ok, leaf, path, banned, late)), OUT)
 
 
 def _span_state(ids, trie: SIDTrie, ctrl: Control):
@@ -180,13 +196,21 @@ def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control | None,
     V = model.config.vocab_size
     max_len = min(len(prompt) + max_new_tokens + 8, model.config.block_size)
     assert len(prompt) < max_len, "prompt is too long for the model's block size: truncate it first"
+    ptr = model.pointer if trie is not None else None  # the copy head, at a <MODE=REC><BOI> slot
     cache = model.new_cache(1, max_len)
-    logits, _ = model(torch.tensor([prompt], device=device), cache=cache)
+    logits, h = model(torch.tensor([prompt], device=device), cache=cache, return_hidden=ptr is not None)
     cache = cache.expand(n)
     logits = logits[:, -1].expand(n, -1)  # (n, V)
     if trie is not None:
         tt = trie.tensors(ctrl, V, device)
         state = torch.full((n,), _state_index(prompt, trie, ctrl, tt), device=device)  # (n,) TrieTensors rows
+    if ptr is not None:
+        hid = torch.zeros(n, max_len, h.shape[-1], device=device, dtype=h.dtype)  # every position's state
+        hid[:, :len(prompt)] = h[0]
+        active = torch.zeros(n, dtype=torch.bool, device=device)  # (n,) inside a slot, mixing in the copy
+        gen = torch.zeros(n, dtype=torch.float64, device=device)  # (n,) log P_gen of the slot's prefix
+        log_g, log_1mg = torch.full_like(gen, float("-inf")), torch.zeros_like(gen)
+        mass = torch.zeros(n, tt.child_tok.shape[0], dtype=torch.float64, device=device)
     stop = torch.tensor(sorted(stop if stop is not None else {ctrl.eot}), dtype=torch.long, device=device)
     out = torch.full((n, max_len), -1, dtype=torch.long, device=device)  # generated tokens, -1 = none
     length = torch.zeros(n, dtype=torch.long, device=device)               # (n,) tokens generated per row
@@ -196,7 +220,11 @@ def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control | None,
         if trie is not None:
             # in a span: the node's children's logits scattered into -inf; outside: the fixed mask
             kids = tt.child_tok[state]                                   # (n, C)
-            inside = torch.full_like(x, float("-inf")).scatter_(1, kids, x.gather(1, kids))
+            child = x.gather(1, kids)
+            if ptr is not None:
+                child, lp = _copy_step(ptr, prompt, out[:, :step], hid, cache.pos, state, x, kids, trie, tt, ctrl,
+                                       active, gen, log_g, log_1mg, mass, child)
+            inside = torch.full_like(x, float("-inf")).scatter_(1, kids, child)
             banned = tt.banned if max_len - cache.pos > trie.depth + 2 else tt.banned_late
             x = torch.where((state == tt.OUT)[:, None], x.masked_fill(banned, float("-inf")), inside)
         if greedy:
@@ -213,14 +241,43 @@ def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control | None,
             hit = kids == nxt[:, None]  # (n, C): which child was taken, if any
             state = torch.where(hit.any(-1), tt.child_node[state].gather(1, hit.int().argmax(-1, keepdim=True))[:, 0], tt.OUT)
             closed = state == tt.OUT
+            if ptr is not None:
+                gen += torch.where(active, lp.gather(1, nxt[:, None])[:, 0].double(), 0.0)
+                active &= ~closed
         else:
             closed = torch.ones_like(done)
         done |= torch.isin(nxt, stop) | ((length >= max_new_tokens) & closed)
         if bool(done.all()):  # one host sync per step, of one value
             break
-        logits, _ = model(nxt.view(n, 1), cache=cache)
+        logits, h = model(nxt.view(n, 1), cache=cache, return_hidden=ptr is not None)
+        if ptr is not None:
+            hid[:, cache.pos - 1] = h[:, 0]
         logits = logits[:, -1]
     return [row[:k] for row, k in zip(out.tolist(), length.tolist())]
+
+
+def _copy_step(ptr, prompt, generated, hid, pos, state, x, kids, trie, tt, ctrl, active, gen, log_g, log_1mg, mass, child):
+    """The sampler's step with the copy head: a row whose last two tokens are <MODE=REC><BOI> opens a
+    slot (its gate and copy mass are computed once, from the states so far); inside a slot, before
+    the leaf, a child's logit becomes log P_mix(prefix + child), whose softmax over the children is
+    exactly the mixture's conditional (nanocrs/pointer.py). Updates active, gen, log_g, log_1mg and
+    mass in place; returns (the children's logits, the log-softmax of x)."""
+    lp = torch.log_softmax(x, -1)
+    rows = [r for r in range(len(state)) if int(state[r]) == 0 and not bool(active[r])]
+    if rows:
+        seqs = [prompt + [t for t in generated[r].tolist() if t >= 0] for r in rows]
+        opening = [r for r, q in zip(rows, seqs) if q[-2:] == [ctrl.mode_rec, ctrl.boi]]
+        if opening:
+            seqs = [q for r, q in zip(rows, seqs) if r in opening]
+            g, g1, m = ptr.copy_mass(hid[opening, :pos], seqs, [len(q) - 1 for q in seqs], trie, tt)
+            log_g[opening], log_1mg[opening], mass[opening] = g, g1, m
+            active[opening], gen[opening] = True, 0.0
+    mixing = active & (tt.leaf_item[state] < 0)  # at a leaf the only child is <EOI>
+    if bool(mixing.any()):
+        g_child = gen[:, None] + lp.gather(1, kids).double()                        # (n, C) log P_gen
+        mixed = torch.logaddexp(log_1mg[:, None] + g_child, log_g[:, None] + mass.gather(1, tt.child_node[state]).log())
+        child = torch.where(mixing[:, None], mixed.to(child.dtype), child)
+    return child, lp
 
 
 # -----------------------------------------------------------------------------
@@ -228,38 +285,44 @@ def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control | None,
 
 @torch.no_grad()
 def beam_search(model, prompt: list[int], trie: SIDTrie, ctrl: Control, beam_width: int = 50,
-                cache=None, last_logits=None) -> list[tuple[str, float]]:
+                cache=None, last_logits=None, copy=None) -> list[tuple[str, float]]:
     """Top items after a prompt that ends with <BOI>, best first: [(item_id, log P(SID | prompt))].
-    Returns up to beam_width items. Pass (cache, last_logits) of an already-prefilled batch-1 prompt
-    to skip the prefill."""
+    Returns up to beam_width items. Pass (cache, last_logits, and with a copy head its copy_mass) of
+    an already-prefilled batch-1 prompt to skip the prefill."""
     assert prompt[-1] == ctrl.boi, "beam search starts right after <BOI>"
     if cache is None:
         return beam_search_batch(model, [prompt], trie, ctrl, beam_width)[0]
-    return _search(model, cache, last_logits, trie, ctrl, beam_width)[0]
+    return _search(model, cache, last_logits, trie, ctrl, beam_width, copy)[0]
 
 
 @torch.no_grad()
 def beam_search_batch(model, prompts: list[list[int]], trie: SIDTrie, ctrl: Control, beam_width: int = 50,
-                      cache=None, last_logits=None) -> list[list[tuple[str, float]]]:
+                      cache=None, last_logits=None, copy=None) -> list[list[tuple[str, float]]]:
     """beam_search for many prompts at once: left-padded into one prefill and one cache, each prompt
     with its own beam_width beams. The same lists as one prompt at a time (up to float rounding).
-    Pass (cache, last_logits (B, V)) of the already-prefilled prompts to skip the prefill."""
+    Pass (cache, last_logits (B, V), copy) of the already-prefilled prompts to skip the prefill; copy
+    is the copy head's Pointer.copy_mass at the slot (None: no copy head)."""
     assert all(p[-1] == ctrl.boi for p in prompts), "beam search starts right after <BOI>"
     if cache is not None:
-        return _search(model, cache, last_logits, trie, ctrl, beam_width)
+        return _search(model, cache, last_logits, trie, ctrl, beam_width, copy)
     model.eval()
     device = model.norm.weight.device
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)  # (B,)
     ids = torch.tensor([[ctrl.eot] * (L - len(p)) + p for p in prompts], device=device)  # (B, L); pads are masked
     cache = model.new_cache(len(prompts), L, pad=pad if int(pad.max()) > 0 else None)  # the beams' tokens go elsewhere
-    logits, _ = model(ids, cache=cache)
-    return _search(model, cache, logits[:, -1], trie, ctrl, beam_width)
+    logits, h = model(ids, cache=cache, return_hidden=model.pointer is not None)
+    copy = None
+    if model.pointer is not None and all(p[-2:] == [ctrl.mode_rec, ctrl.boi] for p in prompts):  # a REC slot
+        copy = model.pointer.copy_mass(h, ids.tolist(), [L - 1] * len(prompts), trie, trie.tensors(ctrl, logits.shape[-1], device))
+    return _search(model, cache, logits[:, -1], trie, ctrl, beam_width, copy)
 
 
-def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int):
+def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int, copy=None):
     """The beam search proper, on a prefilled cache of B prompts (B rows) and their last logits (B, V).
-    Every tensor below stays on the model's device; the host sees only the final (B, W) lists."""
+    Every tensor below stays on the model's device; the host sees only the final (B, W) lists.
+    With copy = (log g, log(1 - g), mass) a beam is ranked by log P_mix of its prefix (nanocrs/pointer.py)
+    and `gen` carries its plain log P_gen; without, the two are the same."""
     model.eval()
     B, V = last_logits.shape
     device = last_logits.device
@@ -269,6 +332,10 @@ def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int):
     node = torch.zeros(B, 1, dtype=torch.long, device=device)     # (B, K) trie node of each beam
     # (B, K) summed log-prob, -inf = no beam; float64 like the reference's Python floats (MPS has none)
     score = torch.zeros(B, 1, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    gen = score                                                   # (B, K) log P_gen of each beam's prefix
+    if copy is not None:
+        log_g, log_1mg, mass = (c.to(score.dtype) for c in copy)
+        log_mass = mass.log()                                     # (B, N+1), -inf off the context's items
     fin_score, fin_item = [], []
     # the beams' own cache holds only the SID tokens; they read their prompt from `cache`, uncopied
     beams = model.new_cache(B, trie.depth, prefix=cache)
@@ -276,7 +343,11 @@ def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int):
         K = node.shape[1]
         # every (beam, child) pair, scored: only the children's columns of the vocabulary are read
         kids = tt.child_tok[node]                                           # (B, K, C)
-        cand = score[..., None] + logp.view(B, K, V).gather(2, kids).to(score.dtype)
+        cand_gen = gen[..., None] + logp.view(B, K, V).gather(2, kids).to(score.dtype)
+        cand = cand_gen
+        if copy is not None:  # log P_mix = log((1 - g) P_gen + g P_copy) of each child prefix
+            cm = log_mass.gather(1, tt.child_node[node].view(B, K * C)).view(B, K, C)
+            cand = torch.logaddexp(log_1mg[:, None, None] + cand_gen, log_g[:, None, None] + cm)
         cand = cand.masked_fill(~tt.child_ok[node], float("-inf")).view(B, K * C)
         # the W best per prompt; a stable sort keeps equal scores in (beam, child) order
         top, idx = cand.sort(dim=1, descending=True, stable=True)
@@ -297,6 +368,7 @@ def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int):
         live = real & ~leaf
         node = torch.where(live, child, tt.OUT)    # a finished or missing beam has no children
         score = top.masked_fill(~live, float("-inf"))
+        gen = cand_gen.view(B, K * C).gather(1, idx).masked_fill(~live, float("-inf"))
     # the finished items: by score, equal scores in catalogue order (sort by item, then stably by score)
     s, it = torch.cat(fin_score, 1), torch.cat(fin_item, 1)                # (B, W * depth)
     order = it.argsort(dim=1, stable=True)
@@ -314,32 +386,48 @@ def beam_search_reference(model, prompt: list[int], trie: SIDTrie, ctrl: Control
     model.eval()
     device = model.norm.weight.device
     cache = model.new_cache(1, len(prompt) + trie.depth + 1)
-    logits, _ = model(torch.tensor([prompt], device=device), cache=cache)
+    logits, h = model(torch.tensor([prompt], device=device), cache=cache, return_hidden=True)
     logp = torch.log_softmax(logits[:, -1].float(), -1)  # (1, V)
-    beams = [(trie.root, 0.0)]   # (trie node, summed log-prob), one per cache row
+    # the copy head (if any): log g, log(1 - g) and P_copy of every prefix of the context's items
+    log_g, log_1mg, prefix_mass = float("-inf"), 0.0, {}
+    if model.pointer is not None and prompt[-2:] == [ctrl.mode_rec, ctrl.boi]:
+        tt = trie.tensors(ctrl, logits.shape[-1], device)
+        g, g1, mass = model.pointer.copy_mass(h, [prompt], [len(prompt) - 1], trie, tt)
+        log_g, log_1mg = float(g[0]), float(g1[0])
+        for ids, item in trie.items():
+            p = float(mass[0, tt.item_path[trie.item_index(ids), len(ids) - 1]])
+            for k in range(1, len(ids) + 1):
+                prefix_mass[tuple(ids[:k])] = prefix_mass.get(tuple(ids[:k]), 0.0) + p
+
+    def mix(gen: float, prefix: tuple) -> float:  # log((1 - g) exp(gen) + g P_copy(prefix))
+        a, b = log_1mg + gen, log_g + math.log(prefix_mass[prefix]) if prefix_mass.get(prefix) else float("-inf")
+        return a if b == float("-inf") else max(a, b) + math.log1p(math.exp(-abs(a - b)))
+
+    beams = [(trie.root, 0.0, ())]   # (trie node, log P_gen of the prefix, prefix), one per cache row
     finished = []
     while beams:
         # every (beam, child) pair, scored, in (beam, child) order; a stable sort keeps that order on ties
         cand = []
-        for b, (node, score) in enumerate(beams):
+        for b, (node, gen, prefix) in enumerate(beams):
             row = logp[b]
             for tok, child in node.items():
                 if tok != SIDTrie.LEAF:
-                    cand.append((score + float(row[tok]), b, tok, child))
+                    g = gen + float(row[tok])
+                    cand.append((mix(g, prefix + (tok,)), b, tok, child, g))
         cand.sort(key=lambda c: -c[0])
         cand = cand[:beam_width]
         live = []
-        for score, b, tok, child in cand:
+        for score, b, tok, child, g in cand:
             if SIDTrie.LEAF in child:
                 finished.append((child[SIDTrie.LEAF], score))
             else:
-                live.append((score, b, tok, child))
+                live.append((score, b, tok, child, g))
         if not live:
             break
-        cache.reorder(torch.tensor([b for _, b, _, _ in live], device=device))
-        logits, _ = model(torch.tensor([[t] for _, _, t, _ in live], device=device), cache=cache)
+        cache.reorder(torch.tensor([b for _, b, _, _, _ in live], device=device))
+        logits, _ = model(torch.tensor([[t] for _, _, t, _, _ in live], device=device), cache=cache)
         logp = torch.log_softmax(logits[:, -1].float(), -1)  # (n_live, V)
-        beams = [(child, score) for score, _, _, child in live]
+        beams = [(child, g, beams[b][2] + (tok,)) for _, b, tok, child, g in live]
     order = {item: i for i, item in enumerate(trie.item_ids)}
     finished.sort(key=lambda f: (-f[1], order[f[0]]))
     return finished[:beam_width]

@@ -8,7 +8,8 @@ The same code runs the small from-scratch model of the quickstart and, filled fr
 config.json, the Llama-3.x / Qwen2.5 / Qwen3 / Mistral families: every architectural switch those
 families need (explicit head_dim, q/k/v biases, q/k norm, tied or untied embeddings, llama3 RoPE
 scaling) is a field of GPTConfig. The semantic-ID and control tokens are ordinary rows at the end of
-the vocabulary: nothing in this file knows about items.
+the vocabulary: nothing in this file knows about items, except that an optional copy head
+(nanocrs/pointer.py, config.pointer) may take over the loss of the recommendation slot.
 
 Attention goes through F.scaled_dot_product_attention, which picks flash attention on CUDA and a
 fused math kernel on the CPU. Decoding uses KVCache, a pre-allocated cache with an explicit write
@@ -17,6 +18,7 @@ position, which beam search expands (one prefill, many beams) and reorders.
     from nanocrs.model import GPT, GPTConfig
     model = GPT(GPTConfig(vocab_size=3000))
     logits, _ = model(idx)                    # idx: (B, T) int64 -> logits (B, T, vocab)
+    logits, h = model(idx, return_hidden=True)  # and the final hidden states (B, T, n_embd)
     _, loss = model(idx, targets)             # targets: (B, T) int64, -1 = no loss
 """
 
@@ -27,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from nanocrs.pointer import Pointer
 
 
 @dataclass
@@ -47,6 +51,7 @@ class GPTConfig:
     qkv_bias: bool = False          # Qwen2.5
     qk_norm: bool = False           # Qwen3: RMSNorm over each head's q and k before RoPE
     dropout: float = 0.0
+    pointer: dict = field(default_factory=dict)  # {} or the copy head's spec (nanocrs/pointer.py)
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -306,6 +311,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.pointer = Pointer(cfg.n_embd, cfg.pointer) if cfg.pointer else None
         # RoPE tables are buffers, not weights: rebuilt from the config, never saved
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         # activation checkpointing: keep only each block's input, recompute the rest in backward
@@ -326,6 +332,12 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
+    def add_pointer(self, spec: dict):
+        """Give a model built elsewhere (a pretrained backbone) the copy head; it trains in fp32."""
+        self.config.pointer = spec
+        self.pointer = Pointer(self.config.n_embd, spec).to(self.norm.weight.device)
+        self.pointer.apply(self._init_weights)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
@@ -340,7 +352,8 @@ class GPT(nn.Module):
             freqs = freqs[:, None]  # (B, 1, T, hd/2): broadcast over the heads
         return freqs.cos(), freqs.sin()
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, reduction: str = "mean"):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, reduction: str = "mean",
+                return_hidden: bool = False):
         """idx: (B, T) token ids. Without targets: (logits (B, T, vocab_size), None). With targets
         (B, T), -1 = no loss: (None, cross-entropy over the positions whose target is not -1, "mean"
         or "sum"). Work is then spent only where there is a loss: in dialog training most tokens are
@@ -348,12 +361,14 @@ class GPT(nn.Module):
         (B, T, vocab) logits tensor, for an 8B model with a 152k vocabulary the largest activation),
         and so do the last block's output projection and MLP: after the last attention, a position's
         state feeds nothing but its own output.
-        With a cache, the block is placed at cache.pos and the cache advances by T."""
+        With a cache, the block is placed at cache.pos and the cache advances by T. With the copy head
+        (config.pointer) the loss of a recommendation slot is the mixture's (nanocrs/pointer.py), which
+        needs every position's state. return_hidden (no targets): (logits, final hidden states (B, T, C))."""
         B, T = idx.shape
         start = cache.pos + cache.offset if cache is not None else 0
         cos, sin = self.rope(start, T, idx.device, cache.pad if cache is not None else None)
         rows = None  # (N,) flat indices of the positions with a loss; None = all B*T positions
-        if targets is not None and not torch.compiler.is_compiling():  # (a data-dependent shape
+        if targets is not None and self.pointer is None and not torch.compiler.is_compiling():  # (a data-dependent shape
             rows = (targets.view(-1) != -1).nonzero().squeeze(1)          # would split a compiled graph)
             rows = None if len(rows) == B * T else rows                     # every position: no gather
         x = self.embed_tokens(idx)  # (B, T, C)
@@ -367,7 +382,10 @@ class GPT(nn.Module):
             cache.pos += T
         x = self.norm(x)  # (B, T, C), or (N, C) when the last block kept only the supervised rows
         if targets is None:
-            return self.lm_head(x)[..., :self.config.vocab_size], None  # drop the padding rows
+            logits = self.lm_head(x)[..., :self.config.vocab_size]  # drop the padding rows
+            return logits, (x if return_hidden else None)
+        if self.pointer is not None:
+            return None, self.pointer.loss(x, idx, targets, lambda h: self.lm_head(h)[:, :self.config.vocab_size], reduction)
         t = targets.view(-1) if rows is None else targets.view(-1)[rows]  # (N,)
         logits = self.lm_head(x.view(-1, x.shape[-1]))[:, :self.config.vocab_size]  # (N, V)
         # fp32 softmax even under bf16 autocast

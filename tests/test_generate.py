@@ -302,6 +302,7 @@ class Bigram:
         self.config = SimpleNamespace(vocab_size=vocab_size, block_size=block_size)
         self.norm = SimpleNamespace(weight=torch.zeros(1))  # where the decoders find the device
         self.fn = fn
+        self.pointer = None  # no copy head
 
     def eval(self):
         return self
@@ -312,7 +313,7 @@ class Bigram:
         cache.reorder = lambda rows: None
         return cache
 
-    def __call__(self, idx, cache=None):
+    def __call__(self, idx, cache=None, return_hidden=False):
         if cache is not None:
             assert cache.pos + idx.shape[1] <= cache.max_len
             cache.pos += idx.shape[1]

@@ -1,0 +1,192 @@
+"""
+Tests for the copy head (nanocrs/pointer.py): its training loss is the mixture's exact per-token
+factorisation, beam search over it equals scoring every item by the mixture, the sampler draws from
+the same mixture, and a checkpoint trained with --pointer evaluates end to end.
+
+    python -m pytest tests/test_pointer.py -q
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli, run_train
+from nanocrs import checkpoint
+from nanocrs.data import MENTION, Renderer
+from nanocrs.generate import SIDTrie, beam_search, beam_search_batch, beam_search_reference, sample
+from nanocrs.model import GPT, GPTConfig
+from nanocrs.pointer import find_spans, pointer_spec
+from nanocrs.tokenizer import BOI, MODE_REC, Control
+from test_generate import SpanChecker, subset
+
+BLOCK = 256
+
+
+def pointer_model(tok, seed=0, gate_bias=None):
+    """An untrained tiny model with a copy head whose attention is far from uniform."""
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(vocab_size=len(tok), block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
+                      tie_embeddings=False, pointer=pointer_spec(Control.of(tok), 16)))
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20.0)
+        m.pointer.q.weight.mul_(30.0)
+        m.pointer.recency.normal_()
+        if gate_bias is not None:  # a fixed gate: g = sigmoid(gate_bias)
+            m.pointer.gate.weight.zero_()
+            m.pointer.gate.bias.fill_(gate_bias)
+    return m.eval()
+
+
+def dialog_with_mentions(dataset, table, n_mentions=2):
+    """(context turns, an item mentioned in them) from the first val dialog whose context mentions at
+    least n_mentions catalogue items of `table`, all of them in it."""
+    for d in dataset["val"]:
+        for t in range(1, len(d["turns"])):
+            ctx = d["turns"][:t]
+            named = [i for turn in ctx for i in MENTION.findall(turn["text"])]
+            if len(named) >= n_mentions and all(i in table.item_ids for i in named):
+                return ctx, named[0]
+    raise AssertionError("no dialog with enough mentions")
+
+
+def slot_example(rd, ctx, item):
+    """(x (1, T), y (1, T), slot position): context + a REC turn that recommends `item` again."""
+    target = {"role": "assistant", "text": f"try @{{{item}}} again", "items": [item]}
+    ids, targets = rd.example(ctx, target)
+    s0 = max(p for p in range(1, len(ids)) if ids[p] == rd.ctrl.boi and ids[p - 1] == rd.ctrl.mode_rec)
+    return torch.tensor([ids]), torch.tensor([targets]), s0
+
+
+def test_loss_is_the_mixture_factorised_per_token(tok, sids, dataset):
+    rd = Renderer(tok, sids, BLOCK)
+    ctx, item = dialog_with_mentions(dataset, sids)
+    x, y, s0 = slot_example(rd, ctx, item)
+    model = pointer_model(tok)
+    with torch.no_grad():
+        per = model(x, y, reduction="none")[1]                           # (N,) the supervised positions
+        logits, h = model(x, return_hidden=True)
+    rows = (y[0] != -1).nonzero().squeeze(1)
+    plain = F.cross_entropy(logits[0, rows], y[0, rows], reduction="none")
+    L = len(sids.tokens(item))
+    slot = [(rows == s0 + l).nonzero().item() for l in range(L)]         # position s0 + l predicts s_(l+1)
+    others = [r for r in range(len(rows)) if r not in slot]
+    assert torch.allclose(per[others], plain[others], atol=1e-5)      # everywhere else: plain cross-entropy
+    assert (per[slot] >= -1e-6).all()                                    # each is -log of a probability <= 1
+    # the slot's tokens together: -log((1 - g) P_gen(item) + g P_copy(item)), from the definitions
+    ids = x[0].tolist()
+    spans = find_spans(ids, rd.ctrl.boi, rd.ctrl.eoi, s0)
+    assert len(spans) >= 2
+    log_g, log_1mg, a = model.pointer.attend(h[0, [s0]], h[0, [[e for _, e in spans]]], torch.ones(1, len(spans), dtype=torch.bool))
+    p_copy = sum(float(a[0, j]) for j, (s, e) in enumerate(spans) if ids[s + 1:e] == ids[s0 + 1:s0 + 1 + L])
+    assert p_copy > 0
+    p_gen = math.exp(-float(plain[slot].sum()))
+    g = math.exp(float(log_g))
+    assert float(per[slot].sum()) == pytest.approx(-math.log((1 - g) * p_gen + g * p_copy), rel=1e-4)
+    # the reductions agree, and a gradient reaches the copy head
+    model.train()
+    _, loss = model(x, y, reduction="sum")
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.pointer.parameters())
+
+
+def test_closed_gate_or_no_context_item_is_the_plain_model(tok, sids, dataset):
+    rd = Renderer(tok, sids, BLOCK)
+    ctx, item = dialog_with_mentions(dataset, sids)
+    x, y, _ = slot_example(rd, ctx, item)
+    model = pointer_model(tok, gate_bias=-60.0)
+    with torch.no_grad():
+        per = model(x, y, reduction="none")[1]
+        logits, _ = model(x)
+    rows = (y[0] != -1).nonzero().squeeze(1)
+    assert torch.allclose(per, F.cross_entropy(logits[0, rows], y[0, rows], reduction="none"), atol=1e-5)
+    # no item span before the slot: g = 0 whatever the gate says
+    model = pointer_model(tok, gate_bias=60.0)
+    x, y, _ = slot_example(rd, [{"role": "user", "text": "any film will do", "items": []}], item)
+    with torch.no_grad():
+        per = model(x, y, reduction="none")[1]
+        logits, _ = model(x)
+    rows = (y[0] != -1).nonzero().squeeze(1)
+    assert torch.allclose(per, F.cross_entropy(logits[0, rows], y[0, rows], reduction="none"), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed):
+    table = subset(sids, 60)
+    trie, ctrl = SIDTrie.build(table, tok), Control.of(tok)
+    rd = Renderer(tok, table, BLOCK)
+    ctx, _ = dialog_with_mentions(dataset, table)
+    prompt = rd.prompt(ctx, forced=MODE_REC + BOI)
+    model = pointer_model(tok, seed=seed, gate_bias=0.5)
+    with torch.no_grad():
+        _, h = model(torch.tensor([prompt]), return_hidden=True)
+    tt = trie.tensors(ctrl, len(tok), "cpu")
+    log_g, log_1mg, mass = model.pointer.copy_mass(h, [prompt], [len(prompt) - 1], trie, tt)
+    leaf_mass = mass[0, tt.item_path[torch.arange(len(trie.item_ids)), [len(ids) - 1 for ids, _ in
+                                                  sorted(trie.items(), key=lambda p: trie.item_index(p[0]))]]]
+    assert float(leaf_mass.sum()) == pytest.approx(1.0) and (leaf_mass > 0).sum() >= 2
+    # every item by teacher forcing, mixed with its copy probability
+    want = []
+    for ids, item in trie.items():
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([prompt + ids[:-1]]))
+        logp = torch.log_softmax(logits[0, len(prompt) - 1:].float(), -1)
+        gen = sum(float(logp[k, t]) for k, t in enumerate(ids))
+        p = float(leaf_mass[trie.item_index(ids)])
+        want.append((item, math.log((1 - math.exp(float(log_g))) * math.exp(gen) + math.exp(float(log_g)) * p)))
+    want.sort(key=lambda w: -w[1])
+    n = len(trie.item_ids)
+    got = beam_search(model, prompt, trie, ctrl, n)
+    assert [i for i, _ in got] == [i for i, _ in want]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) < 1e-5
+    copied = {trie.item_ids[i] for i in (leaf_mass > 0).nonzero().squeeze(1).tolist()}
+    assert {i for i, _ in got[:len(copied)]} != set() and got[0][0] in copied  # the open gate puts them first
+    for W in (n, 10, 3):
+        ref = beam_search_reference(model, prompt, trie, ctrl, W)
+        tens = beam_search(model, prompt, trie, ctrl, W)
+        assert [i for i, _ in tens] == [i for i, _ in ref]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(tens, ref)) < 1e-5
+    # in a left-padded batch, the same lists
+    other = rd.prompt(ctx[:1], forced=MODE_REC + BOI)
+    batched = beam_search_batch(model, [prompt, other], trie, ctrl, 10)
+    assert [i for i, _ in batched[0]] == [i for i, _ in beam_search(model, prompt, trie, ctrl, 10)]
+    assert [i for i, _ in batched[1]] == [i for i, _ in beam_search(model, other, trie, ctrl, 10)]
+
+
+def test_sampler_draws_from_the_mixture(tok, sids, dataset):
+    rd = Renderer(tok, sids, BLOCK)
+    trie, ctrl = SIDTrie.build(sids, tok), Control.of(tok)
+    ctx, _ = dialog_with_mentions(dataset, sids)
+    prompt = rd.prompt(ctx, forced=MODE_REC + BOI)
+    named = set(MENTION.findall(" ".join(t["text"] for t in ctx)))
+    # the gate wide open: greedy decoding writes the copy head's favourite, a context item
+    model = pointer_model(tok, gate_bias=60.0)
+    out = sample(model, prompt, trie, ctrl, max_new_tokens=12, greedy=True)[0]
+    first = rd.item_of(out[:out.index(ctrl.eoi)])
+    assert first in named
+    assert first == beam_search(model, prompt, trie, ctrl, 5)[0][0]
+    # the gate shut: exactly the plain model's greedy output
+    model = pointer_model(tok, gate_bias=-60.0)
+    want = sample(model, prompt, trie, ctrl, max_new_tokens=12, greedy=True)[0]
+    model.pointer = None
+    assert sample(model, prompt, trie, ctrl, max_new_tokens=12, greedy=True)[0] == want
+    # sampled free-mode turns name only catalogue items, copy head or not
+    model = pointer_model(tok, gate_bias=0.0)
+    checker = SpanChecker(tok, sids)
+    g = torch.Generator().manual_seed(0)
+    for row in sample(model, rd.prompt(ctx), trie, ctrl, n=16, max_new_tokens=24, generator=g):
+        checker.check(row)
+
+
+def test_train_and_evaluate_with_pointer(dataset_dir, tmp_path):
+    out = run_train(dataset_dir, str(tmp_path / "P"), ["--pointer", "8", "--max-steps", "3"])
+    model, config, tok, sids = checkpoint.load(out)
+    assert config["model"]["pointer"]["dim"] == 8 and model.pointer is not None
+    assert model.pointer.boi == Control.of(tok).boi
+    r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "20", "--max-gen", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "standard protocol" in r.stdout
+    # --resume can not add or drop the copy head
+    r = run_cli("train.py", "--data", dataset_dir, "--out", out, "--resume", "--pointer", "0", "--max-steps", "4")
+    assert r.returncode != 0 and "--pointer" in r.stderr
