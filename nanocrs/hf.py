@@ -309,7 +309,7 @@ def _infer_model_type(model: GPT) -> str:
 def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str, model_type: str | None = None):
     """Write out_dir/{config.json, model.safetensors, tokenizer.json}, loadable with transformers'
     AutoModelForCausalLM.from_pretrained. model_type defaults to the source checkpoint's, else
-    qwen3 / qwen2 / llama by the architecture. Vocabulary padding rows are not written. LoRA
+    qwen3 / qwen2 / llama by the architecture. Vocabulary padding rows and the copy head are not written. LoRA
     adapters and split token rows still in the model are merged into it first (in place)."""
     cfg = model.config
     merge_lora(model)  # a model with LoRA still unmerged (a bf16 base at inference): fold it in now
@@ -322,8 +322,8 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str, model_type: str | 
 
     tensors = {}
     for name, t in model.state_dict().items():  # the live module, never a compiled wrapper's "_orig_mod."
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
+        if (name == "lm_head.weight" and cfg.tie_embeddings) or name.startswith("pointer."):
+            continue  # the copy head (nanocrs/pointer.py) has no Hugging Face counterpart
         template, layer = _template(name, "")
         if template not in TO_HF:
             raise ValueError(f"parameter {name!r} has no Hugging Face name (not in nanocrs.hf.WEIGHT_MAP)")
@@ -361,6 +361,8 @@ def main(argv=None):
     model, _, tok, _ = checkpoint.load(a.ckpt, init_device(a.device, a.threads), merge=True)
     export_hf(model, tok, a.out)
     print(f"wrote {a.out} (config.json, model.safetensors, tokenizer.json)")
+    if model.pointer is not None:
+        print("note: the copy head (--pointer) is not exported: transformers runs the plain language model")
 
 
 if __name__ == "__main__":
