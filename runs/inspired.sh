@@ -6,7 +6,7 @@ SEED=${1:-0}; RAW=${2:-../shared/data/inspired}; THREADS=${THREADS:-2}
 DATA=data/inspired; OUT=out/inspired-s$SEED
 [ -f $DATA/sids.json ] || python data_prep.py --dataset inspired --raw "$RAW" --out $DATA \
     --encoder minilm --levels 3 --codebook-size 32 --item-features text+cooc
-python train.py --data $DATA --out $OUT --seed $SEED --threads $THREADS --item-text 1 --item-loss-weight 5 \
+python train.py --data $DATA --out $OUT --seed $SEED --threads $THREADS --item-text 1 --item-loss-weight 5 --pointer 64 \
     --block-size 512 --batch-size 16 --max-steps 400 --warmup 20 --dropout 0.1 --eval-interval 100 --save-interval 100
 python sample.py --ckpt $OUT --eval val --calibrate --threads $THREADS --max-gen 0 --json $OUT/eval_val.json
 python sample.py --ckpt $OUT --eval test --threads $THREADS --json $OUT/eval_test.json --rankings $OUT/rankings_test.jsonl
