@@ -7,12 +7,15 @@ the same mixture, and a checkpoint trained with --pointer evaluates end to end.
 """
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
-from conftest import run_cli, run_train
+from conftest import ENV, REPO, run_cli, run_train
 from nanocrs import checkpoint
 from nanocrs.data import MENTION, Renderer
 from nanocrs.generate import SIDTrie, beam_search, beam_search_batch, beam_search_reference, sample
@@ -187,6 +190,13 @@ def test_train_and_evaluate_with_pointer(dataset_dir, tmp_path):
     r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "20", "--max-gen", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "standard protocol" in r.stdout
+    # the Hugging Face export is the plain language model: no copy head weights, and it says so
+    r = subprocess.run([sys.executable, "-m", "nanocrs.hf", "export", "--ckpt", out, "--out", str(tmp_path / "hf")],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "copy head" in r.stdout
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert f.keys() and not [k for k in f.keys() if "pointer" in k]
     # --resume can not add or drop the copy head
     r = run_cli("train.py", "--data", dataset_dir, "--out", out, "--resume", "--pointer", "0", "--max-steps", "4")
     assert r.returncode != 0 and "--pointer" in r.stderr
