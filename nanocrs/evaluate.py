@@ -98,6 +98,7 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
         golds_by_turn.setdefault((d["id"], t), []).append((gold, fresh))
     ranks = {m: [] for m in methods}
     fresh_flags, cold_flags, top_lists, ranking_rows = [], [], {m: [] for m in methods}, []
+    top1_in_context, gates = {m: [] for m in methods}, []
     for d, t in turns:
         turn, context = d["turns"][t], d["turns"][:t]
         if not turn["items"]:
@@ -114,8 +115,12 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
             cold_flags.append(gold not in trained_targets)
             ranking_rows.append({"dialog": d["id"], "turn": t, "gold": gold, "fresh": fresh,
                                  "rank": ranks["model"][-1], "top": [[i, lp] for i, lp in top]})
+        in_context = {i for turn in context for i in turn["items"]}
         for m in methods:
             top_lists[m].append(lists[m][:10])
+            top1_in_context[m].append(bool(lists[m]) and lists[m][0] in in_context)
+        if scored[(d["id"], t)][4] is not None:
+            gates.append(scored[(d["id"], t)][4])
     if rankings:
         os.makedirs(os.path.dirname(os.path.abspath(rankings)), exist_ok=True)
         write_jsonl(rankings, ranking_rows)
@@ -130,7 +135,10 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
         "recall@10_cold": {m: rank_metrics([r for r, c in zip(ranks[m], cold_flags) if c])["recall@10"] for m in methods},
         "recall@10_warm": {m: rank_metrics([r for r, c in zip(ranks[m], cold_flags) if not c])["recall@10"] for m in methods},
         "top1_distinct": {m: len({x[0] for x in top_lists[m] if x}) for m in methods},
-        "coverage@10": {m: len({i for x in top_lists[m] for i in x}) / len(catalogue) for m in methods}}
+        "coverage@10": {m: len({i for x in top_lists[m] for i in x}) / len(catalogue) for m in methods},
+        # how often the first item is one the dialog already named (per REC turn), and the copy head's gate
+        "top1_in_context": {m: sum(v) / max(len(v), 1) for m, v in top1_in_context.items()},
+        "copy_gate_mean": sum(gates) / len(gates) if gates else None}
     return res
 
 
@@ -146,7 +154,7 @@ def dialog_pass(s: Session, turns: list, scored: dict, max_gen: int, max_new_tok
     gen = {"rec_turns": 0, "target_hits": 0, "top1_hits": 0, "faithful": 0}
     for j, (d, t) in enumerate(progress(turns, f"eval {split} (metrics, responses)")):
         turn, context = d["turns"][t], d["turns"][:t]
-        rec_p, logps, units, top = scored[(d["id"], t)]
+        rec_p, logps, units, top, _ = scored[(d["id"], t)]
         p_rec.append(rec_p)
         is_rec.append(bool(turn["items"]))
         for lp in logps:  # perplexity of the response: the tokens after <RESP>, an item span one unit
@@ -191,7 +199,8 @@ def score_turns(s: Session, examples: list, beam: int = 0) -> list:
     """One left-padded forward of several turns, each (ids of context + "Assistant:" + the gold turn,
     P = tokens up to and including "Assistant:") -> per turn (p(REC) / (p(REC) + p(CHAT)) after "Assistant:",
     log-probs of the response tokens after <RESP>, the response's units with each item span one
-    unit, and with beam > 0, REC turns only, the ranked [(item, log-prob)] of the beam search).
+    unit, and with beam > 0, REC turns only, the ranked [(item, log-prob)] of the beam search and,
+    with a copy head, its gate g at the slot).
     The rows are padded so that every <BOI> (token P + 1) is at the same slot: rewound to just after
     it, the cache holds each row's prompt up to <MODE=REC><BOI>, exactly how the gold REC turn begins,
     and the beam search continues all rows at once. The gold tokens after that slot are simply
@@ -221,7 +230,7 @@ def score_turns(s: Session, examples: list, beam: int = 0) -> list:
                 units += 1
                 in_span = False
         two = row[P - 1, [s.ctrl.mode_rec, s.ctrl.mode_chat]].float().softmax(-1)  # free-mode intent
-        out.append([two[0].item(), logps, units, None])
+        out.append([two[0].item(), logps, units, None, None])
     if beam:
         for ids, P in examples:
             assert ids[P:P + 2] == [s.ctrl.mode_rec, s.ctrl.boi]
@@ -232,8 +241,10 @@ def score_turns(s: Session, examples: list, beam: int = 0) -> list:
                                  s.trie.tensors(s.ctrl, logits.shape[-1], device))
         tops = beam_search_batch(s.model, [ids[:P + 2] for ids, P in examples], s.trie, s.ctrl, beam,
                                  cache=cache, last_logits=logits[:, A], copy=copy)
-        for o, top in zip(out, tops):
+        for r, (o, top) in enumerate(zip(out, tops)):
             o[3] = top
+            if copy is not None:
+                o[4] = float(copy[0][r].exp())  # the copy gate g at the slot (0: no item in the context)
     return out
 
 
@@ -246,10 +257,13 @@ def print_eval(res: dict):
     print(format_table({m: res["fresh"][m] for m in methods}, keys))
     dg = res["diagnostics"]
     print(f"\ngold items never a training target: {dg['cold_share']:.1%} of samples. "
-          "recall@10 on those / on the others, distinct top-1 items, share of the catalogue in some top-10:")
+          "recall@10 on those / on the others, distinct top-1 items, share of the catalogue in some top-10, "
+          "share of REC turns whose top-1 the dialog already named:")
     for m in methods:
         print(f"  {m:<13} {dg['recall@10_cold'][m]:.4f} / {dg['recall@10_warm'][m]:.4f}   "
-              f"{dg['top1_distinct'][m]:5d}   {dg['coverage@10'][m]:.4f}")
+              f"{dg['top1_distinct'][m]:5d}   {dg['coverage@10'][m]:.4f}   {dg['top1_in_context'][m]:.4f}")
+    if dg.get("copy_gate_mean") is not None:
+        print(f"copy head: mean gate g {dg['copy_gate_mean']:.4f} at the REC slot")
     dm = res["dialog"]
     for key, what in (("intent", "argmax"), ("intent_calibrated", "threshold from val")):
         if key in res:
