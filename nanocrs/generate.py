@@ -263,7 +263,7 @@ def _copy_step(ptr, prompt, generated, hid, pos, state, x, kids, trie, tt, ctrl,
     exactly the mixture's conditional (nanocrs/pointer.py). Updates active, gen, log_g, log_1mg and
     mass in place; returns (the children's logits, the log-softmax of x)."""
     lp = torch.log_softmax(x, -1)
-    rows = [r for r in range(len(state)) if int(state[r]) == 0 and not bool(active[r])]
+    rows = ((state == 0) & ~active).nonzero().flatten().tolist()  # rows just past a <BOI>: a slot?
     if rows:
         seqs = [prompt + [t for t in generated[r].tolist() if t >= 0] for r in rows]
         opening = [r for r, q in zip(rows, seqs) if q[-2:] == [ctrl.mode_rec, ctrl.boi]]

@@ -81,7 +81,9 @@ def test_loss_is_the_mixture_factorised_per_token(tok, sids, dataset):
     ids = x[0].tolist()
     spans = find_spans(ids, rd.ctrl.boi, rd.ctrl.eoi, s0)
     assert len(spans) >= 2
-    log_g, log_1mg, a = model.pointer.attend(h[0, [s0]], h[0, [[e for _, e in spans]]], torch.ones(1, len(spans), dtype=torch.bool))
+    with torch.no_grad():
+        log_g, log_1mg, a = model.pointer.attend(h[0, [s0]], h[0, [[e for _, e in spans]]],
+                                                 torch.ones(1, len(spans), dtype=torch.bool))
     p_copy = sum(float(a[0, j]) for j, (s, e) in enumerate(spans) if ids[s + 1:e] == ids[s0 + 1:s0 + 1 + L])
     assert p_copy > 0
     p_gen = math.exp(-float(plain[slot].sum()))
