@@ -103,7 +103,7 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
         turn, context = d["turns"][t], d["turns"][:t]
         if not turn["items"]:
             continue
-        top = scored[(d["id"], t)][3]
+        top, gate = scored[(d["id"], t)][3:]
         lists = {"model": [i for i, _ in top], "popularity": pop.rank(context), "repeat": repeat_context(context),
                  "cooc": cooc.rank(context), "repeat+cooc": repeat_then_cooccurrence(context, cooc)}
         if has_oracle:
@@ -119,8 +119,8 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
         for m in methods:
             top_lists[m].append(lists[m][:10])
             top1_in_context[m].append(bool(lists[m]) and lists[m][0] in in_context)
-        if scored[(d["id"], t)][4] is not None:
-            gates.append(scored[(d["id"], t)][4])
+        if gate is not None:
+            gates.append(gate)
     if rankings:
         os.makedirs(os.path.dirname(os.path.abspath(rankings)), exist_ok=True)
         write_jsonl(rankings, ranking_rows)

@@ -44,6 +44,7 @@ class SIDTrie:
         self.sid_token_ids = set()
         self.depth = 0  # the longest SID, in tokens
         self.item_ids = []  # catalogue order: breaks ties between equal scores
+        self.index = {}     # item id -> its position in item_ids
         self._tensors = {}  # (device, vocab size, control ids) -> TrieTensors, built on first use
 
     @classmethod
@@ -59,6 +60,7 @@ class SIDTrie:
             if node:
                 raise ValueError(f"SID of {item} is a prefix of another item's SID: the table is not prefix-free")
             node[cls.LEAF] = item
+            trie.index[item] = len(trie.item_ids)
             trie.item_ids.append(item)
             trie.sid_token_ids.update(ids)
             trie.depth = max(trie.depth, len(ids))
@@ -77,10 +79,8 @@ class SIDTrie:
 
     def item_index(self, ids) -> int | None:
         """The catalogue index (into item_ids) of the item whose SID these token ids are, or None."""
-        if not hasattr(self, "_index"):
-            self._index = {item: i for i, item in enumerate(self.item_ids)}
         node = self.walk(ids)
-        return self._index[node[self.LEAF]] if node is not None and self.LEAF in node else None
+        return self.index[node[self.LEAF]] if node is not None and self.LEAF in node else None
 
     def items(self):
         """All (token ids, item) pairs, depth first."""
@@ -121,7 +121,6 @@ class TrieTensors:
 
     @classmethod
     def build(cls, trie: SIDTrie, ctrl: Control, vocab_size: int, device) -> "TrieTensors":
-        index = {item: i for i, item in enumerate(trie.item_ids)}
         nodes, kids = [trie.root], []
         for node in nodes:  # breadth first; nodes grows while we walk it
             row = []
@@ -138,7 +137,7 @@ class TrieTensors:
         leaf = torch.full((OUT + 1,), -1, dtype=torch.long)
         for n, (node, row) in enumerate(zip(nodes, kids)):
             if SIDTrie.LEAF in node:
-                leaf[n] = index[node[SIDTrie.LEAF]]
+                leaf[n] = trie.index[node[SIDTrie.LEAF]]
                 row = [(ctrl.eoi, OUT)]  # a complete ID: only <EOI>, back outside
             else:
                 ok[n, :len(row)] = True
@@ -156,7 +155,7 @@ class TrieTensors:
             node = trie.root
             for d, t in enumerate(ids):
                 node = node[t]
-                path[index[item], d] = number[id(node)]
+                path[trie.index[item], d] = number[id(node)]
         return cls(*(t.to(device) for t in (tok, nxt, ok, leaf, path, banned, late)), OUT)
 
 

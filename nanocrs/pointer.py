@@ -110,8 +110,7 @@ class Pointer(nn.Module):
     def _mix(self, x, ids, nll, row_of, slots, T):
         S, dev = len(slots), x.device
         J = max(len(ctx) for *_, ctx in slots)
-        D = max(L for _, _, L, _ in slots)
-        D = max(D, max(e - s - 1 for *_, ctx in slots for s, e in ctx))
+        D = max(max(L for _, _, L, _ in slots), max(e - s - 1 for *_, ctx in slots for s, e in ctx))  # longest ID
         key_pos = torch.zeros(S, J, dtype=torch.long)                 # flat positions of the <EOI>s
         valid = torch.zeros(S, J, dtype=torch.bool)
         ctx_tok = torch.full((S, J, D), -2, dtype=torch.long)         # -2 never equals a token
@@ -147,15 +146,16 @@ class Pointer(nn.Module):
         h (B, T, C) the hidden states over those positions: (log g (B,), log(1 - g) (B,), mass
         (B, N+1)), mass[b, node] = P_copy of the items under that trie node (0 at OUT)."""
         B, dev = len(ids), h.device
-        spans = [[(s, e) for s, e in find_spans(ids[b], self.boi, self.eoi, slot[b])
-                  if trie.item_index(ids[b][s + 1:e]) is not None] for b in range(B)]
+        # (<EOI> position, catalogue index) of every context span that names a catalogue item
+        spans = [[(e, i) for s, e in find_spans(ids[b], self.boi, self.eoi, slot[b])
+                  if (i := trie.item_index(ids[b][s + 1:e])) is not None] for b in range(B)]
         J = max(1, max(len(s) for s in spans))
         key = torch.zeros(B, J, dtype=torch.long)
         valid = torch.zeros(B, J, dtype=torch.bool)
         item = torch.zeros(B, J, dtype=torch.long)
         for b, sp in enumerate(spans):
-            for j, (s, e) in enumerate(sp, start=J - len(sp)):
-                key[b, j], valid[b, j], item[b, j] = e, True, trie.item_index(ids[b][s + 1:e])
+            for j, (e, i) in enumerate(sp, start=J - len(sp)):  # left-padded: the latest span last
+                key[b, j], valid[b, j], item[b, j] = e, True, i
         key, valid, item = key.to(dev), valid.to(dev), item.to(dev)
         rows = torch.arange(B, device=dev)
         log_g, log_1mg, a = self.attend(h[rows, torch.tensor(slot, device=dev)], h[rows[:, None], key], valid)
