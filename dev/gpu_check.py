@@ -97,6 +97,7 @@ def random_catalogue(n_items, first_sid, levels=3, codes=64, seed=0):
         for lvl, c in enumerate(sid):
             node = node.setdefault(first_sid + lvl * codes + c, {})
         node[SIDTrie.LEAF] = f"item{len(seen)}"
+        trie.index[f"item{len(seen)}"] = len(trie.item_ids)
         trie.item_ids.append(f"item{len(seen)}")  # catalogue order: the tie rule of the beam search
     trie.depth = levels
     trie.sid_token_ids = set(range(first_sid, first_sid + levels * codes))
