@@ -11,16 +11,15 @@ precision either, the model's intent figures are a property of the data's labels
 The turns are the eval's: every assistant turn with a non-empty context; REC = the turn mentions an item.
 """
 import argparse
-import json
+import os
 import re
 import sys
-import os
 import zlib
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanocrs.data import load_dataset  # noqa: E402
+from nanocrs.data import load_dataset, write_json  # noqa: E402
 from nanocrs.metrics import calibrate_intent, intent_metrics  # noqa: E402
 
 N_HASH = 1 << 15
@@ -29,8 +28,8 @@ WORD = re.compile(r"[a-z']+|\?|!")
 
 def features(turns: list, t: int) -> list[int]:
     """Indices of the active features of assistant turn t: words and word pairs of the last turn
-    (usually the seeker's) and of the one before it, each hashed into its own slot range, plus
-    the turn's position and how many items the dialog has mentioned so far."""
+    (usually the seeker's) and of the one before it, each tagged with which turn it came from before
+    it is hashed, plus the turn's position and how many items the dialog has mentioned so far."""
     out = []
     for back, tag in ((1, "u"), (2, "a")):
         if t - back < 0:
@@ -123,8 +122,7 @@ def main(argv=None):
               f"recall {m['rec_recall']:.3f}; best precision at recall >= 0.5 on any threshold "
               f"{res['best_precision_at_recall_0.5'][split]:.3f}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(a.json, res)
 
 
 if __name__ == "__main__":
