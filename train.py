@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -42,7 +43,7 @@ from nanocrs import checkpoint
 from nanocrs.checkpoint import CheckpointError
 from nanocrs.common import Compute, atomic_path, cleanup, init_training, print0, run_script
 from nanocrs.data import (DataError, Renderer, check_catalogue, collate, epoch_batches, fingerprint, load_dataset,
-                          training_dialogs)
+                          reorder_items_only, training_dialogs)
 from nanocrs.mfu import peak_flops, train_flops
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.pointer import pointer_spec
@@ -91,6 +92,9 @@ def get_args(argv=None, given: set | None = None):
     p.add_argument("--item-sequences", type=int, default=1,
                    help="0: leave out the dataset's items-only dialogs (item sequences without text), which "
                         "the eval's baselines then do not count either")
+    p.add_argument("--shuffle-item-sequences", type=int, default=0,
+                   help="1: deal the items of every items-only dialog in a new order each epoch (seeded by --seed "
+                        "and the epoch): every co-occurring pair is seen in both directions, as the baseline counts it")
     p.add_argument("--item-loss-weight", type=float, default=1.0,
                    help="weight of a semantic-ID target token in the loss against 1 for text: a small model "
                         "spends most of its loss on language otherwise (the logged loss is then weighted)")
@@ -237,20 +241,42 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
     return model, tok, sids, 0
 
 
-def build_data(a, ds: dict, rd: Renderer) -> tuple[list, list]:
-    """(train, val) examples: (token ids, targets) pairs, in the order the batches index them."""
+def fits_any_order(rd: Renderer, dialog: dict) -> bool:
+    """Whether an items-only dialog fits one training sequence whatever order its items come in."""
+    def length(turn, role):
+        return sum(len(part) for part in rd.turn_ids({**turn, "role": role}, items_only=True))
+    return sum(max(length(t, "user"), length(t, "assistant")) for t in dialog["turns"]) <= rd.block_size
+
+
+def build_data(a, ds: dict, rd: Renderer):
+    """(examples_at, val examples): examples_at(epoch) is that epoch's training examples, (token ids,
+    targets) pairs in the order the batches index them. Only --shuffle-item-sequences makes them differ
+    from epoch to epoch, and then as a pure function of (seed, epoch), so --resume stays exact."""
     train_dialogs = training_dialogs(ds, a.train_splits, items_only=bool(a.item_sequences))
-    train_ex = build_examples(rd, train_dialogs, a.format)
+    # reordered: the items-only dialogs that fit one block in any order (so each epoch has as many examples)
+    reordered = [d for d in train_dialogs if d.get("items_only") and fits_any_order(rd, d)] \
+        if a.shuffle_item_sequences else []
+    moved = {id(d) for d in reordered}
+    fixed = build_examples(rd, [d for d in train_dialogs if id(d) not in moved], a.format)
     if a.item_text:
-        train_ex += rd.item_text_windows(ds["items"])
+        fixed += rd.item_text_windows(ds["items"])
+
+    def examples_at(epoch: int) -> list:
+        if not reordered:
+            return fixed
+        rng = random.Random(f"item order {a.seed} {epoch}")  # its own stream: the batch order is untouched
+        return fixed + build_examples(rd, [reorder_items_only(d, rng) for d in reordered], a.format)
+
+    train_ex = examples_at(0)
     val_ex = build_examples(rd, ds["val"], a.format)  # with "train,val" this is no longer held out
     if not train_ex:
         raise DataError(f"{a.data}: the {a.train_splits} split has no assistant turn to train on")
     n_tok = sum(len(x) for x, _ in train_ex)
     n_sup = sum(sum(1 for t in y if t != -1) for _, y in train_ex)
     print0(f"data: {len(ds['items'])} items, {len(train_dialogs)} {a.train_splits.replace(',', '+')} dialogs -> "
-           f"{len(train_ex)} sequences, {n_tok:,} tokens ({n_sup:,} supervised); {len(val_ex)} val sequences")
-    return train_ex, val_ex
+           f"{len(train_ex)} sequences, {n_tok:,} tokens ({n_sup:,} supervised); {len(val_ex)} val sequences"
+           + (f"; {len(reordered)} items-only dialogs reordered each epoch" if reordered else ""))
+    return examples_at, val_ex
 
 
 def compile_blocks(model: GPT):
@@ -300,18 +326,23 @@ def open_log(out: str, step: int, resume: bool):
 
 class Batches:
     """Step s takes global batch s % nb of epoch s // nb, a pure function of (seed, s), so a resumed run
-    sees exactly the batches the uninterrupted one would have. Holds one epoch's order at a time."""
+    sees exactly the batches the uninterrupted one would have. Holds one epoch's examples and order at
+    a time; batches[s] is (that epoch's examples, the indices of step s's global batch)."""
 
-    def __init__(self, examples: list, global_bs: int, seed: int):
-        self.examples, self.global_bs, self.seed = examples, global_bs, seed
-        self.epoch, self.order = 0, epoch_batches(examples, global_bs, seed, 0)
+    def __init__(self, examples_at, global_bs: int, seed: int):
+        self.examples_at, self.global_bs, self.seed = examples_at, global_bs, seed
+        self._load(0)
         self.nb = len(self.order)  # batches per epoch
 
-    def __getitem__(self, step: int) -> list[int]:
+    def _load(self, epoch: int):
+        self.epoch, self.examples = epoch, self.examples_at(epoch)
+        self.order = epoch_batches(self.examples, self.global_bs, self.seed, epoch)
+
+    def __getitem__(self, step: int) -> tuple[list, list[int]]:
         if step // self.nb != self.epoch:
-            self.epoch = step // self.nb
-            self.order = epoch_batches(self.examples, self.global_bs, self.seed, self.epoch)
-        return self.order[step % self.nb]
+            self._load(step // self.nb)
+            assert len(self.order) == self.nb, "an epoch's example count must not change (reordering keeps lengths)"
+        return self.examples, self.order[step % self.nb]
 
 
 def train_step(fwd, model: GPT, opt, examples: list, idx: list[int], step: int, a, c: Compute,
@@ -414,7 +445,7 @@ def main(argv=None):
     tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
     sids = SemanticIDs.load(os.path.join(a.data, "sids.json"))
     model, tok, sids, step = build_model(a, c, ds, tok, sids)
-    train_ex, val_ex = build_data(a, ds, Renderer(tok, sids, model.config.block_size))
+    examples_at, val_ex = build_data(a, ds, Renderer(tok, sids, model.config.block_size))
     item_tokens = torch.zeros(model.config.padded_vocab_size, dtype=torch.bool)  # the tokens that name items
     item_tokens[[tok.id(t) for t in sids.all_token_strings()]] = True
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(model.config.to_dict())}")
@@ -435,7 +466,7 @@ def main(argv=None):
     if c.master and not a.resume:
         checkpoint.save_static(a.out, tok, sids, os.path.join(a.data, "items.jsonl"))
     log = open_log(a.out, step, a.resume) if c.master else None
-    batches = Batches(train_ex, a.batch_size * a.grad_accum * c.world, a.seed)
+    batches = Batches(examples_at, a.batch_size * a.grad_accum * c.world, a.seed)
     # in a log file (not a terminal) redraw the bar rarely, so the log stays readable
     pbar = tqdm(total=a.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout,
                 mininterval=0.2 if sys.stdout.isatty() else 30, disable=not c.master)
@@ -447,7 +478,7 @@ def main(argv=None):
             while step < a.max_steps and not should_stop(stop, c):
                 # one optimizer step over the global batch
                 t_step = time.time()
-                loss, padded, real, flops = train_step(fwd, model, opt, train_ex, batches[step], step, a, c, item_tokens)
+                loss, padded, real, flops = train_step(fwd, model, opt, *batches[step], step, a, c, item_tokens)
                 step += 1
                 tokens_seen += padded
                 window = (window + [(time.time() - t_step, real, flops)])[-MFU_WINDOW:]  # loss.item() synced

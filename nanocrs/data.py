@@ -202,6 +202,18 @@ def training_dialogs(ds: dict, splits: str, items_only: bool = True) -> list[dic
     return [d for name in names for d in ds[name] if items_only or not d.get("items_only")]
 
 
+def reorder_items_only(dialog: dict, rng: random.Random) -> dict:
+    """An items-only dialog with its items dealt in a random order; the roles stay with the positions
+    (the first turn is the seeker's, the rest are recommendations). An item sequence without text is a
+    set of items one seeker liked together more than a story, and the co-occurrence baseline counts it
+    as one: a new order each epoch shows the model every pair in both directions and every item both
+    as context and as target (train.py --shuffle-item-sequences)."""
+    assert dialog.get("items_only"), "only an items-only dialog has no text whose order it would break"
+    turns = dialog["turns"]
+    perm = rng.sample(range(len(turns)), len(turns))
+    return {**dialog, "turns": [{**turns[j], "role": turns[k]["role"]} for k, j in enumerate(perm)]}
+
+
 def rec_samples(dialogs: list[dict]):
     """The evaluation protocol's samples: one per (assistant turn with a non-empty context, item it
     mentions). Yields (dialog, turn index, gold item id, fresh) where fresh = the gold item was not

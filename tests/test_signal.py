@@ -149,3 +149,19 @@ def test_inspired_unicrs_keeps_every_annotated_movie(tmp_path):
     assert d["turns"][0]["text"].endswith("@{quiet_rivers_2_2013}")
     assert d["turns"][1] == {"role": "assistant", "text": "Then watch Moonlite Circus!", "items": ["moonlight_circus_2003"]}
     assert len(items) == 3
+
+
+def test_reorder_items_only_keeps_items_and_roles():
+    import random
+    from nanocrs.data import reorder_items_only
+    d = {"id": "x", "items_only": True, "turns": [
+        {"role": "user" if k == 0 else "assistant", "text": "@{" + m + "}", "items": [m]} for k, m in enumerate("abcde")]}
+    orders = set()
+    for s in range(20):
+        r = reorder_items_only(d, random.Random(s))
+        assert [t["role"] for t in r["turns"]] == [t["role"] for t in d["turns"]]  # roles stay with positions
+        assert sorted(t["items"][0] for t in r["turns"]) == list("abcde")
+        assert all(t["text"] == "@{" + t["items"][0] + "}" for t in r["turns"])   # a turn keeps its own item
+        orders.add(tuple(t["items"][0] for t in r["turns"]))
+    assert len(orders) > 10 and d["turns"][0]["items"] == ["a"]  # it varies, and the input is untouched
+    assert reorder_items_only(d, random.Random(7)) == reorder_items_only(d, random.Random(7))

@@ -8,6 +8,7 @@ exact loss sequence, and broken checkpoint folders raise CheckpointError naming 
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -315,3 +316,44 @@ def test_item_loss_weight(dataset_dir, tmp_path):
     for a, b in zip(five, five1):
         assert abs(a - b) < 1e-4, (five, five1)
     assert abs(five1[0] - one[0]) > 1e-3  # the ID tokens' share of the loss moved
+
+
+def _with_item_sequences(dataset_dir, out, n=40):
+    """A copy of the tiny dataset whose train split also has n items-only dialogs of 4 invented picks."""
+    shutil.copytree(dataset_dir, out)
+    items = [json.loads(line)["id"] for line in open(os.path.join(out, "items.jsonl"))]
+    rng = random.Random(0)
+    with open(os.path.join(out, "train.jsonl"), "a") as f:
+        for k in range(n):
+            turns = [{"role": "user" if j == 0 else "assistant", "text": "@{" + m + "}", "items": [m]}
+                     for j, m in enumerate(rng.sample(items, 4))]
+            f.write(json.dumps({"id": f"seq-{k}", "items_only": True, "turns": turns}) + "\n")
+    return out
+
+
+def test_shuffled_item_sequences(dataset_dir, tmp_path):
+    import train
+    from nanocrs.data import Renderer, load_dataset
+    from nanocrs.quantizer import SemanticIDs
+    from nanocrs.tokenizer import Tokenizer
+    data = _with_item_sequences(dataset_dir, str(tmp_path / "seq"))
+    # each epoch deals the items-only dialogs anew: same example count and lengths, other orders,
+    # the text dialogs untouched, and a pure function of (seed, epoch)
+    a = train.get_args(["--data", data, "--shuffle-item-sequences", "1", "--seed", "3"])
+    rd = Renderer(Tokenizer.load(os.path.join(data, "tokenizer.json")), SemanticIDs.load(os.path.join(data, "sids.json")), 256)
+    examples_at, _ = train.build_data(a, load_dataset(data), rd)
+    e0, e1 = examples_at(0), examples_at(1)
+    assert e0 == examples_at(0) and e0 != e1
+    assert sorted(len(x) for x, _ in e0) == sorted(len(x) for x, _ in e1)
+    changed = [k for k, (x, y) in enumerate(zip(e0, e1)) if x != y]
+    assert changed and min(changed) >= len(e0) - 40  # only the 40 items-only sequences move
+    assert all(sorted(e0[k][0]) == sorted(e1[k][0]) for k in changed)  # same items, other order
+    # training with it resumes exactly across an epoch boundary (4 batches of 64 per epoch)
+    extra = ["--shuffle-item-sequences", "1", "--batch-size", "64", "--eval-interval", "0"]
+    run_train(data, str(tmp_path / "a"), extra)
+    run_train(data, str(tmp_path / "b"), extra + ["--max-steps", "3"])
+    run_train(data, str(tmp_path / "b"), extra + ["--max-steps", "6", "--resume"])
+    run_train(data, str(tmp_path / "c"), ["--batch-size", "64", "--eval-interval", "0"])
+    la, lb, lc = (_losses(tmp_path / n) for n in ("a", "b", "c"))
+    assert la == lb and len(la) == 6
+    assert la != lc  # the reordering reached the batches
