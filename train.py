@@ -25,6 +25,7 @@ unless --deterministic (deterministic kernels, no flash attention: slower) is gi
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -254,13 +255,15 @@ def build_data(a, ds: dict, rd: Renderer):
     from epoch to epoch, and then as a pure function of (seed, epoch), so --resume stays exact."""
     train_dialogs = training_dialogs(ds, a.train_splits, items_only=bool(a.item_sequences))
     # reordered: the items-only dialogs that fit one block in any order (so each epoch has as many examples)
-    reordered = [d for d in train_dialogs if d.get("items_only") and fits_any_order(rd, d)] \
-        if a.shuffle_item_sequences else []
-    moved = {id(d) for d in reordered}
-    fixed = build_examples(rd, [d for d in train_dialogs if id(d) not in moved], a.format)
+    reordered, kept = [], []
+    for d in train_dialogs:
+        reorder = a.shuffle_item_sequences and d.get("items_only") and fits_any_order(rd, d)
+        (reordered if reorder else kept).append(d)
+    fixed = build_examples(rd, kept, a.format)
     if a.item_text:
         fixed += rd.item_text_windows(ds["items"])
 
+    @functools.lru_cache(maxsize=1)  # epoch 0 is asked for here and again by Batches
     def examples_at(epoch: int) -> list:
         if not reordered:
             return fixed
