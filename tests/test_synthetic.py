@@ -7,8 +7,6 @@ The default world is built once per test session (well under a second) and share
 """
 
 import re
-import time
-
 import pytest
 
 from nanocrs.data import MENTION
@@ -18,9 +16,7 @@ from nanocrs.synthetic import (DECADES, GENRE_PHRASES, GENRES, MAX_WORDS, MIN_CE
 
 @pytest.fixture(scope="module")
 def world():
-    t0 = time.time()
     items, splits = make_world(seed=0)
-    assert time.time() - t0 < 5.0, "make_world must stay fast"
     return items, splits
 
 
