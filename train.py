@@ -45,6 +45,7 @@ from nanocrs.checkpoint import CheckpointError
 from nanocrs.common import Compute, atomic_path, cleanup, init_training, print0, run_script
 from nanocrs.data import (DataError, Renderer, check_catalogue, collate, epoch_batches, fingerprint, load_dataset,
                           reorder_items_only, training_dialogs)
+from nanocrs.generate import SIDTrie
 from nanocrs.mfu import peak_flops, train_flops
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.pointer import pointer_spec
@@ -105,6 +106,9 @@ def get_args(argv=None, given: set | None = None):
     p.add_argument("--pointer", type=int, default=0,
                    help="size of the copy head's attention (0: none): the recommendation slot can point back at an "
                         "item the dialog already mentioned (nanocrs/pointer.py)")
+    p.add_argument("--assoc", type=int, default=0,
+                   help="1: with --pointer, the recommendation slot also mixes in an association head, one learned "
+                        "row per catalogue item (nanocrs/pointer.py)")
     p.add_argument("--format", choices=["dialog", "turn"], default="dialog",
                    help="dialog: one sequence per dialog, all assistant turns supervised (O(turns) tokens); "
                         "turn: one example per (assistant turn, item), as in the paper (O(turns^2))")
@@ -146,7 +150,7 @@ def get_args(argv=None, given: set | None = None):
 LOCAL_FLAGS = ("resume", "out", "device", "threads")
 # the model's shape: fixed by the checkpoint's weights
 MODEL_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "dropout", "init_from", "lora_rank",
-               "lora_alpha", "lora_dropout", "pointer")
+               "lora_alpha", "lora_dropout", "pointer", "assoc")
 
 
 def resume_flags(a, given: set, config: dict):
@@ -221,7 +225,10 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
         if config.get("world", 1) != c.world:
             print(f"note: {c.world} processes, the checkpoint was trained with {config.get('world', 1)}: the batches change")
         return model, tok, sids, config["step"]
-    spec = pointer_spec(Control.of(tok), a.pointer) if a.pointer else {}
+    if a.assoc and not a.pointer:
+        raise TrainingError("--assoc 1 mixes into the copy head's slot: it needs --pointer (e.g. --pointer 64)")
+    n_items = len(sids.item_ids) if a.assoc else 0
+    spec = pointer_spec(Control.of(tok), a.pointer, n_items) if a.pointer else {}
     if not a.init_from:
         torch.manual_seed(a.seed)
         cfg = GPTConfig(vocab_size=len(tok), block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
@@ -235,7 +242,7 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
     model, tok, first_new = prepare(a.init_from, added_tokens(sids), a.block_size, a.lora_rank, a.lora_alpha,
                                     a.lora_dropout, c.device, c.base_dtype)
     if a.pointer:  # the backbone's own tokenizer: the control tokens' ids are its added ones
-        model.add_pointer(pointer_spec(Control.of(tok), a.pointer))
+        model.add_pointer(pointer_spec(Control.of(tok), a.pointer, n_items))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"backbone {a.init_from}: {len(tok) - first_new} tokens added at id {first_new}; "
           f"{n_train / 1e6:.2f}M of {model.num_params() / 1e6:.1f}M parameters train")
@@ -448,6 +455,9 @@ def main(argv=None):
     tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
     sids = SemanticIDs.load(os.path.join(a.data, "sids.json"))
     model, tok, sids, step = build_model(a, c, ds, tok, sids)
+    if model.pointer is not None and model.pointer.items:  # the association head's rows are the trie's items
+        trie = SIDTrie.build(sids, tok)
+        model.pointer.bind(trie, trie.tensors(Control.of(tok), model.config.vocab_size, c.device))
     examples_at, val_ex = build_data(a, ds, Renderer(tok, sids, model.config.block_size))
     item_tokens = torch.zeros(model.config.padded_vocab_size, dtype=torch.bool)  # the tokens that name items
     item_tokens[[tok.id(t) for t in sids.all_token_strings()]] = True

@@ -27,6 +27,20 @@ the next SID token from the same conditionals. A context without item spans give
 is then exactly the plain language model.
 
     model.add_pointer(pointer_spec(ctrl, dim=64))   # GPT.forward(idx, targets) then trains it
+
+The association head (spec "items" = the catalogue size, train.py --assoc 1) adds a third component:
+one learned row per catalogue item, scored against the slot,
+
+    P(item)   = w_gen P_gen(item) + w_copy P_copy(item) + w_assoc P_assoc(item)
+    P_assoc   = softmax over all items n of  a(h_slot) . e_n / sqrt(d) + c_n
+    w         = softmax(0, z_copy, z_assoc)       (z_copy = -inf when the context names no item)
+
+Why: counting which items co-occur beats a small model that must spell each association out through
+shared SID tokens; a row per item stores "seekers who name X get Y" directly, as the counts do, and
+the SID path keeps what it is good at (text, cold items). It is the same mixture as above with
+g = w_copy + w_assoc and P_copy replaced by (w_copy P_copy + w_assoc P_assoc) / g, so training, beam
+search and the sampler need nothing new. Training needs the catalogue (Pointer.bind); decoding is
+handed it (copy_mass's trie), in the same order: the rows are SIDTrie.item_ids.
 """
 
 import math
@@ -39,9 +53,11 @@ RECENCY = 16      # context spans further back than this share the last recency 
 TINY = 1e-30      # floor of P_copy inside a log: log(0) would make the gradient NaN
 
 
-def pointer_spec(ctrl, dim: int = 64) -> dict:
-    """What GPTConfig.pointer holds: the copy head's size and the control tokens it reads."""
-    return {"dim": dim, "boi": ctrl.boi, "eoi": ctrl.eoi, "mode_rec": ctrl.mode_rec}
+def pointer_spec(ctrl, dim: int = 64, items: int = 0) -> dict:
+    """What GPTConfig.pointer holds: the copy head's size, the control tokens it reads and, with the
+    association head, the catalogue size (0: copy only)."""
+    spec = {"dim": dim, "boi": ctrl.boi, "eoi": ctrl.eoi, "mode_rec": ctrl.mode_rec}
+    return {**spec, "items": items} if items else spec
 
 
 def find_spans(ids: list[int], boi: int, eoi: int, end: int | None = None) -> list[tuple[int, int]]:
@@ -65,21 +81,53 @@ class Pointer(nn.Module):
         self.k = nn.Linear(n_embd, self.dim, bias=False)
         self.gate = nn.Linear(n_embd, 1)
         self.recency = nn.Parameter(torch.zeros(RECENCY))
+        self.items = spec.get("items", 0)
+        if self.items:  # the association head: a query, one row and one bias per item, its own gate
+            self.qa = nn.Linear(n_embd, self.dim, bias=False)
+            self.item_emb = nn.Embedding(self.items, self.dim)
+            self.item_bias = nn.Parameter(torch.zeros(self.items))
+            self.gate_assoc = nn.Linear(n_embd, 1)
+        self.catalogue = None  # (SIDTrie, item_path (items, depth), nodes): what training needs (bind)
+
+    def bind(self, trie, tt):
+        """Give the association head the catalogue for training: trie (nanocrs.generate.SIDTrie) and its
+        TrieTensors, whose item order is the order of the head's rows."""
+        assert len(trie.item_ids) == self.items, f"the head has {self.items} item rows, the catalogue {len(trie.item_ids)}"
+        self.catalogue = (trie, tt.item_path, tt.child_tok.shape[0])
 
     def attend(self, h_slot, h_keys, valid):
         """h_slot (S, C) one query per slot, h_keys (S, J, C) its context spans' <EOI> states, the latest
-        last, valid (S, J) bool (spans padded on the left) -> (log g (S,), log(1 - g) (S,), a (S, J)): the
-        gate and the copy weights over the spans. A slot with no valid span gets g = 0."""
+        last, valid (S, J) bool (spans padded on the left) -> (log g (S,), log(1 - g) (S,), a (S, J),
+        b (S,)): the gate, the copy weights over the spans and the association head's weight, as shares
+        of g (a.sum(1) + b = 1 wherever g > 0). Without the association head b = 0, and a slot with no
+        valid span gets g = 0."""
         S, J = valid.shape
         s = torch.einsum("sd,sjd->sj", self.q(h_slot).float(), self.k(h_keys).float()) / math.sqrt(self.dim)
         rank = (J - 1 - torch.arange(J, device=valid.device)).clamp(max=RECENCY - 1)  # (J,) 0 = latest
         s = (s + self.recency[rank]).masked_fill(~valid, float("-inf"))
         a = torch.softmax(s.masked_fill(~valid.any(1, keepdim=True), 0.0), -1) * valid  # no NaN rows
-        z = self.gate(h_slot).float().squeeze(-1)
-        any_ = valid.any(1)
-        log_g = torch.where(any_, F.logsigmoid(z), float("-inf"))
-        log_1mg = torch.where(any_, F.logsigmoid(-z), 0.0)
-        return log_g, log_1mg, a
+        z_copy = self.gate(h_slot).float().squeeze(-1).masked_fill(~valid.any(1), float("-inf"))
+        z_assoc = (self.gate_assoc(h_slot).float().squeeze(-1) if self.items
+                   else torch.full_like(z_copy, float("-inf")))
+        log_w = torch.log_softmax(torch.stack([torch.zeros_like(z_copy), z_copy, z_assoc], -1), -1)  # (S, 3)
+        log_g = torch.logaddexp(log_w[:, 1], log_w[:, 2])
+        ok = log_g > float("-inf")  # (S,); the masked_fill keeps -inf - -inf (NaN) out of the gradient
+        share = torch.where(ok[:, None], (log_w[:, 1:] - log_g.masked_fill(~ok, 0.0)[:, None]).exp(), 0.0)  # (S, 2)
+        return log_g, log_w[:, 0], a * share[:, :1], share[:, 1]
+
+    def assoc_probs(self, h_slot):
+        """h_slot (S, C) -> P_assoc (S, items), in float32."""
+        s = self.qa(h_slot).float() @ self.item_emb.weight.float().T / math.sqrt(self.dim)
+        return torch.softmax(s + self.item_bias.float(), -1)
+
+    def assoc_node_mass(self, p, item_path, nodes):
+        """P_assoc (S, items) -> (S, nodes) the mass of the items under each trie node (0 at OUT, the
+        paths' padding, the last row)."""
+        S, (n, depth) = p.shape[0], item_path.shape
+        mass = torch.zeros(S, nodes, dtype=p.dtype, device=p.device)
+        mass.scatter_add_(1, item_path.reshape(1, -1).expand(S, -1), p[:, :, None].expand(S, n, depth).reshape(S, -1))
+        mass[:, -1] = 0.0
+        return mass
 
     # -- training ----------------------------------------------------------------------------------
     def loss(self, x, idx, targets, logits_fn, reduction: str):
@@ -97,8 +145,8 @@ class Pointer(nn.Module):
         slots = []  # (b, slot position, its SID length, [context spans])
         for b in range(B):
             spans = find_spans(ids[b], self.boi, self.eoi)
-            for i, (s0, s1) in enumerate(spans):
-                if i > 0 and s0 > 0 and ids[b][s0 - 1] == self.mode_rec and sup[b][s0]:
+            for i, (s0, s1) in enumerate(spans):  # without context items only the association head mixes in
+                if (i > 0 or self.items) and s0 > 0 and ids[b][s0 - 1] == self.mode_rec and sup[b][s0]:
                     slots.append((b, s0, s1 - s0 - 1, spans[:i]))
         if not slots:  # every parameter still takes part in the graph (DDP waits for all gradients)
             anchor = sum(p.sum() for p in self.parameters()) * 0.0
@@ -110,7 +158,7 @@ class Pointer(nn.Module):
     def _mix(self, x, ids, nll, row_of, slots, T):
         S, dev = len(slots), x.device
         J = max(len(ctx) for *_, ctx in slots)
-        D = max(max(L for _, _, L, _ in slots), max(e - s - 1 for *_, ctx in slots for s, e in ctx))  # longest ID
+        D = max(max(L for _, _, L, _ in slots), max((e - s - 1 for *_, ctx in slots for s, e in ctx), default=0))  # longest ID
         key_pos = torch.zeros(S, J, dtype=torch.long)                 # flat positions of the <EOI>s
         valid = torch.zeros(S, J, dtype=torch.bool)
         ctx_tok = torch.full((S, J, D), -2, dtype=torch.long)         # -2 never equals a token
@@ -129,11 +177,21 @@ class Pointer(nn.Module):
         within = torch.arange(D, device=dev) < length[:, None]        # (S, D) real SID positions
         assert bool((rows[within] >= 0).all()), "a slot's SID tokens are supervised"
         xf = x.reshape(-1, x.shape[-1])
-        log_g, log_1mg, a = self.attend(xf[torch.tensor([b * T + s0 for b, s0, _, _ in slots], device=dev)],
-                                        xf[key_pos], valid)
+        h_slot = xf[torch.tensor([b * T + s0 for b, s0, _, _ in slots], device=dev)]
+        log_g, log_1mg, a, share = self.attend(h_slot, xf[key_pos], valid)
         # P_copy of each prefix of the slot's ID: the weight of the context spans that start with it
         match = (ctx_tok == tgt_tok[:, None, :]).long().cumprod(-1).float()      # (S, J, D)
         p_copy = torch.einsum("sj,sjd->sd", a, match)                              # (S, D)
+        if self.items:  # and the association head's mass of the items under each prefix
+            assert self.catalogue is not None, "the association head trains with its catalogue: Pointer.bind"
+            trie, item_path, nodes = self.catalogue
+            target = [trie.item_index(ids[b][s0 + 1:s0 + 1 + L]) for b, s0, L, _ in slots]
+            assert None not in target, "a REC slot names an item outside the catalogue"
+            path = item_path.to(dev)
+            node_mass = self.assoc_node_mass(self.assoc_probs(h_slot), path, nodes)  # (S, nodes)
+            at = path[torch.tensor(target, device=dev)]                              # (S, depth) the target's nodes
+            at = F.pad(at, (0, max(0, D - at.shape[1])), value=nodes - 1)[:, :D]     # OUT (mass 0) past its end
+            p_copy = p_copy + share[:, None] * node_mass.gather(1, at) * within
         gen = -torch.cumsum(nll[rows.clamp(min=0)] * within, -1)                  # (S, D) log P_gen(prefix)
         mix = torch.logaddexp(log_1mg[:, None] + gen, log_g[:, None] + p_copy.clamp(min=TINY).log())
         step = mix - F.pad(mix, (1, 0))[:, :-1]                                   # log P_mix(s_l | s_<l)
@@ -158,9 +216,14 @@ class Pointer(nn.Module):
                 key[b, j], valid[b, j], item[b, j] = e, True, i
         key, valid, item = key.to(dev), valid.to(dev), item.to(dev)
         rows = torch.arange(B, device=dev)
-        log_g, log_1mg, a = self.attend(h[rows, torch.tensor(slot, device=dev)], h[rows[:, None], key], valid)
+        h_slot = h[rows, torch.tensor(slot, device=dev)]
+        log_g, log_1mg, a, share = self.attend(h_slot, h[rows[:, None], key], valid)
         paths = tt.item_path[item]                                            # (B, J, depth) nodes
         mass = torch.zeros(B, tt.child_tok.shape[0], device=dev, dtype=torch.float64)
         mass.scatter_add_(1, paths.flatten(1), a[..., None].expand_as(paths).flatten(1).double())
         mass[:, tt.OUT] = 0.0  # the paths' padding
+        if self.items:
+            assert len(trie.item_ids) == self.items, f"the head has {self.items} item rows, the catalogue {len(trie.item_ids)}"
+            p = self.assoc_probs(h_slot).double() * share.double()[:, None]
+            mass += self.assoc_node_mass(p, tt.item_path, tt.child_tok.shape[0])
         return log_g.double(), log_1mg.double(), mass

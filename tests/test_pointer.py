@@ -27,11 +27,13 @@ from test_generate import SpanChecker, subset
 BLOCK = 256
 
 
-def pointer_model(tok, seed=0, gate_bias=None):
-    """An untrained tiny model with a copy head whose attention is far from uniform."""
+def pointer_model(tok, seed=0, gate_bias=None, table=None):
+    """An untrained tiny model with a copy head whose attention is far from uniform; with a table,
+    also the association head over its items (bound to its trie), its scores far from uniform too."""
     torch.manual_seed(seed)
+    items = len(table.item_ids) if table is not None else 0
     m = GPT(GPTConfig(vocab_size=len(tok), block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
-                      tie_embeddings=False, pointer=pointer_spec(Control.of(tok), 16)))
+                      tie_embeddings=False, pointer=pointer_spec(Control.of(tok), 16, items)))
     with torch.no_grad():
         m.lm_head.weight.mul_(20.0)
         m.pointer.q.weight.mul_(30.0)
@@ -39,6 +41,11 @@ def pointer_model(tok, seed=0, gate_bias=None):
         if gate_bias is not None:  # a fixed gate: g = sigmoid(gate_bias)
             m.pointer.gate.weight.zero_()
             m.pointer.gate.bias.fill_(gate_bias)
+        if items:
+            m.pointer.qa.weight.mul_(30.0)
+            m.pointer.item_bias.normal_()
+            trie = SIDTrie.build(table, tok)
+            m.pointer.bind(trie, trie.tensors(Control.of(tok), len(tok), "cpu"))
     return m.eval()
 
 
@@ -82,7 +89,7 @@ def test_loss_is_the_mixture_factorised_per_token(tok, sids, dataset):
     spans = find_spans(ids, rd.ctrl.boi, rd.ctrl.eoi, s0)
     assert len(spans) >= 2
     with torch.no_grad():
-        log_g, log_1mg, a = model.pointer.attend(h[0, [s0]], h[0, [[e for _, e in spans]]],
+        log_g, log_1mg, a, _ = model.pointer.attend(h[0, [s0]], h[0, [[e for _, e in spans]]],
                                                  torch.ones(1, len(spans), dtype=torch.bool))
     p_copy = sum(float(a[0, j]) for j, (s, e) in enumerate(spans) if ids[s + 1:e] == ids[s0 + 1:s0 + 1 + L])
     assert p_copy > 0
@@ -116,21 +123,66 @@ def test_closed_gate_or_no_context_item_is_the_plain_model(tok, sids, dataset):
     assert torch.allclose(per, F.cross_entropy(logits[0, rows], y[0, rows], reduction="none"), atol=1e-6)
 
 
-@pytest.mark.parametrize("seed", range(2))
-def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed):
+def test_association_head_loss_is_the_three_way_mixture(tok, sids, dataset):
+    rd = Renderer(tok, sids, BLOCK)
+    trie = SIDTrie.build(sids, tok)
+    ctx, item = dialog_with_mentions(dataset, sids)
+    model = pointer_model(tok, table=sids)
+    for context in (ctx, [{"role": "user", "text": "any film will do", "items": []}]):  # with and without items
+        x, y, s0 = slot_example(rd, context, item)
+        with torch.no_grad():
+            per = model(x, y, reduction="none")[1]
+            logits, h = model(x, return_hidden=True)
+        rows = (y[0] != -1).nonzero().squeeze(1)
+        plain = F.cross_entropy(logits[0, rows], y[0, rows], reduction="none")
+        L = len(sids.tokens(item))
+        slot = [(rows == s0 + l).nonzero().item() for l in range(L)]
+        others = [r for r in range(len(rows)) if r not in slot]
+        assert torch.allclose(per[others], plain[others], atol=1e-5)
+        # from the definitions: w = softmax(0, z_copy, z_assoc), P_assoc = softmax(a(h) . e / sqrt(d) + c)
+        ids, ptr = x[0].tolist(), model.pointer
+        spans = find_spans(ids, rd.ctrl.boi, rd.ctrl.eoi, s0)
+        with torch.no_grad():
+            hs = h[0, s0]
+            z_copy = float(ptr.gate(hs)) if spans else float("-inf")
+            w = torch.softmax(torch.tensor([0.0, z_copy, float(ptr.gate_assoc(hs))]), 0).tolist()
+            p_assoc = torch.softmax(ptr.qa(hs) @ ptr.item_emb.weight.T / 4.0 + ptr.item_bias, 0)[trie.index[item]]
+            p_copy = 0.0
+            if spans:
+                _, _, a, share = ptr.attend(h[0, [s0]], h[0, [[e for _, e in spans]]], torch.ones(1, len(spans), dtype=torch.bool))
+                a = a / (1 - share)  # attend gives the copy weights as shares of g
+                p_copy = sum(float(a[0, j]) for j, (s, e) in enumerate(spans) if ids[s + 1:e] == ids[s0 + 1:s0 + 1 + L])
+                assert p_copy > 0
+        p_gen = math.exp(-float(plain[slot].sum()))
+        want = -math.log(w[0] * p_gen + w[1] * p_copy + w[2] * float(p_assoc))
+        assert float(per[slot].sum()) == pytest.approx(want, rel=1e-4)
+    # a gradient reaches every parameter of both heads
+    model.train()
+    x, y, _ = slot_example(rd, ctx, item)
+    model(x, y, reduction="sum")[1].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.pointer.parameters())
+    # an unbound head refuses to train, in one line
+    model = pointer_model(tok)
+    model.pointer = type(model.pointer)(32, pointer_spec(Control.of(tok), 16, len(sids.item_ids)))
+    with pytest.raises(AssertionError, match="bind"):
+        model(x, y)
+
+
+@pytest.mark.parametrize("seed,assoc", [(0, False), (1, False), (0, True)])
+def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, assoc):
     table = subset(sids, 60)
     trie, ctrl = SIDTrie.build(table, tok), Control.of(tok)
     rd = Renderer(tok, table, BLOCK)
     ctx, _ = dialog_with_mentions(dataset, table)
     prompt = rd.prompt(ctx, forced=MODE_REC + BOI)
-    model = pointer_model(tok, seed=seed, gate_bias=0.5)
+    model = pointer_model(tok, seed=seed, gate_bias=0.5, table=table if assoc else None)
     with torch.no_grad():
         _, h = model(torch.tensor([prompt]), return_hidden=True)
     tt = trie.tensors(ctrl, len(tok), "cpu")
     log_g, log_1mg, mass = model.pointer.copy_mass(h, [prompt], [len(prompt) - 1], trie, tt)
     leaf_mass = mass[0, tt.item_path[torch.arange(len(trie.item_ids)), [len(ids) - 1 for ids, _ in
                                                   sorted(trie.items(), key=lambda p: trie.item_index(p[0]))]]]
-    assert float(leaf_mass.sum()) == pytest.approx(1.0) and (leaf_mass > 0).sum() >= 2
+    assert float(leaf_mass.sum()) == pytest.approx(1.0) and (leaf_mass > 0).sum() >= (len(trie.item_ids) if assoc else 2)
     # every item by teacher forcing, mixed with its copy probability
     want = []
     for ids, item in trie.items():
@@ -145,8 +197,9 @@ def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed):
     got = beam_search(model, prompt, trie, ctrl, n)
     assert [i for i, _ in got] == [i for i, _ in want]
     assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) < 1e-5
-    copied = {trie.item_ids[i] for i in (leaf_mass > 0).nonzero().squeeze(1).tolist()}
-    assert {i for i, _ in got[:len(copied)]} != set() and got[0][0] in copied  # the open gate puts them first
+    if not assoc:
+        copied = {trie.item_ids[i] for i in (leaf_mass > 0).nonzero().squeeze(1).tolist()}
+        assert got[0][0] in copied  # the open gate puts them first
     for W in (n, 10, 3):
         ref = beam_search_reference(model, prompt, trie, ctrl, W)
         tens = beam_search(model, prompt, trie, ctrl, W)
@@ -202,3 +255,19 @@ def test_train_and_evaluate_with_pointer(dataset_dir, tmp_path):
     # --resume can not add or drop the copy head
     r = run_cli("train.py", "--data", dataset_dir, "--out", out, "--resume", "--pointer", "0", "--max-steps", "4")
     assert r.returncode != 0 and "--pointer" in r.stderr
+
+
+def test_train_and_evaluate_with_association_head(dataset_dir, tmp_path):
+    out = run_train(dataset_dir, str(tmp_path / "A"), ["--pointer", "8", "--assoc", "1", "--max-steps", "3"])
+    model, config, tok, sids = checkpoint.load(out)
+    assert model.pointer.items == len(sids.item_ids) == config["model"]["pointer"]["items"]
+    assert model.pointer.item_emb.weight.shape == (len(sids.item_ids), 8)
+    r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "20", "--max-gen", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "standard protocol" in r.stdout
+    # --resume continues it (the head is rebound to the catalogue), and --assoc alone is refused in one line
+    r = run_cli("train.py", "--data", dataset_dir, "--out", out, "--resume", "--max-steps", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("train.py", "--data", dataset_dir, "--out", str(tmp_path / "B"), "--assoc", "1", "--max-steps", "2")
+    assert r.returncode != 0 and "--pointer" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "B" / "config.json").exists()
