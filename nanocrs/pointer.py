@@ -39,8 +39,11 @@ Why: counting which items co-occur beats a small model that must spell each asso
 shared SID tokens; a row per item stores "seekers who name X get Y" directly, as the counts do, and
 the SID path keeps what it is good at (text, cold items). It is the same mixture as above with
 g = w_copy + w_assoc and P_copy replaced by (w_copy P_copy + w_assoc P_assoc) / g, so training, beam
-search and the sampler need nothing new. Training needs the catalogue (Pointer.bind); decoding is
-handed it (copy_mass's trie), in the same order: the rows are SIDTrie.item_ids.
+search and the sampler need nothing new. One change to training: on the slot's SID tokens the
+plain language model's own cross-entropy is added to the mixture's, because a head that fits the
+training set closely otherwise takes the gate and the SID path stops learning (measured: docs/results.md).
+Training needs the catalogue (Pointer.bind); decoding is handed it (copy_mass's trie), in the same
+order: the rows are SIDTrie.item_ids.
 """
 
 import math
@@ -195,7 +198,10 @@ class Pointer(nn.Module):
         gen = -torch.cumsum(nll[rows.clamp(min=0)] * within, -1)                  # (S, D) log P_gen(prefix)
         mix = torch.logaddexp(log_1mg[:, None] + gen, log_g[:, None] + p_copy.clamp(min=TINY).log())
         step = mix - F.pad(mix, (1, 0))[:, :-1]                                   # log P_mix(s_l | s_<l)
-        return nll.index_put((rows[within],), -step[within])
+        loss = -step[within]
+        if self.items:  # the SID path keeps its own loss too: the head, which fits the training
+            loss = loss + nll[rows[within]]  # set closely, would otherwise take the gate and starve it
+        return nll.index_put((rows[within],), loss)
 
     # -- decoding ----------------------------------------------------------------------------------
     @torch.no_grad()

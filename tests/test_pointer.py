@@ -154,7 +154,7 @@ def test_association_head_loss_is_the_three_way_mixture(tok, sids, dataset):
                 p_copy = sum(float(a[0, j]) for j, (s, e) in enumerate(spans) if ids[s + 1:e] == ids[s0 + 1:s0 + 1 + L])
                 assert p_copy > 0
         p_gen = math.exp(-float(plain[slot].sum()))
-        want = -math.log(w[0] * p_gen + w[1] * p_copy + w[2] * float(p_assoc))
+        want = -math.log(w[0] * p_gen + w[1] * p_copy + w[2] * float(p_assoc)) - math.log(p_gen)  # + the SID path's own
         assert float(per[slot].sum()) == pytest.approx(want, rel=1e-4)
     # a gradient reaches every parameter of both heads
     model.train()
