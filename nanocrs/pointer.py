@@ -182,9 +182,9 @@ class Pointer(nn.Module):
         xf = x.reshape(-1, x.shape[-1])
         h_slot = xf[torch.tensor([b * T + s0 for b, s0, _, _ in slots], device=dev)]
         log_g, log_1mg, a, share = self.attend(h_slot, xf[key_pos], valid)
-        # P_copy of each prefix of the slot's ID: the weight of the context spans that start with it
+        # p_aux: the heads' mass of each prefix of the slot's ID, first the context spans that start with it
         match = (ctx_tok == tgt_tok[:, None, :]).long().cumprod(-1).float()      # (S, J, D)
-        p_copy = torch.einsum("sj,sjd->sd", a, match)                              # (S, D)
+        p_aux = torch.einsum("sj,sjd->sd", a, match)                              # (S, D)
         if self.items:  # and the association head's mass of the items under each prefix
             assert self.catalogue is not None, "the association head trains with its catalogue: Pointer.bind"
             trie, item_path, nodes = self.catalogue
@@ -194,9 +194,9 @@ class Pointer(nn.Module):
             node_mass = self.assoc_node_mass(self.assoc_probs(h_slot), path, nodes)  # (S, nodes)
             at = path[torch.tensor(target, device=dev)]                              # (S, depth) the target's nodes
             at = F.pad(at, (0, max(0, D - at.shape[1])), value=nodes - 1)[:, :D]     # OUT (mass 0) past its end
-            p_copy = p_copy + share[:, None] * node_mass.gather(1, at) * within
+            p_aux = p_aux + share[:, None] * node_mass.gather(1, at) * within
         gen = -torch.cumsum(nll[rows.clamp(min=0)] * within, -1)                  # (S, D) log P_gen(prefix)
-        mix = torch.logaddexp(log_1mg[:, None] + gen, log_g[:, None] + p_copy.clamp(min=TINY).log())
+        mix = torch.logaddexp(log_1mg[:, None] + gen, log_g[:, None] + p_aux.clamp(min=TINY).log())
         step = mix - F.pad(mix, (1, 0))[:, :-1]                                   # log P_mix(s_l | s_<l)
         loss = -step[within]
         if self.items:  # the SID path keeps its own loss too: the head, which fits the training
