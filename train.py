@@ -108,7 +108,8 @@ def get_args(argv=None, given: set | None = None):
                         "item the dialog already mentioned (nanocrs/pointer.py)")
     p.add_argument("--assoc", type=int, default=0,
                    help="1: with --pointer, the recommendation slot also mixes in an association head, one learned "
-                        "row per catalogue item (nanocrs/pointer.py)")
+                        "row per catalogue item (nanocrs/pointer.py); 2: and the head's query adds one learned "
+                        "vector per item the dialog named before the slot (item-to-item association)")
     p.add_argument("--format", choices=["dialog", "turn"], default="dialog",
                    help="dialog: one sequence per dialog, all assistant turns supervised (O(turns) tokens); "
                         "turn: one example per (assistant turn, item), as in the paper (O(turns^2))")
@@ -225,10 +226,12 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
         if config.get("world", 1) != c.world:
             print(f"note: {c.world} processes, the checkpoint was trained with {config.get('world', 1)}: the batches change")
         return model, tok, sids, config["step"]
+    if a.assoc not in (0, 1, 2):
+        raise TrainingError(f"--assoc {a.assoc}: 0 (none), 1 (the association head) or 2 (the head reading the context's items)")
     if a.assoc and not a.pointer:
         raise TrainingError("--assoc 1 mixes into the copy head's slot: it needs --pointer (e.g. --pointer 64)")
     n_items = len(sids.item_ids) if a.assoc else 0
-    spec = pointer_spec(Control.of(tok), a.pointer, n_items) if a.pointer else {}
+    spec = pointer_spec(Control.of(tok), a.pointer, n_items, a.assoc == 2) if a.pointer else {}
     if not a.init_from:
         torch.manual_seed(a.seed)
         cfg = GPTConfig(vocab_size=len(tok), block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
@@ -242,7 +245,7 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
     model, tok, first_new = prepare(a.init_from, added_tokens(sids), a.block_size, a.lora_rank, a.lora_alpha,
                                     a.lora_dropout, c.device, c.base_dtype)
     if a.pointer:  # the backbone's own tokenizer: the control tokens' ids are its added ones
-        model.add_pointer(pointer_spec(Control.of(tok), a.pointer, n_items))
+        model.add_pointer(pointer_spec(Control.of(tok), a.pointer, n_items, a.assoc == 2))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"backbone {a.init_from}: {len(tok) - first_new} tokens added at id {first_new}; "
           f"{n_train / 1e6:.2f}M of {model.num_params() / 1e6:.1f}M parameters train")

@@ -56,10 +56,13 @@ RECENCY = 16      # context spans further back than this share the last recency 
 TINY = 1e-30      # floor of P_copy inside a log: log(0) would make the gradient NaN
 
 
-def pointer_spec(ctrl, dim: int = 64, items: int = 0) -> dict:
+def pointer_spec(ctrl, dim: int = 64, items: int = 0, item_context: bool = False) -> dict:
     """What GPTConfig.pointer holds: the copy head's size, the control tokens it reads and, with the
-    association head, the catalogue size (0: copy only)."""
+    association head, the catalogue size (0: copy only) and whether its query reads the context's items."""
+    assert items or not item_context, "item_context is part of the association head: it needs items"
     spec = {"dim": dim, "boi": ctrl.boi, "eoi": ctrl.eoi, "mode_rec": ctrl.mode_rec}
+    if item_context:
+        spec["item_context"] = True
     return {**spec, "items": items} if items else spec
 
 
@@ -90,6 +93,9 @@ class Pointer(nn.Module):
             self.item_emb = nn.Embedding(self.items, self.dim)
             self.item_bias = nn.Parameter(torch.zeros(self.items))
             self.gate_assoc = nn.Linear(n_embd, 1)
+        self.item_context = bool(spec.get("item_context", False))
+        if self.item_context:  # one input row per item, summed over the context's items (zero: starts as without)
+            self.item_in = nn.Parameter(torch.zeros(self.items, self.dim))
         self.catalogue = None  # (SIDTrie, item_path (items, depth), nodes): what training needs (bind)
 
     def bind(self, trie, tt):
@@ -118,9 +124,14 @@ class Pointer(nn.Module):
         share = torch.where(ok[:, None], (log_w[:, 1:] - log_g.masked_fill(~ok, 0.0)[:, None]).exp(), 0.0)  # (S, 2)
         return log_g, log_w[:, 0], a * share[:, :1], share[:, 1]
 
-    def assoc_probs(self, h_slot):
-        """h_slot (S, C) -> P_assoc (S, items), in float32."""
-        s = self.qa(h_slot).float() @ self.item_emb.weight.float().T / math.sqrt(self.dim)
+    def assoc_probs(self, h_slot, ctx_item=None, ctx_ok=None):
+        """h_slot (S, C) -> P_assoc (S, items), in float32. With item_context the query also sums the
+        input rows of the items the context named: ctx_item (S, J) catalogue indices, ctx_ok (S, J)
+        bool (False: padding, or a span that names no catalogue item)."""
+        query = self.qa(h_slot).float()  # (S, dim)
+        if self.item_context:  # every named item adds its own evidence, as each adds its counts to co-occurrence
+            query = query + (self.item_in.float()[ctx_item] * ctx_ok[..., None]).sum(1)
+        s = query @ self.item_emb.weight.float().T / math.sqrt(self.dim)
         return torch.softmax(s + self.item_bias.float(), -1)
 
     def assoc_node_mass(self, p, item_path, nodes):
@@ -190,8 +201,14 @@ class Pointer(nn.Module):
             trie, item_path, nodes = self.catalogue
             target = [trie.item_index(ids[b][s0 + 1:s0 + 1 + L]) for b, s0, L, _ in slots]
             assert None not in target, "a REC slot names an item outside the catalogue"
+            ctx_item = torch.zeros(S, J, dtype=torch.long)  # the context spans' catalogue indices, as key_pos
+            for n, (b, _, _, ctx) in enumerate(slots):
+                for j, (cs, ce) in enumerate(ctx, start=J - len(ctx)):
+                    ctx_item[n, j] = -1 if (i := trie.item_index(ids[b][cs + 1:ce])) is None else i
+            ctx_ok = valid & (ctx_item >= 0).to(dev)
             path = item_path.to(dev)
-            node_mass = self.assoc_node_mass(self.assoc_probs(h_slot), path, nodes)  # (S, nodes)
+            p_assoc = self.assoc_probs(h_slot, ctx_item.clamp(min=0).to(dev), ctx_ok)
+            node_mass = self.assoc_node_mass(p_assoc, path, nodes)  # (S, nodes)
             at = path[torch.tensor(target, device=dev)]                              # (S, depth) the target's nodes
             at = F.pad(at, (0, max(0, D - at.shape[1])), value=nodes - 1)[:, :D]     # OUT (mass 0) past its end
             p_aux = p_aux + share[:, None] * node_mass.gather(1, at) * within
@@ -230,6 +247,6 @@ class Pointer(nn.Module):
         mass[:, tt.OUT] = 0.0  # the paths' padding
         if self.items:
             assert len(trie.item_ids) == self.items, f"the head has {self.items} item rows, the catalogue {len(trie.item_ids)}"
-            p = self.assoc_probs(h_slot).double() * share.double()[:, None]
+            p = self.assoc_probs(h_slot, item, valid).double() * share.double()[:, None]
             mass += self.assoc_node_mass(p, tt.item_path, tt.child_tok.shape[0])
         return log_g.double(), log_1mg.double(), mass

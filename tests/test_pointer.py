@@ -27,13 +27,14 @@ from test_generate import SpanChecker, subset
 BLOCK = 256
 
 
-def pointer_model(tok, seed=0, gate_bias=None, table=None):
+def pointer_model(tok, seed=0, gate_bias=None, table=None, item_context=False):
     """An untrained tiny model with a copy head whose attention is far from uniform; with a table,
-    also the association head over its items (bound to its trie), its scores far from uniform too."""
+    also the association head over its items (bound to its trie), its scores far from uniform too,
+    and with item_context its query reading the context's items (input rows random, not zero)."""
     torch.manual_seed(seed)
     items = len(table.item_ids) if table is not None else 0
     m = GPT(GPTConfig(vocab_size=len(tok), block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
-                      tie_embeddings=False, pointer=pointer_spec(Control.of(tok), 16, items)))
+                      tie_embeddings=False, pointer=pointer_spec(Control.of(tok), 16, items, item_context)))
     with torch.no_grad():
         m.lm_head.weight.mul_(20.0)
         m.pointer.q.weight.mul_(30.0)
@@ -44,6 +45,8 @@ def pointer_model(tok, seed=0, gate_bias=None, table=None):
         if items:
             m.pointer.qa.weight.mul_(30.0)
             m.pointer.item_bias.normal_()
+            if item_context:
+                m.pointer.item_in.normal_(std=3.0)
             trie = SIDTrie.build(table, tok)
             m.pointer.bind(trie, trie.tensors(Control.of(tok), len(tok), "cpu"))
     return m.eval()
@@ -123,11 +126,12 @@ def test_closed_gate_or_no_context_item_is_the_plain_model(tok, sids, dataset):
     assert torch.allclose(per, F.cross_entropy(logits[0, rows], y[0, rows], reduction="none"), atol=1e-6)
 
 
-def test_association_head_loss_is_the_three_way_mixture(tok, sids, dataset):
+@pytest.mark.parametrize("item_context", [False, True])
+def test_association_head_loss_is_the_three_way_mixture(tok, sids, dataset, item_context):
     rd = Renderer(tok, sids, BLOCK)
     trie = SIDTrie.build(sids, tok)
     ctx, item = dialog_with_mentions(dataset, sids)
-    model = pointer_model(tok, table=sids)
+    model = pointer_model(tok, table=sids, item_context=item_context)
     for context in (ctx, [{"role": "user", "text": "any film will do", "items": []}]):  # with and without items
         x, y, s0 = slot_example(rd, context, item)
         with torch.no_grad():
@@ -146,7 +150,12 @@ def test_association_head_loss_is_the_three_way_mixture(tok, sids, dataset):
             hs = h[0, s0]
             z_copy = float(ptr.gate(hs)) if spans else float("-inf")
             w = torch.softmax(torch.tensor([0.0, z_copy, float(ptr.gate_assoc(hs))]), 0).tolist()
-            p_assoc = torch.softmax(ptr.qa(hs) @ ptr.item_emb.weight.T / 4.0 + ptr.item_bias, 0)[trie.index[item]]
+            query = ptr.qa(hs)  # + with item_context, the input row of every item the context named
+            if item_context:
+                named = [trie.item_index(ids[s + 1:e]) for s, e in spans]
+                assert None not in named and len(named) >= (2 if context is ctx else 0)
+                query = query + sum((ptr.item_in[i] for i in named), torch.zeros_like(query))
+            p_assoc = torch.softmax(query @ ptr.item_emb.weight.T / 4.0 + ptr.item_bias, 0)[trie.index[item]]
             p_copy = 0.0
             if spans:
                 _, _, a, share = ptr.attend(h[0, [s0]], h[0, [[e for _, e in spans]]], torch.ones(1, len(spans), dtype=torch.bool))
@@ -168,14 +177,14 @@ def test_association_head_loss_is_the_three_way_mixture(tok, sids, dataset):
         model(x, y)
 
 
-@pytest.mark.parametrize("seed,assoc", [(0, False), (1, False), (0, True)])
+@pytest.mark.parametrize("seed,assoc", [(0, False), (1, False), (0, True), (0, "item_context")])
 def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, assoc):
     table = subset(sids, 60)
     trie, ctrl = SIDTrie.build(table, tok), Control.of(tok)
     rd = Renderer(tok, table, BLOCK)
     ctx, _ = dialog_with_mentions(dataset, table)
     prompt = rd.prompt(ctx, forced=MODE_REC + BOI)
-    model = pointer_model(tok, seed=seed, gate_bias=0.5, table=table if assoc else None)
+    model = pointer_model(tok, seed=seed, gate_bias=0.5, table=table if assoc else None, item_context=assoc == "item_context")
     with torch.no_grad():
         _, h = model(torch.tensor([prompt]), return_hidden=True)
     tt = trie.tensors(ctrl, len(tok), "cpu")
@@ -257,11 +266,15 @@ def test_train_and_evaluate_with_pointer(dataset_dir, tmp_path):
     assert r.returncode != 0 and "--pointer" in r.stderr
 
 
-def test_train_and_evaluate_with_association_head(dataset_dir, tmp_path):
-    out = run_train(dataset_dir, str(tmp_path / "A"), ["--pointer", "8", "--assoc", "1", "--max-steps", "3"])
+@pytest.mark.parametrize("assoc", ["1", "2"])
+def test_train_and_evaluate_with_association_head(dataset_dir, tmp_path, assoc):
+    out = run_train(dataset_dir, str(tmp_path / "A"), ["--pointer", "8", "--assoc", assoc, "--max-steps", "3"])
     model, config, tok, sids = checkpoint.load(out)
     assert model.pointer.items == len(sids.item_ids) == config["model"]["pointer"]["items"]
     assert model.pointer.item_emb.weight.shape == (len(sids.item_ids), 8)
+    assert model.pointer.item_context == (assoc == "2") == config["model"]["pointer"].get("item_context", False)
+    if assoc == "2":  # trained: the input rows of the items named in training contexts moved off zero
+        assert model.pointer.item_in.shape == (len(sids.item_ids), 8) and model.pointer.item_in.abs().sum() > 0
     r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "20", "--max-gen", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "standard protocol" in r.stdout
