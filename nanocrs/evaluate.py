@@ -30,7 +30,7 @@ from nanocrs.data import Renderer, rec_samples, training_dialogs, write_jsonl
 from nanocrs.generate import beam_search_batch, sample
 from nanocrs.metrics import (CoOccurrence, Popularity, calibrate_intent, corpus_bleu, distinct_per_sentence,
                              distinct_ratio, format_table, intent_metrics, perplexity, rank_metrics, rank_of, repeat_context,
-                             repeat_then_cooccurrence, replace_spans)
+                             repeat_then, replace_spans)
 from nanocrs.session import Session
 from nanocrs.tokenizer import MODE_CHAT, MODE_REC
 
@@ -92,7 +92,7 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
     pop, cooc = Popularity(seen, catalogue), CoOccurrence(seen, catalogue)
     trained_targets = {i for d in seen for turn in d["turns"] if turn["role"] == "assistant" for i in turn["items"]}
     has_oracle = any("oracle" in t for d in dialogs for t in d["turns"])
-    methods = ["model", "popularity", "repeat", "cooc", "repeat+cooc"] + (["oracle"] if has_oracle else [])
+    methods = ["model", "popularity", "repeat", "repeat+pop", "cooc", "repeat+cooc"] + (["oracle"] if has_oracle else [])
     golds_by_turn = {}
     for d, t, gold, fresh in rec_samples(dialogs):
         golds_by_turn.setdefault((d["id"], t), []).append((gold, fresh))
@@ -105,7 +105,8 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
             continue
         top, gate = scored[(d["id"], t)][3:]
         lists = {"model": [i for i, _ in top], "popularity": pop.rank(context), "repeat": repeat_context(context),
-                 "cooc": cooc.rank(context), "repeat+cooc": repeat_then_cooccurrence(context, cooc)}
+                 "repeat+pop": repeat_then(context, pop), "cooc": cooc.rank(context),
+                 "repeat+cooc": repeat_then(context, cooc)}
         if has_oracle:
             lists["oracle"] = turn.get("oracle", [])
         for gold, fresh in golds_by_turn[(d["id"], t)]:
@@ -250,7 +251,7 @@ def score_turns(s: Session, examples: list, beam: int = 0) -> list:
 
 def print_eval(res: dict):
     keys = ["recall@1", "recall@5", "recall@10", "recall@20", "recall@50", "ndcg@10", "mrr@10"]
-    methods = [m for m in ("model", "popularity", "repeat", "cooc", "repeat+cooc", "oracle") if m in res]
+    methods = [m for m in ("model", "popularity", "repeat", "repeat+pop", "cooc", "repeat+cooc", "oracle") if m in res]
     print(f"\nstandard protocol: {res['n_samples']} samples ({res['split']}), beam {res['beam']}")
     print(format_table({m: res[m] for m in methods}, keys))
     print(f"\nfresh protocol (gold not mentioned earlier): {res['n_fresh']} samples")

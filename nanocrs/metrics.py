@@ -12,6 +12,7 @@ Baselines, computed on the same samples:
     repeat       the items already mentioned in this dialog, latest first (the "repetition shortcut")
     oracle       (synthetic world only) the generator's own ranked list of what its rule allows
     cooc         items co-mentioned with the context's items in training dialogs (falls back to popularity)
+    repeat+pop   the repeat list, then the popularity list without duplicates
     repeat+cooc  the repeat list, then the cooc list without duplicates
 
 Dialog metrics (the paper's conventions, section 5.3):
@@ -113,12 +114,12 @@ class CoOccurrence:
         return scored
 
 
-def repeat_then_cooccurrence(context: list[dict], cooc: CoOccurrence, k: int = 50) -> list[str]:
-    """The context's items (latest first), then the co-occurrence ranking without duplicates."""
+def repeat_then(context: list[dict], ranker, k: int = 50) -> list[str]:
+    """The context's items (latest first), then ranker's list (Popularity or CoOccurrence) without duplicates."""
     ranked = repeat_context(context, k)
     seen = set(ranked)
-    # ask for k more than needed: at most len(ranked) of the cooc list can be duplicates
-    ranked += [i for i in cooc.rank(context, k + len(ranked)) if i not in seen]
+    # ask for k more than needed: at most len(ranked) of the ranker's list can be duplicates
+    ranked += [i for i in ranker.rank(context, k + len(ranked)) if i not in seen]
     return ranked[:k]
 
 

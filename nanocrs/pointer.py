@@ -44,6 +44,15 @@ plain language model's own cross-entropy is added to the mixture's, because a he
 training set closely otherwise takes the gate and the SID path stops learning (measured: docs/results.md).
 Training needs the catalogue (Pointer.bind); decoding is handed it (copy_mass's trie), in the same
 order: the rows are SIDTrie.item_ids.
+
+With item_context (train.py --assoc 2) the head's query also reads the items the dialog named:
+
+    P_assoc   = softmax over all items n of  (a(h_slot) + sum_j u[item_j]) . e_n / sqrt(d) + c_n
+
+one learned input row u per item (zero at the start, so the head begins as without), summed over the
+context's item spans j. Why: co-occurrence adds up the evidence of every named item, while the
+slot's state has to squeeze all of them through one vector; the sum gives each named item its own
+say, an item-to-item factorisation (u_j . e_n) beside what the words ask for (a(h_slot) . e_n).
 """
 
 import math

@@ -119,7 +119,7 @@ def test_eval_json(trained_ckpt, tmp_path):
     assert im["n_turns"] == res["n_intent_turns"] and 0 <= im["rec_precision"] <= 1 and 0 <= im["rec_recall"] <= 1
     assert res["dialog"]["ppl_tokens"] >= res["dialog"]["ppl_units"]  # a span of several tokens is one unit
     assert "gold_distinct_ratio" in res["dialog"]
-    for key in ("n_samples", "model", "popularity", "repeat", "oracle", "fresh", "intent_accuracy"):
+    for key in ("n_samples", "model", "popularity", "repeat", "repeat+pop", "cooc", "repeat+cooc", "oracle", "fresh", "intent_accuracy"):
         assert key in res, key
     metric_keys = {f"recall@{k}" for k in (1, 5, 10, 20, 50)} | {f"{m}@{k}" for m in ("ndcg", "mrr") for k in (5, 10, 20)}
     for method in ("model", "popularity", "repeat", "oracle"):
@@ -129,6 +129,8 @@ def test_eval_json(trained_ckpt, tmp_path):
     assert set(res["fresh"]) >= {"model", "popularity", "repeat", "oracle"}
     assert res["n_samples"] > 0 and 0.0 <= res["intent_accuracy"] <= 1.0
     assert res["oracle"]["recall@50"] == 1.0  # the generator's own list always holds the gold item
+    # repeat+pop's list begins with the whole repeat list: every gold that repeat ranks, it ranks no lower
+    assert res["repeat+pop"]["recall@50"] >= res["repeat"]["recall@50"]
     dg = res["diagnostics"]
     assert 0.0 <= dg["cold_share"] <= 1.0 and all(0.0 < dg["coverage@10"][m] <= 1.0 for m in ("model", "popularity"))
     assert dg["top1_distinct"]["popularity"] == 1  # the same list for every context

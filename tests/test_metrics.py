@@ -11,7 +11,7 @@ import math
 import pytest
 
 from nanocrs.metrics import (CoOccurrence, Popularity, corpus_bleu, distinct_per_sentence, distinct_ratio,
-                             perplexity, rank_metrics, rank_of, repeat_context, repeat_then_cooccurrence, replace_spans,
+                             perplexity, rank_metrics, rank_of, repeat_context, repeat_then, replace_spans,
                              tokenize_13a)
 
 # ----------------------------------------------------------------------------- ranking metrics
@@ -88,14 +88,17 @@ def test_cooccurrence_rankings():
     assert co.rank([turn("user", "A")], k=2) == ["B", "C"]
 
 
-def test_repeat_then_cooccurrence():
+def test_repeat_then_cooccurrence_or_popularity():
     co = CoOccurrence(TRAIN, CATALOGUE)
     context = [turn("user", "C"), turn("assistant", "D")]
     assert repeat_context(context) == ["D", "C"]
     # repeat D, C; then cooc B=2, A=1, then popularity without duplicates
-    assert repeat_then_cooccurrence(context, co) == ["D", "C", "B", "A", "E", "F"]
-    assert repeat_then_cooccurrence(context, co, k=3) == ["D", "C", "B"]
-    assert repeat_then_cooccurrence([turn("user")], co) == co.rank([])
+    assert repeat_then(context, co) == ["D", "C", "B", "A", "E", "F"]
+    assert repeat_then(context, co, k=3) == ["D", "C", "B"]
+    assert repeat_then([turn("user")], co) == co.rank([])
+    # repeat D, C; then the popularity list without them
+    pop = co.popularity
+    assert repeat_then(context, pop) == ["D", "C"] + [i for i in pop.ranked if i not in ("D", "C")]
 
 
 # ----------------------------------------------------------------------------- dialog metrics
