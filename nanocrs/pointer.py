@@ -210,13 +210,20 @@ class Pointer(nn.Module):
             trie, item_path, nodes = self.catalogue
             target = [trie.item_index(ids[b][s0 + 1:s0 + 1 + L]) for b, s0, L, _ in slots]
             assert None not in target, "a REC slot names an item outside the catalogue"
-            ctx_item = torch.zeros(S, J, dtype=torch.long)  # the context spans' catalogue indices, as key_pos
-            for n, (b, _, _, ctx) in enumerate(slots):
-                for j, (cs, ce) in enumerate(ctx, start=J - len(ctx)):
-                    ctx_item[n, j] = -1 if (i := trie.item_index(ids[b][cs + 1:ce])) is None else i
-            ctx_ok = valid & (ctx_item >= 0).to(dev)
+            ctx_item = ctx_ok = None
+            if self.item_context:  # the context spans' catalogue indices, laid out as key_pos (-1: none)
+                ctx_item = torch.zeros(S, J, dtype=torch.long)
+                index = {}  # (row, <BOI> position) -> catalogue index: slots of one dialog share their spans
+                for n, (b, _, _, ctx) in enumerate(slots):
+                    for j, (cs, ce) in enumerate(ctx, start=J - len(ctx)):
+                        if (b, cs) not in index:
+                            i = trie.item_index(ids[b][cs + 1:ce])
+                            index[b, cs] = -1 if i is None else i
+                        ctx_item[n, j] = index[b, cs]
+                ctx_ok = valid & (ctx_item >= 0).to(dev)
+                ctx_item = ctx_item.clamp(min=0).to(dev)
             path = item_path.to(dev)
-            p_assoc = self.assoc_probs(h_slot, ctx_item.clamp(min=0).to(dev), ctx_ok)
+            p_assoc = self.assoc_probs(h_slot, ctx_item, ctx_ok)
             node_mass = self.assoc_node_mass(p_assoc, path, nodes)  # (S, nodes)
             at = path[torch.tensor(target, device=dev)]                              # (S, depth) the target's nodes
             at = F.pad(at, (0, max(0, D - at.shape[1])), value=nodes - 1)[:, :D]     # OUT (mass 0) past its end
