@@ -35,6 +35,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -45,6 +46,7 @@ from nanocrs.checkpoint import CheckpointError
 from nanocrs.common import Compute, atomic_path, cleanup, init_training, print0, run_script
 from nanocrs.data import (DataError, Renderer, check_catalogue, collate, epoch_batches, fingerprint, load_dataset,
                           reorder_items_only, training_dialogs)
+from nanocrs.encoder import cooc_counts, ppmi_factors
 from nanocrs.generate import SIDTrie
 from nanocrs.mfu import peak_flops, train_flops
 from nanocrs.model import GPT, GPTConfig
@@ -110,6 +112,10 @@ def get_args(argv=None, given: set | None = None):
                    help="1: with --pointer, the recommendation slot also mixes in an association head, one learned "
                         "row per catalogue item (nanocrs/pointer.py); 2: and the head's query adds one learned "
                         "vector per item the dialog named before the slot (item-to-item association)")
+    p.add_argument("--assoc-init", choices=["zero", "counts"], default="zero",
+                   help="counts: with --assoc 2, start the association head from the training dialogs' "
+                        "co-occurrences (log popularity + the items' PMI, factorised; Pointer.init_from_counts) "
+                        "and keep its item rows out of weight decay")
     p.add_argument("--format", choices=["dialog", "turn"], default="dialog",
                    help="dialog: one sequence per dialog, all assistant turns supervised (O(turns) tokens); "
                         "turn: one example per (assistant turn, item), as in the paper (O(turns^2))")
@@ -230,6 +236,8 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
         raise TrainingError(f"--assoc {a.assoc}: 0 (none), 1 (the association head) or 2 (the head reading the context's items)")
     if a.assoc and not a.pointer:
         raise TrainingError("--assoc 1 mixes into the copy head's slot: it needs --pointer (e.g. --pointer 64)")
+    if a.assoc_init == "counts" and a.assoc != 2:
+        raise TrainingError("--assoc-init counts factorises item-to-item counts: it needs --assoc 2")
     n_items = len(sids.item_ids) if a.assoc else 0
     spec = pointer_spec(Control.of(tok), a.pointer, n_items, a.assoc == 2) if a.pointer else {}
     if not a.init_from:
@@ -250,6 +258,26 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
     print(f"backbone {a.init_from}: {len(tok) - first_new} tokens added at id {first_new}; "
           f"{n_train / 1e6:.2f}M of {model.num_params() / 1e6:.1f}M parameters train")
     return model, tok, sids, 0
+
+
+def count_init(pointer, dialogs: list[dict], item_ids: list[str], seed: int):
+    """--assoc-init counts: the association head starts from the co-occurrences of the dialogs the model
+    trains on, in the head's row order (the trie's items)."""
+    counts = cooc_counts(dialogs, item_ids)
+    factors = ppmi_factors(counts, pointer.dim, seed)
+    if factors is None:
+        raise TrainingError(f"--assoc-init counts: no more than {pointer.dim} items co-occur in the training "
+                            f"dialogs, too few to factorise (train without it)")
+    row = {i: k for k, i in enumerate(item_ids)}
+    popularity = np.zeros(len(item_ids), dtype=np.float32)
+    for d in dialogs:
+        for t in d["turns"]:
+            if t["role"] == "assistant":
+                for i in t["items"]:
+                    if i in row:
+                        popularity[row[i]] += 1
+    pointer.init_from_counts(*factors, popularity)
+    print0(f"association head: started from the counts of {len(dialogs)} dialogs ({len(factors[0])} items co-occur)")
 
 
 def fits_any_order(rd: Renderer, dialog: dict) -> bool:
@@ -461,11 +489,15 @@ def main(argv=None):
     if model.pointer is not None and model.pointer.items:  # the association head's rows are the trie's items
         trie = SIDTrie.build(sids, tok)
         model.pointer.bind(trie, trie.tensors(Control.of(tok), model.config.vocab_size, c.device))
+        if a.assoc_init == "counts" and not a.resume:
+            count_init(model.pointer, training_dialogs(ds, a.train_splits, items_only=bool(a.item_sequences)),
+                       trie.item_ids, a.seed)
     examples_at, val_ex = build_data(a, ds, Renderer(tok, sids, model.config.block_size))
     item_tokens = torch.zeros(model.config.padded_vocab_size, dtype=torch.bool)  # the tokens that name items
     item_tokens[[tok.id(t) for t in sids.all_token_strings()]] = True
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(model.config.to_dict())}")
-    opt = model.configure_optimizer(a.lr, a.weight_decay, device_type=c.device_type)
+    keep = model.pointer.count_rows() if a.assoc_init == "counts" else ()
+    opt = model.configure_optimizer(a.lr, a.weight_decay, device_type=c.device_type, keep=keep)
     if a.resume:
         checkpoint.load_optimizer(opt, a.out, step)
         if step >= a.max_steps:

@@ -274,6 +274,40 @@ def embed_items(texts: list[str], encoder: str, dim: int = 64) -> np.ndarray:
 # -----------------------------------------------------------------------------
 # collaborative item vectors: what co-occurs in the training dialogs, not what the text says
 
+def cooc_counts(dialogs: list[dict], item_ids: list[str]) -> np.ndarray:
+    """(N, N) counts[a, b]: the dialogs that mention both a and b (any role, a != b), in item_ids order."""
+    idx = {i: k for k, i in enumerate(item_ids)}
+    counts = np.zeros((len(item_ids), len(item_ids)), dtype=np.float32)
+    for d in dialogs:
+        its = sorted({idx[i] for t in d["turns"] for i in t["items"] if i in idx})
+        if len(its) > 1:
+            counts[np.ix_(its, its)] += 1
+    np.fill_diagonal(counts, 0)
+    return counts
+
+
+def ppmi_factors(counts: np.ndarray, dim: int, seed: int = 0):
+    """(warm, left, right): a rank-dim factorisation left @ right.T of the positive PMI matrix of the
+    items that co-occur with anything (warm, indices into counts); left and right (W, dim), each
+    scaled by the square root of the singular values. None when there are no more than dim such items."""
+    warm = np.flatnonzero(counts.sum(1) > 0)
+    if len(warm) <= dim:
+        return None
+    c = counts[np.ix_(warm, warm)].astype(np.float64)
+    row = c.sum(1)
+    with np.errstate(divide="ignore"):
+        pmi = np.log(c * c.sum() / np.outer(row, row))
+    ppmi = np.where(c > 0, np.maximum(pmi, 0.0), 0.0)  # (W, W) symmetric
+    # randomized truncated SVD (Halko et al.): a few power iterations on a Gaussian sketch
+    g = np.random.default_rng(seed)
+    q = np.linalg.qr(ppmi @ g.standard_normal((len(warm), dim + 16)))[0]
+    for _ in range(4):
+        q = np.linalg.qr(ppmi @ (ppmi.T @ q))[0]
+    u, s, vt = np.linalg.svd(q.T @ ppmi, full_matrices=False)  # ppmi ~ q @ u @ diag(s) @ vt
+    root = np.sqrt(s[:dim])
+    return warm, (q @ u)[:, :dim] * root, vt[:dim].T * root
+
+
 def cooc_svd(dialogs: list[dict], item_ids: list[str], dim: int = 64, fallback: np.ndarray | None = None,
              seed: int = 0) -> np.ndarray:
     """(N, dim) unit rows from the items' co-occurrence in `dialogs`: a truncated SVD of the positive
@@ -281,29 +315,11 @@ def cooc_svd(dialogs: list[dict], item_ids: list[str], dim: int = 64, fallback: 
     get nearby vectors and, once quantized, shared ID prefixes. An item that co-occurs with nothing
     has no row to factorise: it gets its `fallback` (text) vector mapped into this space by the least
     squares linear map fitted on the items that do, or zeros without a fallback."""
-    idx = {i: k for k, i in enumerate(item_ids)}
     n = len(item_ids)
-    counts = np.zeros((n, n), dtype=np.float32)  # counts[a, b]: dialogs that mention both a and b
-    for d in dialogs:
-        its = sorted({idx[i] for t in d["turns"] for i in t["items"] if i in idx})
-        if len(its) > 1:
-            counts[np.ix_(its, its)] += 1
-    np.fill_diagonal(counts, 0)
-    warm = np.flatnonzero(counts.sum(1) > 0)
     out = np.zeros((n, dim), dtype=np.float32)
-    if len(warm) > dim:
-        c = counts[np.ix_(warm, warm)].astype(np.float64)
-        row = c.sum(1)
-        with np.errstate(divide="ignore"):
-            pmi = np.log(c * c.sum() / np.outer(row, row))
-        ppmi = np.where(c > 0, np.maximum(pmi, 0.0), 0.0)  # (W, W) symmetric
-        # randomized truncated SVD (Halko et al.): a few power iterations on a Gaussian sketch
-        g = np.random.default_rng(seed)
-        q = np.linalg.qr(ppmi @ g.standard_normal((len(warm), dim + 16)))[0]
-        for _ in range(4):
-            q = np.linalg.qr(ppmi @ (ppmi.T @ q))[0]
-        u, s, _ = np.linalg.svd(q.T @ ppmi, full_matrices=False)
-        vec = (q @ u)[:, :dim] * np.sqrt(s[:dim])  # (W, dim)
+    factors = ppmi_factors(cooc_counts(dialogs, item_ids), dim, seed)
+    if factors is not None:
+        warm, vec, _ = factors
         out[warm] = vec / np.linalg.norm(vec, axis=1, keepdims=True).clip(min=1e-12)
         cold = np.setdiff1d(np.arange(n), warm)
         if fallback is not None and len(cold):

@@ -402,11 +402,12 @@ class GPT(nn.Module):
         dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=dtype, pad=pad, prefix=prefix)
 
-    def configure_optimizer(self, lr: float, weight_decay: float, betas=(0.9, 0.95), device_type="cpu"):
-        # decay matrices (and the embedding), not norms or biases
+    def configure_optimizer(self, lr: float, weight_decay: float, betas=(0.9, 0.95), device_type="cpu", keep=()):
+        # decay matrices (and the embedding), not norms, biases or the parameters in `keep`
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        kept = {id(p) for p in keep}
+        decay = [p for p in params if p.dim() >= 2 and id(p) not in kept]
+        no_decay = [p for p in params if p.dim() < 2 or id(p) in kept]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         # one fused kernel for all parameters instead of a loop over them (CUDA, and the CPU since

@@ -113,6 +113,28 @@ class Pointer(nn.Module):
         assert len(trie.item_ids) == self.items, f"the head has {self.items} item rows, the catalogue {len(trie.item_ids)}"
         self.catalogue = (trie, tt.item_path, tt.child_tok.shape[0])
 
+    @torch.no_grad()
+    def init_from_counts(self, warm, left, right, popularity):
+        """Start the association head from the training co-occurrences (train.py --assoc-init counts):
+        warm (W,) item rows, left and right (W, dim) a factorisation left @ right.T of their positive PMI
+        (nanocrs.encoder.ppmi_factors), popularity (items,) how often each item was recommended. Then
+        item_in[j] . item_emb[n] / sqrt(dim) = PMI(j, n) and item_bias = log(1 + popularity), so at
+        step 0 (the query a(h_slot) starts near zero) the head scores item n after the context's items
+        j as  log P(n) + sum_j PMI(j, n): naive Bayes on the counts, which training then corrects. Why:
+        an item's input row learns only on the slots whose context names it, a few times per run, and
+        stays near its zero start (docs/results.md); the counts already hold what it should learn."""
+        assert self.item_context, "the counts' factorisation needs the context rows (--assoc 2)"
+        scale = self.dim ** 0.25  # the scores divide by sqrt(dim): a quarter power on each side
+        rows = torch.as_tensor(warm, dtype=torch.long, device=self.item_in.device)
+        self.item_in[rows] = torch.as_tensor(left, dtype=torch.float32, device=rows.device) * scale
+        self.item_emb.weight[rows] = torch.as_tensor(right, dtype=torch.float32, device=rows.device) * scale
+        self.item_bias.copy_(torch.log1p(torch.as_tensor(popularity, dtype=torch.float32)))
+
+    def count_rows(self) -> list:
+        """The parameters --assoc-init counts starts from the counts: weight decay would pull them back
+        toward no association at all, so the optimizer leaves them out of it."""
+        return [self.item_in, self.item_emb.weight]
+
     def attend(self, h_slot, h_keys, valid):
         """h_slot (S, C) one query per slot, h_keys (S, J, C) its context spans' <EOI> states, the latest
         last, valid (S, J) bool (spans padded on the left) -> (log g (S,), log(1 - g) (S,), a (S, J),
