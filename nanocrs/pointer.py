@@ -53,6 +53,8 @@ one learned input row u per item (zero at the start, so the head begins as witho
 context's item spans j. Why: co-occurrence adds up the evidence of every named item, while the
 slot's state has to squeeze all of them through one vector; the sum gives each named item its own
 say, an item-to-item factorisation (u_j . e_n) beside what the words ask for (a(h_slot) . e_n).
+train.py --assoc-init counts starts u, e and c from the training co-occurrences (init_from_counts):
+at step 0 the head is naive Bayes on the counts, and training corrects it from there.
 """
 
 import math
@@ -122,7 +124,8 @@ class Pointer(nn.Module):
         step 0 (the query a(h_slot) starts near zero) the head scores item n after the context's items
         j as  log P(n) + sum_j PMI(j, n): naive Bayes on the counts, which training then corrects. Why:
         an item's input row learns only on the slots whose context names it, a few times per run, and
-        stays near its zero start (docs/results.md); the counts already hold what it should learn."""
+        stays near its zero start (docs/results.md); the counts already hold what it should learn.
+        The rows of the items that co-occur with nothing keep their start (item_in's is zero)."""
         assert self.item_context, "the counts' factorisation needs the context rows (--assoc 2)"
         scale = self.dim ** 0.25  # the scores divide by sqrt(dim): a quarter power on each side
         rows = torch.as_tensor(warm, dtype=torch.long, device=self.item_in.device)

@@ -266,10 +266,44 @@ def test_train_and_evaluate_with_pointer(dataset_dir, tmp_path):
     assert r.returncode != 0 and "--pointer" in r.stderr
 
 
-@pytest.mark.parametrize("assoc", ["1", "2"])
+def test_count_init_is_naive_bayes_on_the_counts(tok, sids, dataset):
+    """--assoc-init counts: with the query at zero the head scores item n after context items j as
+    log(1 + popularity_n) + sum_j left_j . right_n, the factorised PMI, whatever the head's size."""
+    table = subset(sids, 12)
+    model = pointer_model(tok, table=table, item_context=True)
+    ptr, g = model.pointer, torch.Generator().manual_seed(0)
+    warm = torch.tensor([0, 2, 3, 5, 7, 8, 11])  # the items that co-occur; the rest keep their start
+    left, right = torch.randn(7, 16, generator=g), torch.randn(7, 16, generator=g)
+    popularity = torch.randint(0, 9, (12,), generator=g).float()
+    cold = [1, 4, 6, 9, 10]
+    with torch.no_grad():
+        ptr.qa.weight.zero_()
+        ptr.item_in.zero_()  # as train.py starts it
+    cold_rows = ptr.item_emb.weight[cold].clone()
+    ptr.init_from_counts(warm.numpy(), left.numpy(), right.numpy(), popularity.numpy())
+    assert torch.equal(ptr.item_emb.weight[cold], cold_rows) and not ptr.item_in[cold].any()
+    ctx_item, ctx_ok = torch.tensor([[0, 3, 1, 6], [5, 5, 2, 0]]), torch.tensor([[True, True, False, True], [False, True, True, True]])
+    got = ptr.assoc_probs(torch.randn(2, 32, generator=g), ctx_item, ctx_ok)
+    pmi = torch.zeros(12, 12)
+    pmi[warm[:, None], warm[None, :]] = left @ right.T
+    pmi[warm[:, None], torch.tensor(cold)[None, :]] = left @ cold_rows.T / 16 ** 0.25  # their start, scaled as the rows
+    for s in range(2):
+        named = [int(j) for j, ok in zip(ctx_item[s], ctx_ok[s]) if ok]
+        want = torch.softmax(torch.log1p(popularity) + sum(pmi[j] for j in named), 0)
+        assert torch.allclose(got[s], want, atol=1e-6)
+    assert {id(p) for p in ptr.count_rows()} == {id(ptr.item_in), id(ptr.item_emb.weight)}
+    opt = model.configure_optimizer(1e-3, 0.1, keep=ptr.count_rows())
+    no_decay = {id(p) for p in next(grp for grp in opt.param_groups if grp["weight_decay"] == 0.0)["params"]}
+    assert {id(ptr.item_in), id(ptr.item_emb.weight)} <= no_decay and id(ptr.qa.weight) not in no_decay
+
+
+@pytest.mark.parametrize("assoc", ["1", "2", "2+counts"])
 def test_train_and_evaluate_with_association_head(dataset_dir, tmp_path, assoc):
-    out = run_train(dataset_dir, str(tmp_path / "A"), ["--pointer", "8", "--assoc", assoc, "--max-steps", "3"])
+    extra = ["--assoc-init", "counts"] if assoc.endswith("+counts") else []
+    assoc = assoc.split("+")[0]
+    out = run_train(dataset_dir, str(tmp_path / "A"), ["--pointer", "8", "--assoc", assoc, "--max-steps", "3"] + extra)
     model, config, tok, sids = checkpoint.load(out)
+    assert config["train"]["assoc_init"] == ("counts" if extra else "zero")
     assert model.pointer.items == len(sids.item_ids) == config["model"]["pointer"]["items"]
     assert model.pointer.item_emb.weight.shape == (len(sids.item_ids), 8)
     assert model.pointer.item_context == (assoc == "2") == config["model"]["pointer"].get("item_context", False)
@@ -284,3 +318,7 @@ def test_train_and_evaluate_with_association_head(dataset_dir, tmp_path, assoc):
     r = run_cli("train.py", "--data", dataset_dir, "--out", str(tmp_path / "B"), "--assoc", "1", "--max-steps", "2")
     assert r.returncode != 0 and "--pointer" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "B" / "config.json").exists()
+    if extra:  # the counts' factorisation needs the context rows
+        r = run_cli("train.py", "--data", dataset_dir, "--out", str(tmp_path / "C"), "--pointer", "8", "--assoc", "1",
+                    "--assoc-init", "counts", "--max-steps", "2")
+        assert r.returncode != 0 and "--assoc 2" in r.stderr.strip().splitlines()[-1]

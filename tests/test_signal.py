@@ -16,7 +16,7 @@ import numpy as np
 from conftest import REPO
 from nanocrs.data import Renderer, load_dataset
 from nanocrs.datasets import build_inspired, build_redial
-from nanocrs.encoder import cooc_svd, item_features
+from nanocrs.encoder import cooc_counts, cooc_svd, item_features, ppmi_factors
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import BOI, EOI, MODE_REC, RESP, Tokenizer, added_tokens
 
@@ -110,6 +110,28 @@ def test_cooc_features_group_items_that_co_occur():
     assert within > across + 0.5
     both = item_features(text, dialogs, ids, "text+cooc", dim=4)
     assert both.shape == (40, 12) and np.allclose(np.linalg.norm(both, axis=1), 1, atol=1e-5)
+
+
+def test_ppmi_factors_are_the_best_low_rank_ppmi():
+    """cooc_counts counts dialogs per pair; ppmi_factors' left @ right.T is the best rank-dim
+    approximation of the positive PMI of the items that co-occur (exact here: the sketch spans them all)."""
+    rng = np.random.default_rng(0)
+    ids = [f"i{k}" for k in range(24)]
+    dialogs = [{"turns": [{"role": "user", "items": [ids[i] for i in rng.choice(20, size=4, replace=False)]},
+                          {"role": "assistant", "items": [ids[0]]}]} for _ in range(60)]
+    counts = cooc_counts(dialogs, ids)
+    assert counts[0, 0] == 0 and np.array_equal(counts, counts.T) and not counts[20:].any()
+    pair = [sum(1 for d in dialogs if {ids[1], ids[2]} <= {i for t in d["turns"] for i in t["items"]})]
+    assert counts[1, 2] == pair[0]
+    warm, left, right = ppmi_factors(counts, dim=5)
+    assert list(warm) == list(range(20)) and left.shape == right.shape == (20, 5)
+    c = counts[:20, :20].astype(np.float64)
+    with np.errstate(divide="ignore"):
+        pmi = np.log(c * c.sum() / np.outer(c.sum(1), c.sum(0)))
+    ppmi = np.where(c > 0, np.maximum(pmi, 0), 0)
+    u, s, vt = np.linalg.svd(ppmi)
+    assert np.allclose(left @ right.T, (u[:, :5] * s[:5]) @ vt[:5], atol=1e-8)
+    assert ppmi_factors(counts, dim=20) is None  # no more co-occurring items than the rank: nothing to factorise
 
 
 def test_random_ids_control(tmp_path):
