@@ -1,0 +1,82 @@
+"""
+What does each part of the recommendation slot rank on its own? For a checkpoint trained with the
+association head (train.py --assoc 2), on the fresh samples of a split (gold not named before): the
+Recall@10 of the association head alone, of its two query terms alone (the slot state's a(h_slot)
+and the context items' sum of input rows), and the mean shares the gate gives the language model's
+SID path, the copy head and the association head (nanocrs/pointer.py).
+
+    python dev/heads.py --ckpt out/redial-s0 --data data/redial --split val
+
+A diagnostic, not an eval: the item scores are the head's logits (a(h) + sum_j u_j) . e_n / sqrt(d)
++ c_n, or one query term of them with the bias, ranked over the whole catalogue (context items
+included, as the eval does); the eval's beam search ranks the whole mixture.
+"""
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nanocrs import checkpoint  # noqa: E402
+from nanocrs.data import Renderer, load_dataset, rec_samples  # noqa: E402
+from nanocrs.generate import SIDTrie  # noqa: E402
+from nanocrs.pointer import find_spans  # noqa: E402
+from nanocrs.tokenizer import Control  # noqa: E402
+
+TOP = 10
+
+
+@torch.no_grad()
+def head_recalls(model, rd: Renderer, trie: SIDTrie, dialogs: list[dict]) -> tuple[dict, list, int]:
+    """({query: Recall@10 on the fresh samples}, mean gate shares [SID path, copy, association], samples)."""
+    ptr, ctrl = model.pointer, rd.ctrl
+    assert ptr is not None and ptr.item_context, "needs a checkpoint trained with --pointer N --assoc 2"
+    hits, shares = {"a(h) + sum u": 0, "sum u": 0, "a(h)": 0}, torch.zeros(3, dtype=torch.float64)
+    n = 0
+    for d, t, gold, fresh in rec_samples(dialogs):
+        if not fresh:
+            continue
+        ids, targets = rd.example(d["turns"][:t], d["turns"][t])
+        # the slot: the supervised <BOI> right after <MODE=REC>; the prompt ends there
+        s0 = next(p for p in range(1, len(ids)) if ids[p] == ctrl.boi and ids[p - 1] == ctrl.mode_rec and targets[p] != -1)
+        x = ids[:s0 + 1]
+        _, h = model(torch.tensor([x]), return_hidden=True)                       # (1, T, C)
+        spans = [(e, i) for s, e in find_spans(x, ctrl.boi, ctrl.eoi, s0) if (i := trie.item_index(x[s + 1:e])) is not None]
+        item = torch.tensor([[i for _, i in spans] or [0]])                         # (1, J)
+        ok = torch.tensor([[True] * len(spans) or [False]])
+        h_slot = h[0, s0][None]                                                     # (1, C)
+        log_g, log_1mg, a, share = ptr.attend(h_slot, h[0, torch.tensor([e for e, _ in spans] or [0])][None], ok)
+        g = math.exp(float(log_g))
+        shares += torch.tensor([math.exp(float(log_1mg)), float(a.sum()) * g, float(share) * g], dtype=torch.float64)
+        q = ptr.qa(h_slot).float()
+        u = (ptr.item_in.float()[item] * ok[..., None]).sum(1)
+        gold_row = trie.index[gold]
+        for name, query in (("a(h) + sum u", q + u), ("sum u", u), ("a(h)", q)):
+            s = (query @ ptr.item_emb.weight.float().T / math.sqrt(ptr.dim) + ptr.item_bias.float())[0]
+            hits[name] += int((s > s[gold_row]).sum()) < TOP
+        n += 1
+    return {k: v / max(n, 1) for k, v in hits.items()}, (shares / max(n, 1)).tolist(), n
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model, config, tok, sids = checkpoint.load(a.ckpt)
+    model.eval()
+    rd = Renderer(tok, sids, model.config.block_size)
+    recalls, shares, n = head_recalls(model, rd, SIDTrie.build(sids, tok), load_dataset(a.data)[a.split])
+    print(f"{a.ckpt}: {n} fresh {a.split} samples; Recall@{TOP} of the association head alone: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in recalls.items())
+          + f"; mean gate shares SID path {shares[0]:.3f}, copy {shares[1]:.3f}, association {shares[2]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
