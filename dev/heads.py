@@ -1,9 +1,10 @@
 """
 What does each part of the recommendation slot rank on its own? For a checkpoint trained with the
-association head (train.py --assoc 2), on the fresh samples of a split (gold not named before): the
-Recall@10 of the association head alone, of its two query terms alone (the slot state's a(h_slot)
-and the context items' sum of input rows), and the mean shares the gate gives the language model's
-SID path, the copy head and the association head (nanocrs/pointer.py).
+association head (train.py --assoc 1 or 2), on the fresh samples of a split (gold not named
+before): the Recall@10 of the association head alone, of its two query terms alone (the slot
+state's a(h_slot) and, with --assoc 2, the context items' sum of input rows), and the mean shares
+the gate gives the language model's SID path, the copy head and the association head
+(nanocrs/pointer.py).
 
     python dev/heads.py --ckpt out/redial-s0 --data data/redial --split val
 
@@ -32,8 +33,9 @@ TOP = 10
 def head_recalls(model, rd: Renderer, trie: SIDTrie, dialogs: list[dict]) -> tuple[dict, list, int]:
     """({query: Recall@10 on the fresh samples}, mean gate shares [SID path, copy, association], samples)."""
     ptr, ctrl = model.pointer, rd.ctrl
-    assert ptr is not None and ptr.item_context, "needs a checkpoint trained with --pointer N --assoc 2"
-    hits, shares = {"a(h) + sum u": 0, "sum u": 0, "a(h)": 0}, torch.zeros(3, dtype=torch.float64)
+    assert ptr is not None and ptr.items, "needs a checkpoint trained with --pointer N --assoc 1 or 2"
+    queries = ("a(h) + sum u", "sum u", "a(h)") if ptr.item_context else ("a(h)",)  # --assoc 1: no context rows
+    hits, shares = dict.fromkeys(queries, 0), torch.zeros(3, dtype=torch.float64)
     n = 0
     for d, t, gold, fresh in rec_samples(dialogs):
         if not fresh:
@@ -51,9 +53,9 @@ def head_recalls(model, rd: Renderer, trie: SIDTrie, dialogs: list[dict]) -> tup
         g = math.exp(float(log_g))
         shares += torch.tensor([math.exp(float(log_1mg)), float(a.sum()) * g, float(share) * g], dtype=torch.float64)
         q = ptr.qa(h_slot).float()
-        u = (ptr.item_in.float()[item] * ok[..., None]).sum(1)
+        u = (ptr.item_in.float()[item] * ok[..., None]).sum(1) if ptr.item_context else 0.0
         gold_row = trie.index[gold]
-        for name, query in (("a(h) + sum u", q + u), ("sum u", u), ("a(h)", q)):
+        for name, query in zip(queries, (q + u, u, q) if ptr.item_context else (q,)):
             s = (query @ ptr.item_emb.weight.float().T / math.sqrt(ptr.dim) + ptr.item_bias.float())[0]
             hits[name] += int((s > s[gold_row]).sum()) < TOP
         n += 1
@@ -70,6 +72,8 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     model, config, tok, sids = checkpoint.load(a.ckpt)
+    if model.pointer is None or not model.pointer.items:
+        sys.exit(f"error: {a.ckpt}: no association head (trained without --assoc); nothing to take apart")
     model.eval()
     rd = Renderer(tok, sids, model.config.block_size)
     recalls, shares, n = head_recalls(model, rd, SIDTrie.build(sids, tok), load_dataset(a.data)[a.split])
