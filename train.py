@@ -48,6 +48,7 @@ from nanocrs.data import (DataError, Renderer, check_catalogue, collate, epoch_b
                           reorder_items_only, training_dialogs)
 from nanocrs.encoder import cooc_counts, ppmi_factors
 from nanocrs.generate import SIDTrie
+from nanocrs.metrics import recommended_counts
 from nanocrs.mfu import peak_flops, train_flops
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.pointer import pointer_spec
@@ -268,14 +269,8 @@ def count_init(pointer, dialogs: list[dict], item_ids: list[str], seed: int):
     if factors is None:
         raise TrainingError(f"--assoc-init counts: no more than {pointer.dim} items co-occur in the training "
                             f"dialogs, too few to factorise (train without it)")
-    row = {i: k for k, i in enumerate(item_ids)}
-    popularity = np.zeros(len(item_ids), dtype=np.float32)
-    for d in dialogs:
-        for t in d["turns"]:
-            if t["role"] == "assistant":
-                for i in t["items"]:
-                    if i in row:
-                        popularity[row[i]] += 1
+    recommended = recommended_counts(dialogs)
+    popularity = np.array([recommended[i] for i in item_ids], dtype=np.float32)
     pointer.init_from_counts(*factors, popularity)
     print0(f"association head: started from the counts of {len(dialogs)} dialogs ({len(factors[0])} items co-occur)")
 

@@ -59,11 +59,16 @@ def rank_metrics(ranks: list[int]) -> dict:
     return m
 
 
+def recommended_counts(dialogs: list[dict]) -> Counter:
+    """item -> how many times a recommender (assistant) turn of `dialogs` mentions it."""
+    return Counter(i for d in dialogs for t in d["turns"] if t["role"] == "assistant" for i in t["items"])
+
+
 class Popularity:
     """Items ranked by recommender mentions in the training dialogs (ties: id order, deterministic)."""
 
     def __init__(self, train_dialogs: list[dict], catalogue: list[str]):
-        counts = Counter(i for d in train_dialogs for t in d["turns"] if t["role"] == "assistant" for i in t["items"])
+        counts = recommended_counts(train_dialogs)
         self.ranked = sorted(catalogue, key=lambda i: (-counts[i], i))
 
     def rank(self, context: list[dict], k: int = 50) -> list[str]:
