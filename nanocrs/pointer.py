@@ -55,6 +55,16 @@ slot's state has to squeeze all of them through one vector; the sum gives each n
 say, an item-to-item factorisation (u_j . e_n) beside what the words ask for (a(h_slot) . e_n).
 train.py --assoc-init counts starts u, e and c from the training co-occurrences (init_from_counts):
 at step 0 the head is naive Bayes on the counts, and training corrects it from there.
+
+Item sequences name each item once (train.py --distinct-sequences 1). An item-sequence dialog (ReDial's
+E19 lists, data.py "items_only") is a list of distinct items, so at its slots a repeat can not happen
+by construction: scored plainly they teach the gate that recommenders never repeat (in ReDial they
+hold most of the training slots and none of the repeats, while a tenth of the text dialogs' slots
+repeat). Those slots are scored by the conditional given "not an item of the context" instead: no
+copy component, and P_assoc renormalised over the items the context did not name. The SID path's
+own mass on the context's items stays in (taking it out would need the language model's probability
+of every context ID at every slot). A slot is an item-sequence slot when its <EOI> is not followed
+by <RESP>: the rendering of an items-only assistant turn (Renderer.turn_ids).
 """
 
 import math
@@ -67,13 +77,16 @@ RECENCY = 16      # context spans further back than this share the last recency 
 TINY = 1e-30      # floor of P_copy inside a log: log(0) would make the gradient NaN
 
 
-def pointer_spec(ctrl, dim: int = 64, items: int = 0, item_context: bool = False) -> dict:
+def pointer_spec(ctrl, dim: int = 64, items: int = 0, item_context: bool = False, distinct_sequences: bool = False) -> dict:
     """What GPTConfig.pointer holds: the copy head's size, the control tokens it reads and, with the
-    association head, the catalogue size (0: copy only) and whether its query reads the context's items."""
+    association head, the catalogue size (0: copy only) and whether its query reads the context's items;
+    distinct_sequences: score item-sequence slots given "no repeat" (the <RESP> id marks text turns)."""
     assert items or not item_context, "item_context is part of the association head: it needs items"
     spec = {"dim": dim, "boi": ctrl.boi, "eoi": ctrl.eoi, "mode_rec": ctrl.mode_rec}
     if item_context:
         spec["item_context"] = True
+    if distinct_sequences:
+        spec["distinct_sequences"] = ctrl.resp
     return {**spec, "items": items} if items else spec
 
 
@@ -107,6 +120,7 @@ class Pointer(nn.Module):
         self.item_context = bool(spec.get("item_context", False))
         if self.item_context:  # one input row per item, summed over the context's items (zero: starts as without)
             self.item_in = nn.Parameter(torch.zeros(self.items, self.dim))
+        self.resp = spec.get("distinct_sequences")  # None: every slot scored plainly
         self.catalogue = None  # (SIDTrie, item_path (items, depth), nodes): what training needs (bind)
 
     def bind(self, trie, tt):
@@ -138,18 +152,19 @@ class Pointer(nn.Module):
         toward no association at all, so the optimizer leaves them out of it."""
         return [self.item_in, self.item_emb.weight]
 
-    def attend(self, h_slot, h_keys, valid):
+    def attend(self, h_slot, h_keys, valid, no_copy=None):
         """h_slot (S, C) one query per slot, h_keys (S, J, C) its context spans' <EOI> states, the latest
         last, valid (S, J) bool (spans padded on the left) -> (log g (S,), log(1 - g) (S,), a (S, J),
         b (S,)): the gate, the copy weights over the spans and the association head's weight, as shares
         of g (a.sum(1) + b = 1 wherever g > 0). Without the association head b = 0, and a slot with no
-        valid span gets g = 0."""
+        valid span gets g = 0; no_copy (S,) bool: slots whose copy component is off (the rest renormalises)."""
         S, J = valid.shape
         s = torch.einsum("sd,sjd->sj", self.q(h_slot).float(), self.k(h_keys).float()) / math.sqrt(self.dim)
         rank = (J - 1 - torch.arange(J, device=valid.device)).clamp(max=RECENCY - 1)  # (J,) 0 = latest
         s = (s + self.recency[rank]).masked_fill(~valid, float("-inf"))
         a = torch.softmax(s.masked_fill(~valid.any(1, keepdim=True), 0.0), -1) * valid  # no NaN rows
-        z_copy = self.gate(h_slot).float().squeeze(-1).masked_fill(~valid.any(1), float("-inf"))
+        no_copy = ~valid.any(1) if no_copy is None else no_copy | ~valid.any(1)
+        z_copy = self.gate(h_slot).float().squeeze(-1).masked_fill(no_copy, float("-inf"))
         z_assoc = (self.gate_assoc(h_slot).float().squeeze(-1) if self.items
                    else torch.full_like(z_copy, float("-inf")))
         log_w = torch.log_softmax(torch.stack([torch.zeros_like(z_copy), z_copy, z_assoc], -1), -1)  # (S, 3)
@@ -158,15 +173,19 @@ class Pointer(nn.Module):
         share = torch.where(ok[:, None], (log_w[:, 1:] - log_g.masked_fill(~ok, 0.0)[:, None]).exp(), 0.0)  # (S, 2)
         return log_g, log_w[:, 0], a * share[:, :1], share[:, 1]
 
-    def assoc_probs(self, h_slot, ctx_item=None, ctx_ok=None):
+    def assoc_probs(self, h_slot, ctx_item=None, ctx_ok=None, exclude=None):
         """h_slot (S, C) -> P_assoc (S, items), in float32. With item_context the query also sums the
         input rows of the items the context named: ctx_item (S, J) catalogue indices, ctx_ok (S, J)
-        bool (False: padding, or a span that names no catalogue item)."""
+        bool (False: padding, or a span that names no catalogue item). exclude (S,) bool: those slots'
+        P_assoc is renormalised over the items their context did not name."""
         query = self.qa(h_slot).float()  # (S, dim)
         if self.item_context:  # every named item adds its own evidence, as each adds its counts to co-occurrence
             query = query + (self.item_in.float()[ctx_item] * ctx_ok[..., None]).sum(1)
-        s = query @ self.item_emb.weight.float().T / math.sqrt(self.dim)
-        return torch.softmax(s + self.item_bias.float(), -1)
+        s = query @ self.item_emb.weight.float().T / math.sqrt(self.dim) + self.item_bias.float()
+        if exclude is not None and bool(exclude.any()):
+            named = torch.zeros_like(s, dtype=torch.bool).scatter_(1, ctx_item, ctx_ok & exclude[:, None])
+            s = s.masked_fill(named, float("-inf"))
+        return torch.softmax(s, -1)
 
     def assoc_node_mass(self, p, item_path, nodes):
         """P_assoc (S, items) -> (S, nodes) the mass of the items under each trie node (0 at OUT, the
@@ -195,7 +214,8 @@ class Pointer(nn.Module):
             spans = find_spans(ids[b], self.boi, self.eoi)
             for i, (s0, s1) in enumerate(spans):  # without context items only the association head mixes in
                 if (i > 0 or self.items) and s0 > 0 and ids[b][s0 - 1] == self.mode_rec and sup[b][s0]:
-                    slots.append((b, s0, s1 - s0 - 1, spans[:i]))
+                    once = self.resp is not None and i > 0 and (s1 + 1 == len(ids[b]) or ids[b][s1 + 1] != self.resp)
+                    slots.append((b, s0, s1 - s0 - 1, spans[:i], once))
         if not slots:  # every parameter still takes part in the graph (DDP waits for all gradients)
             anchor = sum(p.sum() for p in self.parameters()) * 0.0
             nll = nll + anchor
@@ -205,15 +225,15 @@ class Pointer(nn.Module):
 
     def _mix(self, x, ids, nll, row_of, slots, T):
         S, dev = len(slots), x.device
-        J = max(len(ctx) for *_, ctx in slots)
-        D = max(max(L for _, _, L, _ in slots), max((e - s - 1 for *_, ctx in slots for s, e in ctx), default=0))  # longest ID
+        J = max(len(ctx) for *_, ctx, _ in slots)
+        D = max(max(L for _, _, L, _, _ in slots), max((e - s - 1 for *_, ctx, _ in slots for s, e in ctx), default=0))  # longest ID
         key_pos = torch.zeros(S, J, dtype=torch.long)                 # flat positions of the <EOI>s
         valid = torch.zeros(S, J, dtype=torch.bool)
         ctx_tok = torch.full((S, J, D), -2, dtype=torch.long)         # -2 never equals a token
         tgt_tok = torch.full((S, D), -1, dtype=torch.long)
         tgt_row = torch.zeros(S, D, dtype=torch.long)                 # rows of nll of the slot's tokens
         length = torch.zeros(S, dtype=torch.long)
-        for n, (b, s0, L, ctx) in enumerate(slots):
+        for n, (b, s0, L, ctx, _) in enumerate(slots):
             for j, (cs, ce) in enumerate(ctx, start=J - len(ctx)):    # left-padded: the latest span last
                 key_pos[n, j], valid[n, j] = b * T + ce, True
                 ctx_tok[n, j, :ce - cs - 1] = torch.tensor(ids[b][cs + 1:ce])
@@ -225,21 +245,22 @@ class Pointer(nn.Module):
         within = torch.arange(D, device=dev) < length[:, None]        # (S, D) real SID positions
         assert bool((rows[within] >= 0).all()), "a slot's SID tokens are supervised"
         xf = x.reshape(-1, x.shape[-1])
-        h_slot = xf[torch.tensor([b * T + s0 for b, s0, _, _ in slots], device=dev)]
-        log_g, log_1mg, a, share = self.attend(h_slot, xf[key_pos], valid)
+        h_slot = xf[torch.tensor([b * T + s0 for b, s0, *_ in slots], device=dev)]
+        once = torch.tensor([o for *_, o in slots], dtype=torch.bool, device=dev)  # item-sequence slots: no repeat
+        log_g, log_1mg, a, share = self.attend(h_slot, xf[key_pos], valid, once)
         # p_aux: the heads' mass of each prefix of the slot's ID, first the context spans that start with it
         match = (ctx_tok == tgt_tok[:, None, :]).long().cumprod(-1).float()      # (S, J, D)
         p_aux = torch.einsum("sj,sjd->sd", a, match)                              # (S, D)
         if self.items:  # and the association head's mass of the items under each prefix
             assert self.catalogue is not None, "the association head trains with its catalogue: Pointer.bind"
             trie, item_path, nodes = self.catalogue
-            target = [trie.item_index(ids[b][s0 + 1:s0 + 1 + L]) for b, s0, L, _ in slots]
+            target = [trie.item_index(ids[b][s0 + 1:s0 + 1 + L]) for b, s0, L, *_ in slots]
             assert None not in target, "a REC slot names an item outside the catalogue"
             ctx_item = ctx_ok = None
-            if self.item_context:  # the context spans' catalogue indices, laid out as key_pos (-1: none)
+            if self.item_context or bool(once.any()):  # the context spans' catalogue indices, laid out as key_pos (-1: none)
                 ctx_item = torch.zeros(S, J, dtype=torch.long)
                 index = {}  # (row, <BOI> position) -> catalogue index: slots of one dialog share their spans
-                for n, (b, _, _, ctx) in enumerate(slots):
+                for n, (b, _, _, ctx, _) in enumerate(slots):
                     for j, (cs, ce) in enumerate(ctx, start=J - len(ctx)):
                         if (b, cs) not in index:
                             i = trie.item_index(ids[b][cs + 1:ce])
@@ -248,7 +269,7 @@ class Pointer(nn.Module):
                 ctx_ok = valid & (ctx_item >= 0).to(dev)
                 ctx_item = ctx_item.clamp(min=0).to(dev)
             path = item_path.to(dev)
-            p_assoc = self.assoc_probs(h_slot, ctx_item, ctx_ok)
+            p_assoc = self.assoc_probs(h_slot, ctx_item, ctx_ok, once)
             node_mass = self.assoc_node_mass(p_assoc, path, nodes)  # (S, nodes)
             at = path[torch.tensor(target, device=dev)]                              # (S, depth) the target's nodes
             at = F.pad(at, (0, max(0, D - at.shape[1])), value=nodes - 1)[:, :D]     # OUT (mass 0) past its end

@@ -27,14 +27,14 @@ from test_generate import SpanChecker, subset
 BLOCK = 256
 
 
-def pointer_model(tok, seed=0, gate_bias=None, table=None, item_context=False):
+def pointer_model(tok, seed=0, gate_bias=None, table=None, item_context=False, distinct=False):
     """An untrained tiny model with a copy head whose attention is far from uniform; with a table,
     also the association head over its items (bound to its trie), its scores far from uniform too,
     and with item_context its query reading the context's items (input rows random, not zero)."""
     torch.manual_seed(seed)
     items = len(table.item_ids) if table is not None else 0
     m = GPT(GPTConfig(vocab_size=len(tok), block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
-                      tie_embeddings=False, pointer=pointer_spec(Control.of(tok), 16, items, item_context)))
+                      tie_embeddings=False, pointer=pointer_spec(Control.of(tok), 16, items, item_context, distinct)))
     with torch.no_grad():
         m.lm_head.weight.mul_(20.0)
         m.pointer.q.weight.mul_(30.0)
@@ -175,6 +175,54 @@ def test_association_head_loss_is_the_three_way_mixture(tok, sids, dataset, item
     model.pointer = type(model.pointer)(32, pointer_spec(Control.of(tok), 16, len(sids.item_ids)))
     with pytest.raises(AssertionError, match="bind"):
         model(x, y)
+
+
+@pytest.mark.parametrize("item_context", [False, True])
+def test_item_sequence_slots_are_scored_given_no_repeat(tok, sids, dataset, item_context):
+    """--distinct-sequences: at the slot of an items-only turn (no <RESP> after its ID) the mixture has
+    no copy component and P_assoc is renormalised over the items the context did not name; a text
+    turn's slot is scored as without the option, and so is everything with it off."""
+    rd = Renderer(tok, sids, BLOCK)
+    trie = SIDTrie.build(sids, tok)
+    a, b, c = sids.item_ids[:3]
+    seq = [{"role": "user", "text": f"@{{{a}}}", "items": [a]}, {"role": "assistant", "text": f"@{{{b}}}", "items": [b]}]
+    (ids, targets), = rd.dialog_windows({"items_only": True, "turns": seq + [{"role": "assistant", "text": f"@{{{c}}}", "items": [c]}]})
+    x, y = torch.tensor([ids]), torch.tensor([targets])
+    s0 = max(p for p in range(1, x.shape[1]) if x[0, p] == rd.ctrl.boi and x[0, p - 1] == rd.ctrl.mode_rec)
+    assert x[0, -1] == rd.ctrl.eoi  # the rendering the option keys on: no <RESP> after the ID
+    plain_model = pointer_model(tok, table=sids, item_context=item_context)
+    model = pointer_model(tok, table=sids, item_context=item_context, distinct=True)
+    model.load_state_dict(plain_model.state_dict())
+    with torch.no_grad():
+        per, base = model(x, y, reduction="none")[1], plain_model(x, y, reduction="none")[1]
+        logits, h = model(x, return_hidden=True)
+    rows = (y[0] != -1).nonzero().squeeze(1)
+    plain = F.cross_entropy(logits[0, rows], y[0, rows], reduction="none")
+    L = len(sids.tokens(c))
+    slot = [(rows == s0 + l).nonzero().item() for l in range(L)]
+    ptr, ids = model.pointer, x[0].tolist()
+    with torch.no_grad():
+        hs = h[0, s0]
+        w = torch.softmax(torch.tensor([0.0, float(ptr.gate_assoc(hs))]), 0).tolist()  # no copy weight
+        named = [trie.item_index(ids[s + 1:e]) for s, e in find_spans(ids, rd.ctrl.boi, rd.ctrl.eoi, s0)]
+        assert sorted(named) == sorted([trie.index[a], trie.index[b]])
+        query = ptr.qa(hs) + (sum(ptr.item_in[i] for i in named) if item_context else 0.0)
+        score = query @ ptr.item_emb.weight.T / 4.0 + ptr.item_bias
+        score[named] = float("-inf")
+        p_assoc = torch.softmax(score, 0)[trie.index[c]]
+    p_gen = math.exp(-float(plain[slot].sum()))
+    want = -math.log(w[0] * p_gen + w[1] * float(p_assoc)) - math.log(p_gen)
+    assert float(per[slot].sum()) == pytest.approx(want, rel=1e-4)
+    assert abs(float(per[slot].sum()) - float(base[slot].sum())) > 1e-3  # the option changed this slot
+    # a text turn's slot (its ID followed by <RESP>) is scored as without the option
+    ctx, item = dialog_with_mentions(dataset, sids)
+    x, y, _ = slot_example(rd, ctx, item)
+    with torch.no_grad():
+        assert torch.equal(model(x, y, reduction="none")[1], plain_model(x, y, reduction="none")[1])
+    # and a gradient still reaches every parameter of the head from an items-only slot alone
+    model.train()
+    model(torch.tensor([ids]), torch.tensor([targets]), reduction="sum")[1].backward()
+    assert all(p.grad is not None for n, p in model.pointer.named_parameters())
 
 
 @pytest.mark.parametrize("seed,assoc", [(0, False), (1, False), (0, True), (0, "item_context")])
