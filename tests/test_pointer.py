@@ -345,13 +345,17 @@ def test_count_init_is_naive_bayes_on_the_counts(tok, sids, dataset):
     assert {id(ptr.item_in), id(ptr.item_emb.weight)} <= no_decay and id(ptr.qa.weight) not in no_decay
 
 
-@pytest.mark.parametrize("assoc", ["1", "2", "2+counts"])
+@pytest.mark.parametrize("assoc", ["1", "2", "2+counts+distinct"])
 def test_train_and_evaluate_with_association_head(dataset_dir, tmp_path, assoc):
-    extra = ["--assoc-init", "counts"] if assoc.endswith("+counts") else []
-    assoc = assoc.split("+")[0]
+    assoc, *options = assoc.split("+")
+    extra = (["--assoc-init", "counts"] if "counts" in options else []) + \
+            (["--distinct-sequences", "1"] if "distinct" in options else [])
     out = run_train(dataset_dir, str(tmp_path / "A"), ["--pointer", "8", "--assoc", assoc, "--max-steps", "3"] + extra)
     model, config, tok, sids = checkpoint.load(out)
     assert config["train"]["assoc_init"] == ("counts" if extra else "zero")
+    # --distinct-sequences is part of the model's spec (how its slots are scored), read back with it
+    assert model.pointer.resp == config["model"]["pointer"].get("distinct_sequences") == \
+        (Control.of(tok).resp if "distinct" in options else None)
     assert model.pointer.items == len(sids.item_ids) == config["model"]["pointer"]["items"]
     assert model.pointer.item_emb.weight.shape == (len(sids.item_ids), 8)
     assert model.pointer.item_context == (assoc == "2") == config["model"]["pointer"].get("item_context", False)
@@ -370,3 +374,5 @@ def test_train_and_evaluate_with_association_head(dataset_dir, tmp_path, assoc):
         r = run_cli("train.py", "--data", dataset_dir, "--out", str(tmp_path / "C"), "--pointer", "8", "--assoc", "1",
                     "--assoc-init", "counts", "--max-steps", "2")
         assert r.returncode != 0 and "--assoc 2" in r.stderr.strip().splitlines()[-1]
+        r = run_cli("train.py", "--data", dataset_dir, "--out", str(tmp_path / "D"), "--distinct-sequences", "1", "--max-steps", "2")
+        assert r.returncode != 0 and "--pointer" in r.stderr.strip().splitlines()[-1]
