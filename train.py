@@ -117,6 +117,9 @@ def get_args(argv=None, given: set | None = None):
                    help="counts: with --assoc 2, start the association head from the training dialogs' "
                         "co-occurrences (log popularity + the items' PMI, factorised; Pointer.init_from_counts) "
                         "and keep its item rows out of weight decay")
+    p.add_argument("--assoc-fresh", type=int, default=0,
+                   help="1: with --assoc, the association head ranks only the items the dialog has not named yet "
+                        "(repeating is the copy head's, which knows which item came last)")
     p.add_argument("--distinct-sequences", type=int, default=0,
                    help="1: with --pointer, score the slots of item sequences (which name each item once) given "
                         "'not an item of the context': no copy component there, the association head renormalised "
@@ -162,7 +165,7 @@ def get_args(argv=None, given: set | None = None):
 LOCAL_FLAGS = ("resume", "out", "device", "threads")
 # the model's shape: fixed by the checkpoint's weights
 MODEL_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "dropout", "init_from", "lora_rank",
-               "lora_alpha", "lora_dropout", "pointer", "assoc", "distinct_sequences")
+               "lora_alpha", "lora_dropout", "pointer", "assoc", "distinct_sequences", "assoc_fresh")
 
 
 def resume_flags(a, given: set, config: dict):
@@ -243,10 +246,12 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
         raise TrainingError("--assoc 1 mixes into the copy head's slot: it needs --pointer (e.g. --pointer 64)")
     if a.assoc_init == "counts" and a.assoc != 2:
         raise TrainingError("--assoc-init counts factorises item-to-item counts: it needs --assoc 2")
+    if a.assoc_fresh and not a.assoc:
+        raise TrainingError("--assoc-fresh 1 changes what the association head ranks: it needs --assoc 1 or 2")
     if a.distinct_sequences and not a.pointer:
         raise TrainingError("--distinct-sequences 1 changes how the copy head's slots are scored: it needs --pointer")
     n_items = len(sids.item_ids) if a.assoc else 0
-    spec = pointer_spec(Control.of(tok), a.pointer, n_items, a.assoc == 2, bool(a.distinct_sequences)) if a.pointer else {}
+    spec = pointer_spec(Control.of(tok), a.pointer, n_items, a.assoc == 2, bool(a.distinct_sequences), bool(a.assoc_fresh)) if a.pointer else {}
     if not a.init_from:
         torch.manual_seed(a.seed)
         cfg = GPTConfig(vocab_size=len(tok), block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
@@ -260,7 +265,7 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
     model, tok, first_new = prepare(a.init_from, added_tokens(sids), a.block_size, a.lora_rank, a.lora_alpha,
                                     a.lora_dropout, c.device, c.base_dtype)
     if a.pointer:  # the backbone's own tokenizer: the control tokens' ids are its added ones
-        model.add_pointer(pointer_spec(Control.of(tok), a.pointer, n_items, a.assoc == 2, bool(a.distinct_sequences)))
+        model.add_pointer(pointer_spec(Control.of(tok), a.pointer, n_items, a.assoc == 2, bool(a.distinct_sequences), bool(a.assoc_fresh)))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"backbone {a.init_from}: {len(tok) - first_new} tokens added at id {first_new}; "
           f"{n_train / 1e6:.2f}M of {model.num_params() / 1e6:.1f}M parameters train")

@@ -56,6 +56,14 @@ say, an item-to-item factorisation (u_j . e_n) beside what the words ask for (a(
 train.py --assoc-init counts starts u, e and c from the training co-occurrences (init_from_counts):
 at step 0 the head is naive Bayes on the counts, and training corrects it from there.
 
+Repeats are the copy head's (train.py --assoc-fresh 1): P_assoc ranks only the items the context has
+not named, in training and in decoding. Why: started from the counts, the head scores a named item
+through its own row (a low-rank PMI gives an item a large association with itself) and through the
+other named items, with no sense of which came last, while the copy head has recency; measured, the
+model's top item was a context item on most samples, but seldom the latest one, the one a repeat
+names. Split this way the gate learns how often recommenders repeat, the copy head which item, and
+the association head which new item.
+
 Item sequences name each item once (train.py --distinct-sequences 1). An item-sequence dialog (ReDial's
 E19 lists, data.py "items_only") is a list of distinct items, so at its slots a repeat can not happen
 by construction: scored plainly they teach the gate that recommenders never repeat (in ReDial they
@@ -77,16 +85,20 @@ RECENCY = 16      # context spans further back than this share the last recency 
 TINY = 1e-30      # floor of P_copy inside a log: log(0) would make the gradient NaN
 
 
-def pointer_spec(ctrl, dim: int = 64, items: int = 0, item_context: bool = False, distinct_sequences: bool = False) -> dict:
+def pointer_spec(ctrl, dim: int = 64, items: int = 0, item_context: bool = False, distinct_sequences: bool = False,
+                 assoc_fresh: bool = False) -> dict:
     """What GPTConfig.pointer holds: the copy head's size, the control tokens it reads and, with the
-    association head, the catalogue size (0: copy only) and whether its query reads the context's items;
-    distinct_sequences: score item-sequence slots given "no repeat" (the <RESP> id marks text turns)."""
-    assert items or not item_context, "item_context is part of the association head: it needs items"
+    association head, the catalogue size (0: copy only), whether its query reads the context's items and
+    whether it ranks only the items the context has not named (assoc_fresh); distinct_sequences: score
+    item-sequence slots given "no repeat" (the <RESP> id marks text turns)."""
+    assert items or not (item_context or assoc_fresh), "item_context and assoc_fresh are part of the association head: it needs items"
     spec = {"dim": dim, "boi": ctrl.boi, "eoi": ctrl.eoi, "mode_rec": ctrl.mode_rec}
     if item_context:
         spec["item_context"] = True
     if distinct_sequences:
         spec["distinct_sequences"] = ctrl.resp
+    if assoc_fresh:
+        spec["assoc_fresh"] = True
     return {**spec, "items": items} if items else spec
 
 
@@ -121,6 +133,7 @@ class Pointer(nn.Module):
         if self.item_context:  # one input row per item, summed over the context's items (zero: starts as without)
             self.item_in = nn.Parameter(torch.zeros(self.items, self.dim))
         self.resp = spec.get("distinct_sequences")  # None: every slot scored plainly
+        self.assoc_fresh = bool(spec.get("assoc_fresh", False))  # P_assoc leaves out the context's items
         self.catalogue = None  # (SIDTrie, item_path (items, depth), nodes): what training needs (bind)
 
     def bind(self, trie, tt):
@@ -257,7 +270,7 @@ class Pointer(nn.Module):
             target = [trie.item_index(ids[b][s0 + 1:s0 + 1 + L]) for b, s0, L, *_ in slots]
             assert None not in target, "a REC slot names an item outside the catalogue"
             ctx_item = ctx_ok = None
-            if self.item_context or bool(once.any()):  # the context spans' catalogue indices, laid out as key_pos (-1: none)
+            if self.item_context or self.assoc_fresh or bool(once.any()):  # the context spans' catalogue indices, as key_pos (-1: none)
                 ctx_item = torch.zeros(S, J, dtype=torch.long)
                 index = {}  # (row, <BOI> position) -> catalogue index: slots of one dialog share their spans
                 for n, (b, _, _, ctx, _) in enumerate(slots):
@@ -269,7 +282,7 @@ class Pointer(nn.Module):
                 ctx_ok = valid & (ctx_item >= 0).to(dev)
                 ctx_item = ctx_item.clamp(min=0).to(dev)
             path = item_path.to(dev)
-            p_assoc = self.assoc_probs(h_slot, ctx_item, ctx_ok, once)
+            p_assoc = self.assoc_probs(h_slot, ctx_item, ctx_ok, torch.ones_like(once) if self.assoc_fresh else once)
             node_mass = self.assoc_node_mass(p_assoc, path, nodes)  # (S, nodes)
             at = path[torch.tensor(target, device=dev)]                              # (S, depth) the target's nodes
             at = F.pad(at, (0, max(0, D - at.shape[1])), value=nodes - 1)[:, :D]     # OUT (mass 0) past its end
@@ -309,6 +322,7 @@ class Pointer(nn.Module):
         mass[:, tt.OUT] = 0.0  # the paths' padding
         if self.items:
             assert len(trie.item_ids) == self.items, f"the head has {self.items} item rows, the catalogue {len(trie.item_ids)}"
-            p = self.assoc_probs(h_slot, item, valid).double() * share.double()[:, None]
+            exclude = torch.full((B,), self.assoc_fresh, dtype=torch.bool, device=dev)
+            p = self.assoc_probs(h_slot, item, valid, exclude).double() * share.double()[:, None]
             mass += self.assoc_node_mass(p, tt.item_path, tt.child_tok.shape[0])
         return log_g.double(), log_1mg.double(), mass

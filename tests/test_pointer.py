@@ -27,14 +27,14 @@ from test_generate import SpanChecker, subset
 BLOCK = 256
 
 
-def pointer_model(tok, seed=0, gate_bias=None, table=None, item_context=False, distinct=False):
+def pointer_model(tok, seed=0, gate_bias=None, table=None, item_context=False, distinct=False, assoc_fresh=False):
     """An untrained tiny model with a copy head whose attention is far from uniform; with a table,
     also the association head over its items (bound to its trie), its scores far from uniform too,
     and with item_context its query reading the context's items (input rows random, not zero)."""
     torch.manual_seed(seed)
     items = len(table.item_ids) if table is not None else 0
     m = GPT(GPTConfig(vocab_size=len(tok), block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
-                      tie_embeddings=False, pointer=pointer_spec(Control.of(tok), 16, items, item_context, distinct)))
+                      tie_embeddings=False, pointer=pointer_spec(Control.of(tok), 16, items, item_context, distinct, assoc_fresh)))
     with torch.no_grad():
         m.lm_head.weight.mul_(20.0)
         m.pointer.q.weight.mul_(30.0)
@@ -126,12 +126,12 @@ def test_closed_gate_or_no_context_item_is_the_plain_model(tok, sids, dataset):
     assert torch.allclose(per, F.cross_entropy(logits[0, rows], y[0, rows], reduction="none"), atol=1e-6)
 
 
-@pytest.mark.parametrize("item_context", [False, True])
-def test_association_head_loss_is_the_three_way_mixture(tok, sids, dataset, item_context):
+@pytest.mark.parametrize("item_context,fresh", [(False, False), (True, False), (True, True)])
+def test_association_head_loss_is_the_three_way_mixture(tok, sids, dataset, item_context, fresh):
     rd = Renderer(tok, sids, BLOCK)
     trie = SIDTrie.build(sids, tok)
-    ctx, item = dialog_with_mentions(dataset, sids)
-    model = pointer_model(tok, table=sids, item_context=item_context)
+    ctx, item = dialog_with_mentions(dataset, sids)  # the slot recommends `item` again: a repeat
+    model = pointer_model(tok, table=sids, item_context=item_context, assoc_fresh=fresh)
     for context in (ctx, [{"role": "user", "text": "any film will do", "items": []}]):  # with and without items
         x, y, s0 = slot_example(rd, context, item)
         with torch.no_grad():
@@ -155,7 +155,11 @@ def test_association_head_loss_is_the_three_way_mixture(tok, sids, dataset, item
                 named = [trie.item_index(ids[s + 1:e]) for s, e in spans]
                 assert None not in named and len(named) >= (2 if context is ctx else 0)
                 query = query + sum((ptr.item_in[i] for i in named), torch.zeros_like(query))
-            p_assoc = torch.softmax(query @ ptr.item_emb.weight.T / 4.0 + ptr.item_bias, 0)[trie.index[item]]
+            score = query @ ptr.item_emb.weight.T / 4.0 + ptr.item_bias
+            if fresh:  # --assoc-fresh: the head ranks only the items the context did not name
+                score[[trie.item_index(ids[s + 1:e]) for s, e in spans]] = float("-inf")
+            p_assoc = torch.softmax(score, 0)[trie.index[item]]
+            assert (float(p_assoc) == 0.0) == (fresh and context is ctx)
             p_copy = 0.0
             if spans:
                 _, _, a, share = ptr.attend(h[0, [s0]], h[0, [[e for _, e in spans]]], torch.ones(1, len(spans), dtype=torch.bool))
@@ -165,10 +169,14 @@ def test_association_head_loss_is_the_three_way_mixture(tok, sids, dataset, item
         p_gen = math.exp(-float(plain[slot].sum()))
         want = -math.log(w[0] * p_gen + w[1] * p_copy + w[2] * float(p_assoc)) - math.log(p_gen)  # + the SID path's own
         assert float(per[slot].sum()) == pytest.approx(want, rel=1e-4)
-    # a gradient reaches every parameter of both heads
+    # a gradient reaches every parameter of both heads (with --assoc-fresh, from a repeat and a target not
+    # yet named together: a repeat's probability is the copy head's and the SID path's alone, a new one's
+    # the association head's and the SID path's)
     model.train()
-    x, y, _ = slot_example(rd, ctx, item)
-    model(x, y, reduction="sum")[1].backward()
+    named = {i for turn in ctx for i in MENTION.findall(turn["text"])}
+    for target in [item] + ([next(i for i in sids.item_ids if i not in named)] if fresh else []):
+        x, y, _ = slot_example(rd, ctx, target)
+        model(x, y, reduction="sum")[1].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.pointer.parameters())
     # an unbound head refuses to train, in one line
     model = pointer_model(tok)
@@ -225,14 +233,15 @@ def test_item_sequence_slots_are_scored_given_no_repeat(tok, sids, dataset, item
     assert all(p.grad is not None for n, p in model.pointer.named_parameters())
 
 
-@pytest.mark.parametrize("seed,assoc", [(0, False), (1, False), (0, True), (0, "item_context")])
+@pytest.mark.parametrize("seed,assoc", [(0, False), (1, False), (0, True), (0, "item_context"), (0, "fresh")])
 def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, assoc):
     table = subset(sids, 60)
     trie, ctrl = SIDTrie.build(table, tok), Control.of(tok)
     rd = Renderer(tok, table, BLOCK)
     ctx, _ = dialog_with_mentions(dataset, table)
     prompt = rd.prompt(ctx, forced=MODE_REC + BOI)
-    model = pointer_model(tok, seed=seed, gate_bias=0.5, table=table if assoc else None, item_context=assoc == "item_context")
+    model = pointer_model(tok, seed=seed, gate_bias=0.5, table=table if assoc else None,
+                          item_context=assoc in ("item_context", "fresh"), assoc_fresh=assoc == "fresh")
     with torch.no_grad():
         _, h = model(torch.tensor([prompt]), return_hidden=True)
     tt = trie.tensors(ctrl, len(tok), "cpu")
@@ -240,6 +249,12 @@ def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, asso
     leaf_mass = mass[0, tt.item_path[torch.arange(len(trie.item_ids)), [len(ids) - 1 for ids, _ in
                                                   sorted(trie.items(), key=lambda p: trie.item_index(p[0]))]]]
     assert float(leaf_mass.sum()) == pytest.approx(1.0) and (leaf_mass > 0).sum() >= (len(trie.item_ids) if assoc else 2)
+    if assoc == "fresh":  # a named item's mass is the copy head's alone: its spans' copy weights
+        spans = find_spans(prompt, ctrl.boi, ctrl.eoi)
+        named = [trie.item_index(prompt[s + 1:e]) for s, e in spans]
+        _, _, a, _ = model.pointer.attend(h[0, [len(prompt) - 1]], h[0, [[e for _, e in spans]]], torch.ones(1, len(spans), dtype=torch.bool))
+        for i in set(named):
+            assert float(leaf_mass[i]) == pytest.approx(sum(float(a[0, j]) for j, n in enumerate(named) if n == i), rel=1e-5)
     # every item by teacher forcing, mixed with its copy probability
     want = []
     for ids, item in trie.items():
