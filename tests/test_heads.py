@@ -1,6 +1,7 @@
 """
 dev/heads.py: each query term ranks the catalogue the way its logits say (a gold pushed to the top by
-its bias is found by all three, pushed to the bottom by none), and the gate's shares sum to one.
+its bias is found by all three, pushed to the bottom by none), a head trained with --assoc-fresh
+leaves the context's items out of its ranking, and the gate's shares sum to one.
 
     python -m pytest tests/test_heads.py -q
 """
@@ -12,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
 import heads  # noqa: E402
-from nanocrs.data import Renderer, rec_samples  # noqa: E402
+from nanocrs.data import MENTION, Renderer, rec_samples  # noqa: E402
 from nanocrs.generate import SIDTrie  # noqa: E402
 from test_pointer import BLOCK, pointer_model  # noqa: E402
 
@@ -31,9 +32,30 @@ def test_head_recalls_follow_the_logits(tok, sids, dataset, bias):
         for g in golds:
             model.pointer.item_bias[trie.index[g]] = bias
     recalls, shares, n = heads.head_recalls(model, Renderer(tok, sids, BLOCK), trie, dialogs)
-    assert n == sum(1 for *_, fresh in rec_samples(dialogs) if fresh) > 1 and len(golds) > 1
+    assert n["fresh"] == sum(1 for *_, fresh in rec_samples(dialogs) if fresh) > 1 and len(golds) > 1
+    assert n["repeat"] == sum(1 for *_, fresh in rec_samples(dialogs) if not fresh)
     if bias > 0:
         assert recalls == {k: 1.0 for k in recalls}
     else:
         assert recalls == {k: 0.0 for k in recalls}
-    assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0
+    for k in shares:
+        if n[k]:
+            assert sum(shares[k]) == pytest.approx(1.0) and min(shares[k]) >= 0
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_head_recalls_leave_out_named_items_with_assoc_fresh(tok, sids, fresh, monkeypatch):
+    model = pointer_model(tok, table=sids, item_context=True, assoc_fresh=fresh)
+    trie = SIDTrie.build(sids, tok)
+    a, b, c = sids.item_ids[:3]  # the seeker names a and b, the recommender c: one fresh sample
+    dialog = {"id": "d", "turns": [{"role": "user", "text": f"I liked @{{{a}}} and @{{{b}}}", "items": [a, b]},
+                                   {"role": "assistant", "text": f"then @{{{c}}}", "items": [c]}]}
+    with torch.no_grad():  # scores = the biases: the named items above the gold, the gold above the rest
+        model.pointer.qa.weight.zero_()
+        model.pointer.item_in.zero_()
+        model.pointer.item_bias[[trie.index[a], trie.index[b]]] = 2e4
+        model.pointer.item_bias[trie.index[c]] = 1e4
+    monkeypatch.setattr(heads, "TOP", 1)
+    recalls, _, n = heads.head_recalls(model, Renderer(tok, sids, BLOCK), trie, [dialog])
+    assert n == {"fresh": 1, "repeat": 0}
+    assert recalls == {k: float(fresh) for k in recalls}  # the gold is first only once the named items are out
