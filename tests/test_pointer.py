@@ -252,7 +252,8 @@ def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, asso
     if assoc == "fresh":  # a named item's mass is the copy head's alone: its spans' copy weights
         spans = find_spans(prompt, ctrl.boi, ctrl.eoi)
         named = [trie.item_index(prompt[s + 1:e]) for s, e in spans]
-        _, _, a, _ = model.pointer.attend(h[0, [len(prompt) - 1]], h[0, [[e for _, e in spans]]], torch.ones(1, len(spans), dtype=torch.bool))
+        with torch.no_grad():
+            _, _, a, _ = model.pointer.attend(h[0, [len(prompt) - 1]], h[0, [[e for _, e in spans]]], torch.ones(1, len(spans), dtype=torch.bool))
         for i in set(named):
             assert float(leaf_mass[i]) == pytest.approx(sum(float(a[0, j]) for j, n in enumerate(named) if n == i), rel=1e-5)
     # every item by teacher forcing, mixed with its copy probability
