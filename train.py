@@ -251,7 +251,10 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
     if a.distinct_sequences and not a.pointer:
         raise TrainingError("--distinct-sequences 1 changes how the copy head's slots are scored: it needs --pointer")
     n_items = len(sids.item_ids) if a.assoc else 0
-    spec = pointer_spec(Control.of(tok), a.pointer, n_items, a.assoc == 2, bool(a.distinct_sequences), bool(a.assoc_fresh)) if a.pointer else {}
+
+    def head_spec(tok):  # the copy head's spec from the flags, with the control token ids of `tok`
+        return pointer_spec(Control.of(tok), a.pointer, n_items, a.assoc == 2, bool(a.distinct_sequences), bool(a.assoc_fresh))
+    spec = head_spec(tok) if a.pointer else {}
     if not a.init_from:
         torch.manual_seed(a.seed)
         cfg = GPTConfig(vocab_size=len(tok), block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
@@ -265,7 +268,7 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
     model, tok, first_new = prepare(a.init_from, added_tokens(sids), a.block_size, a.lora_rank, a.lora_alpha,
                                     a.lora_dropout, c.device, c.base_dtype)
     if a.pointer:  # the backbone's own tokenizer: the control tokens' ids are its added ones
-        model.add_pointer(pointer_spec(Control.of(tok), a.pointer, n_items, a.assoc == 2, bool(a.distinct_sequences), bool(a.assoc_fresh)))
+        model.add_pointer(head_spec(tok))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"backbone {a.init_from}: {len(tok) - first_new} tokens added at id {first_new}; "
           f"{n_train / 1e6:.2f}M of {model.num_params() / 1e6:.1f}M parameters train")
