@@ -21,9 +21,9 @@ import torch
 from nanocrs import checkpoint
 from nanocrs.common import flag_error, init_device, run_script
 from nanocrs.data import MENTION, DataError, Renderer, load_dataset, write_json
-from nanocrs.evaluate import evaluate, print_eval
+from nanocrs.evaluate import calibrate_copy, evaluate, print_eval
 from nanocrs.generate import sample
-from nanocrs.session import INTENT_FILE, Session
+from nanocrs.session import CALIBRATION_FILE, Session
 
 
 def get_args(argv=None):
@@ -33,8 +33,11 @@ def get_args(argv=None):
     p.add_argument("--eval", default=None, metavar="SPLIT", help="run the recommendation eval on val or test")
     p.add_argument("--json", default=None, help="with --eval: also write the results here")
     p.add_argument("--calibrate", action="store_true",
-                   help=f"with --eval val: choose the free-mode REC threshold (best REC F1) and save it as "
-                        f"CKPT/{INTENT_FILE}; chat and later evals use it")
+                   help=f"with --eval val: choose the free-mode REC threshold (best REC F1) and, with a copy head, "
+                        f"the copy gate's bias (best R@1, one more ranking pass per bias), save them as "
+                        f"CKPT/{CALIBRATION_FILE}; chat and later evals use them")
+    p.add_argument("--copy-bias", type=float, default=None,
+                   help="the copy gate's bias for this run (default: the calibrated one, else 0)")
     p.add_argument("--beam", type=int, default=50, help="beam width of the item search")
     p.add_argument("--eval-batch", type=int, default=8,
                    help="with --eval: turns per forward and beam search (memory: batch x block x vocab logits)")
@@ -54,6 +57,8 @@ def get_args(argv=None):
     p.add_argument("--init-from", default=None, help='plain text generation from an unmodified pretrained model ("smollm2" or a folder)')
     p.add_argument("--prompt", default=None, help="with --init-from: the prompt (raw text, no chat template added)")
     a = p.parse_args(argv)
+    if a.calibrate and a.copy_bias is not None:
+        flag_error("--copy-bias: --calibrate chooses the copy bias itself; give one or the other")
     for flag, low in (("top_k", 1), ("beam", 1), ("max_new_tokens", 1), ("max_samples", 0), ("max_gen", 0), ("num_samples", 0)):
         if getattr(a, flag) < low:
             flag_error(f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(a, flag)}")
@@ -148,7 +153,7 @@ def main(argv=None):
                      top_k=args.top_k, greedy=args.greedy, generator=g, stop=stop)[0]  # no trie: plain text
         print(f"prompt ids: {ids}\ngenerated ids: {out}\n{args.prompt}{tok.decode(out)}")
         return
-    s = Session(args.ckpt, device)
+    s = Session(args.ckpt, device, copy_bias=0.0 if args.calibrate else args.copy_bias)  # calibration starts at 0
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if not (args.eval or args.num_samples or args.chat):
         args.num_samples = 3
@@ -175,10 +180,16 @@ def main(argv=None):
         print_eval(res)
         print(f"eval took {res['seconds']} s")
         if args.calibrate:
-            t = res["intent_best_threshold"]
-            write_json(os.path.join(args.ckpt, INTENT_FILE), {"rec_threshold": t, "chosen_on": "val",
-                                                              "val": res["intent_at_best_threshold"]})
-            print(f"free-mode REC threshold {t:.4f} (best REC F1 on val) saved to {os.path.join(args.ckpt, INTENT_FILE)}")
+            t, path = res["intent_best_threshold"], os.path.join(args.ckpt, CALIBRATION_FILE)
+            saved = {"rec_threshold": t, "chosen_on": "val", "val": res["intent_at_best_threshold"]}
+            if s.model.pointer is not None:
+                saved["copy_bias"], saved["copy_bias_grid"] = calibrate_copy(s, ds, args.beam, args.max_samples,
+                                                                             args.eval_batch, base=res)
+                res["copy_bias_grid"] = saved["copy_bias_grid"]
+            write_json(path, saved)
+            print(f"free-mode REC threshold {t:.4f} (best REC F1 on val)"
+                  + (f", copy bias {saved['copy_bias']} (best R@1 on val)" if "copy_bias" in saved else "")
+                  + f" saved to {path}")
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             write_json(args.json, res)

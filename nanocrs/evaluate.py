@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from nanocrs.data import Renderer, rec_samples, training_dialogs, write_jsonl
 from nanocrs.generate import beam_search_batch, sample
-from nanocrs.metrics import (CoOccurrence, Popularity, calibrate_intent, corpus_bleu, distinct_per_sentence,
+from nanocrs.metrics import (COPY_BIASES, CoOccurrence, Popularity, calibrate_intent, choose_copy_bias, corpus_bleu, distinct_per_sentence,
                              distinct_ratio, format_table, intent_metrics, perplexity, rank_metrics, rank_of, repeat_context,
                              repeat_then, replace_spans)
 from nanocrs.session import Session
@@ -56,7 +56,27 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
     turns = [(d, t) for d in dialogs for t, turn in enumerate(d["turns"]) if turn["role"] == "assistant" and t > 0]
     scored = score_all(s, turns, beam, batch, split)
     res = {"split": split, **rank_pass(s, ds, dialogs, turns, scored, beam, rankings)}
+    if s.model.pointer is not None:
+        res["copy_bias"] = s.model.pointer.copy_bias
     return {**res, **dialog_pass(s, turns, scored, max_gen, max_new_tokens, split)}
+
+
+def calibrate_copy(s: Session, ds: dict, beam: int, max_dialogs: int = 0, batch: int = 8, base: dict | None = None):
+    """Choose the copy gate's bias on the validation split (choose_copy_bias over COPY_BIASES): one
+    ranking pass per bias (base: the eval at bias 0 if already run). Leaves the chosen bias set on
+    the model. Returns (bias, {bias: {"recall@1", "recall@10", "fresh_recall@10"}})."""
+    ptr = s.model.pointer
+    assert ptr is not None, "a copy gate to calibrate needs the copy head (train.py --pointer)"
+    grid = {}
+    for b in COPY_BIASES:
+        ptr.copy_bias = b
+        res = base if b == 0.0 and base is not None else evaluate(s, ds, "val", beam, max_dialogs, 0, batch=batch)
+        grid[b] = {"recall@1": res["model"]["recall@1"], "recall@10": res["model"]["recall@10"],
+                   "fresh_recall@10": res["fresh"]["model"]["recall@10"]}
+        print(f"copy bias {b}: val R@1 {grid[b]['recall@1']:.4f} R@10 {grid[b]['recall@10']:.4f} "
+              f"fresh R@10 {grid[b]['fresh_recall@10']:.4f}")
+    ptr.copy_bias = choose_copy_bias(grid)
+    return ptr.copy_bias, grid
 
 
 def progress(it, desc: str):
@@ -264,7 +284,7 @@ def print_eval(res: dict):
         print(f"  {m:<13} {dg['recall@10_cold'][m]:.4f} / {dg['recall@10_warm'][m]:.4f}   "
               f"{dg['top1_distinct'][m]:5d}   {dg['coverage@10'][m]:.4f}   {dg['top1_in_context'][m]:.4f}")
     if dg.get("copy_gate_mean") is not None:
-        print(f"copy head: mean gate g {dg['copy_gate_mean']:.4f} at the REC slot")
+        print(f"copy head: mean gate g {dg['copy_gate_mean']:.4f} at the REC slot (copy bias {res.get('copy_bias', 0.0)})")
     dm = res["dialog"]
     for key, what in (("intent", "argmax"), ("intent_calibrated", "threshold from val")):
         if key in res:

@@ -73,6 +73,14 @@ copy component, and P_assoc renormalised over the items the context did not name
 own mass on the context's items stays in (taking it out would need the language model's probability
 of every context ID at every slot). A slot is an item-sequence slot when its <EOI> is not followed
 by <RESP>: the rendering of an items-only assistant turn (Renderer.turn_ids).
+
+A calibrated copy gate (decoding only, sample.py --eval val --calibrate): copy_bias is added to the copy
+component's gate logit z_copy, so the copy head's odds against the other components are multiplied by
+exp(copy_bias) and nothing else moves (the order among items the context did not name is unchanged).
+Why: the training loss asks for the likeliest item spread over every gold of a turn, R@1 for the one
+item put first; measured on ReDial, the trained gate gives repeats too little mass to come first even
+where the latest named item is the best single guess. One number chosen on val, saved beside the
+checkpoint (nanocrs/session.py); training never sees it.
 """
 
 import math
@@ -135,6 +143,7 @@ class Pointer(nn.Module):
         self.resp = spec.get("distinct_sequences")  # None: every slot scored plainly
         self.assoc_fresh = bool(spec.get("assoc_fresh", False))  # P_assoc leaves out the context's items
         self.catalogue = None  # (SIDTrie, item_path (items, depth), nodes): what training needs (bind)
+        self.copy_bias = 0.0  # decoding only: added to the copy gate's logit, chosen on val (not a parameter)
 
     def bind(self, trie, tt):
         """Give the association head the catalogue for training: trie (nanocrs.generate.SIDTrie) and its
@@ -165,19 +174,20 @@ class Pointer(nn.Module):
         toward no association at all, so the optimizer leaves them out of it."""
         return [self.item_in, self.item_emb.weight]
 
-    def attend(self, h_slot, h_keys, valid, no_copy=None):
+    def attend(self, h_slot, h_keys, valid, no_copy=None, copy_bias: float = 0.0):
         """h_slot (S, C) one query per slot, h_keys (S, J, C) its context spans' <EOI> states, the latest
         last, valid (S, J) bool (spans padded on the left) -> (log g (S,), log(1 - g) (S,), a (S, J),
         b (S,)): the gate, the copy weights over the spans and the association head's weight, as shares
         of g (a.sum(1) + b = 1 wherever g > 0). Without the association head b = 0, and a slot with no
-        valid span gets g = 0; no_copy (S,) bool: slots whose copy component is off (the rest renormalises)."""
+        valid span gets g = 0; no_copy (S,) bool: slots whose copy component is off (the rest renormalises);
+        copy_bias: added to the copy logit z_copy (decoding's calibrated gate)."""
         S, J = valid.shape
         s = torch.einsum("sd,sjd->sj", self.q(h_slot).float(), self.k(h_keys).float()) / math.sqrt(self.dim)
         rank = (J - 1 - torch.arange(J, device=valid.device)).clamp(max=RECENCY - 1)  # (J,) 0 = latest
         s = (s + self.recency[rank]).masked_fill(~valid, float("-inf"))
         a = torch.softmax(s.masked_fill(~valid.any(1, keepdim=True), 0.0), -1) * valid  # no NaN rows
         no_copy = ~valid.any(1) if no_copy is None else no_copy | ~valid.any(1)
-        z_copy = self.gate(h_slot).float().squeeze(-1).masked_fill(no_copy, float("-inf"))
+        z_copy = (self.gate(h_slot).float().squeeze(-1) + copy_bias).masked_fill(no_copy, float("-inf"))
         z_assoc = (self.gate_assoc(h_slot).float().squeeze(-1) if self.items
                    else torch.full_like(z_copy, float("-inf")))
         log_w = torch.log_softmax(torch.stack([torch.zeros_like(z_copy), z_copy, z_assoc], -1), -1)  # (S, 3)
@@ -300,7 +310,8 @@ class Pointer(nn.Module):
     def copy_mass(self, h, ids: list[list[int]], slot: list[int], trie, tt):
         """For B prompts whose slot (the <BOI> after <MODE=REC>) is at position slot[b] of ids[b], with
         h (B, T, C) the hidden states over those positions: (log g (B,), log(1 - g) (B,), mass
-        (B, N+1)), mass[b, node] = P_copy of the items under that trie node (0 at OUT)."""
+        (B, N+1)), mass[b, node] = P_copy of the items under that trie node (0 at OUT). The gate takes
+        self.copy_bias (0 unless a calibration was loaded)."""
         B, dev = len(ids), h.device
         # (<EOI> position, catalogue index) of every context span that names a catalogue item
         spans = [[(e, i) for s, e in find_spans(ids[b], self.boi, self.eoi, slot[b])
@@ -315,7 +326,7 @@ class Pointer(nn.Module):
         key, valid, item = key.to(dev), valid.to(dev), item.to(dev)
         rows = torch.arange(B, device=dev)
         h_slot = h[rows, torch.tensor(slot, device=dev)]
-        log_g, log_1mg, a, share = self.attend(h_slot, h[rows[:, None], key], valid)
+        log_g, log_1mg, a, share = self.attend(h_slot, h[rows[:, None], key], valid, copy_bias=self.copy_bias)
         paths = tt.item_path[item]                                            # (B, J, depth) nodes
         mass = torch.zeros(B, tt.child_tok.shape[0], device=dev, dtype=torch.float64)
         mass.scatter_add_(1, paths.flatten(1), a[..., None].expand_as(paths).flatten(1).double())

@@ -16,13 +16,13 @@ from nanocrs import checkpoint
 from nanocrs.data import MENTION, Renderer, load_items
 from nanocrs.generate import SIDTrie, sample
 
-INTENT_FILE = "intent.json"  # the free-mode REC threshold, chosen on val, beside the checkpoint
+CALIBRATION_FILE = "calibration.json"  # chosen on val, beside the checkpoint: the REC threshold, the copy gate's bias
 
 
 class Session:
     """Everything loaded from a checkpoint, plus the helpers that turn tokens into readable text."""
 
-    def __init__(self, ckpt: str, device: str):
+    def __init__(self, ckpt: str, device: str, copy_bias: float | None = None):
         self.model, self.config, self.tok, self.sids = checkpoint.load(ckpt, device, merge=True)
         self.model.eval()
         self.items = {it["id"]: it for it in load_items(os.path.join(ckpt, "items.jsonl"))}
@@ -30,9 +30,14 @@ class Session:
         self.trie = SIDTrie.build(self.sids, self.tok)
         self.ctrl = self.rd.ctrl
         self.device = device
-        # the free-mode REC threshold chosen on the validation split (sample.py --eval val --calibrate)
-        path = os.path.join(ckpt, INTENT_FILE)
-        self.rec_threshold = json.load(open(path))["rec_threshold"] if os.path.isfile(path) else None
+        # what sample.py --eval val --calibrate chose on the validation split: the free-mode REC threshold
+        # and the copy gate's bias (nanocrs/pointer.py); copy_bias given here overrides the saved one
+        path = os.path.join(ckpt, CALIBRATION_FILE)
+        saved = json.load(open(path)) if os.path.isfile(path) else {}
+        self.rec_threshold = saved.get("rec_threshold")
+        self.copy_bias = saved.get("copy_bias", 0.0) if copy_bias is None else copy_bias
+        if self.model.pointer is not None:
+            self.model.pointer.copy_bias = self.copy_bias
 
     def link(self, text: str) -> tuple[str, list[str]]:
         """Typed text with every catalogue title found in it written as an @{id} mention, the way the

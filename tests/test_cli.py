@@ -193,7 +193,7 @@ def test_calibrate_on_val_only(trained_ckpt, tmp_path):
     assert p.returncode == 1 and "never on test" in p.stderr
     p = run("sample.py", "--ckpt", ckpt, "--eval", "val", "--max-samples", "3", "--max-gen", "0", "--calibrate")
     assert p.returncode == 0, p.stderr[-3000:]
-    saved = json.load(open(os.path.join(ckpt, "intent.json")))
+    saved = json.load(open(os.path.join(ckpt, "calibration.json")))
     assert 0 <= saved["rec_threshold"] <= 1 and saved["chosen_on"] == "val"
     # later evals report the calibrated decision beside the argmax, and chat uses it
     p = run("sample.py", "--ckpt", ckpt, "--eval", "test", "--max-samples", "2", "--max-gen", "0")

@@ -6,7 +6,9 @@ the same mixture, and a checkpoint trained with --pointer evaluates end to end.
     python -m pytest tests/test_pointer.py -q
 """
 
+import json
 import math
+import os
 import subprocess
 import sys
 
@@ -19,6 +21,7 @@ from conftest import ENV, REPO, run_cli, run_train
 from nanocrs import checkpoint
 from nanocrs.data import MENTION, Renderer
 from nanocrs.generate import SIDTrie, beam_search, beam_search_batch, beam_search_reference, sample
+from nanocrs.metrics import COPY_BIASES, choose_copy_bias
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.pointer import find_spans, pointer_spec
 from nanocrs.tokenizer import BOI, MODE_REC, Control
@@ -233,15 +236,17 @@ def test_item_sequence_slots_are_scored_given_no_repeat(tok, sids, dataset, item
     assert all(p.grad is not None for n, p in model.pointer.named_parameters())
 
 
-@pytest.mark.parametrize("seed,assoc", [(0, False), (1, False), (0, True), (0, "item_context"), (0, "fresh")])
+@pytest.mark.parametrize("seed,assoc", [(0, False), (1, False), (0, True), (0, "item_context"), (0, "fresh"), (0, "fresh+bias")])
 def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, assoc):
     table = subset(sids, 60)
     trie, ctrl = SIDTrie.build(table, tok), Control.of(tok)
     rd = Renderer(tok, table, BLOCK)
     ctx, _ = dialog_with_mentions(dataset, table)
     prompt = rd.prompt(ctx, forced=MODE_REC + BOI)
+    assoc, bias = (assoc.split("+")[0], 1.5) if isinstance(assoc, str) and assoc.endswith("+bias") else (assoc, 0.0)
     model = pointer_model(tok, seed=seed, gate_bias=0.5, table=table if assoc else None,
                           item_context=assoc in ("item_context", "fresh"), assoc_fresh=assoc == "fresh")
+    model.pointer.copy_bias = bias  # the calibrated gate: decoding's mixture is still exactly the one ranked
     with torch.no_grad():
         _, h = model(torch.tensor([prompt]), return_hidden=True)
     tt = trie.tensors(ctrl, len(tok), "cpu")
@@ -253,7 +258,8 @@ def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, asso
         spans = find_spans(prompt, ctrl.boi, ctrl.eoi)
         named = [trie.item_index(prompt[s + 1:e]) for s, e in spans]
         with torch.no_grad():
-            _, _, a, _ = model.pointer.attend(h[0, [len(prompt) - 1]], h[0, [[e for _, e in spans]]], torch.ones(1, len(spans), dtype=torch.bool))
+            _, _, a, _ = model.pointer.attend(h[0, [len(prompt) - 1]], h[0, [[e for _, e in spans]]],
+                                              torch.ones(1, len(spans), dtype=torch.bool), copy_bias=bias)
         for i in set(named):
             assert float(leaf_mass[i]) == pytest.approx(sum(float(a[0, j]) for j, n in enumerate(named) if n == i), rel=1e-5)
     # every item by teacher forcing, mixed with its copy probability
@@ -283,6 +289,36 @@ def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, asso
     batched = beam_search_batch(model, [prompt, other], trie, ctrl, 10)
     assert [i for i, _ in batched[0]] == [i for i, _ in beam_search(model, prompt, trie, ctrl, 10)]
     assert [i for i, _ in batched[1]] == [i for i, _ in beam_search(model, other, trie, ctrl, 10)]
+
+
+def test_copy_bias_multiplies_the_copy_odds_alone(tok, sids, dataset):
+    """The calibrated gate: the copy component's odds against each other component grow by exp(bias),
+    the others' odds against each other stay, and so does the order of the items the context did not name."""
+    table = subset(sids, 60)
+    trie, ctrl = SIDTrie.build(table, tok), Control.of(tok)
+    ctx, _ = dialog_with_mentions(dataset, table)
+    prompt = Renderer(tok, table, BLOCK).prompt(ctx, forced=MODE_REC + BOI)
+    model = pointer_model(tok, gate_bias=-1.0, table=table, item_context=True, assoc_fresh=True)
+    with torch.no_grad():
+        _, h = model(torch.tensor([prompt]), return_hidden=True)
+    spans = find_spans(prompt, ctrl.boi, ctrl.eoi)
+    keys, valid = h[0, [[e for _, e in spans]]], torch.ones(1, len(spans), dtype=torch.bool)
+    weights = []  # (w_gen, w_copy, w_assoc) at bias 0 and 2
+    for b in (0.0, 2.0):
+        with torch.no_grad():
+            log_g, log_1mg, a, share = model.pointer.attend(h[0, [len(prompt) - 1]], keys, valid, copy_bias=b)
+        g = float(log_g.exp())
+        weights.append((float(log_1mg.exp()), g * float(a.sum()), g * float(share)))
+    (g0, c0, s0), (g2, c2, s2) = weights
+    assert c2 / g2 == pytest.approx(math.exp(2.0) * c0 / g0, rel=1e-4) and s2 / g2 == pytest.approx(s0 / g0, rel=1e-4)
+    named = {trie.item_ids[trie.item_index(prompt[s + 1:e])] for s, e in spans}
+    lists = []
+    for b in (0.0, 2.0):
+        model.pointer.copy_bias = b
+        lists.append(beam_search(model, prompt, trie, ctrl, len(trie.item_ids)))
+    assert [i for i, _ in lists[0] if i not in named] == [i for i, _ in lists[1] if i not in named]
+    place = [{i: r for r, (i, _) in enumerate(lst)} for lst in lists]
+    assert all(place[1][i] <= place[0][i] for i in named)
 
 
 def test_sampler_draws_from_the_mixture(tok, sids, dataset):
@@ -318,6 +354,19 @@ def test_train_and_evaluate_with_pointer(dataset_dir, tmp_path):
     r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "20", "--max-gen", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "standard protocol" in r.stdout
+    # --calibrate on val chooses the copy gate's bias too, saves it beside the REC threshold, and later
+    # evals use it (--copy-bias overrides it; both flags at once are refused in one line)
+    r = run_cli("sample.py", "--ckpt", out, "--eval", "val", "--max-samples", "6", "--max-gen", "0", "--calibrate")
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = json.load(open(os.path.join(out, "calibration.json")))
+    assert saved["copy_bias"] in COPY_BIASES and len(saved["copy_bias_grid"]) == len(COPY_BIASES)
+    assert saved["copy_bias"] == choose_copy_bias({float(b): m for b, m in saved["copy_bias_grid"].items()})
+    r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "6", "--max-gen", "0")
+    assert f"(copy bias {saved['copy_bias']})" in r.stdout
+    r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "6", "--max-gen", "0", "--copy-bias", "0.25")
+    assert "(copy bias 0.25)" in r.stdout
+    r = run_cli("sample.py", "--ckpt", out, "--eval", "val", "--calibrate", "--copy-bias", "1")
+    assert r.returncode != 0 and "--copy-bias" in r.stderr.strip().splitlines()[-1]
     # the Hugging Face export is the plain language model: no copy head weights, and it says so
     r = subprocess.run([sys.executable, "-m", "nanocrs.hf", "export", "--ckpt", out, "--out", str(tmp_path / "hf")],
                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
