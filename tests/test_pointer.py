@@ -441,3 +441,33 @@ def test_train_and_evaluate_with_association_head(dataset_dir, tmp_path, assoc):
         assert r.returncode != 0 and "--assoc 2" in r.stderr.strip().splitlines()[-1]
         r = run_cli("train.py", "--data", dataset_dir, "--out", str(tmp_path / "D"), "--distinct-sequences", "1", "--max-steps", "2")
         assert r.returncode != 0 and "--pointer" in r.stderr.strip().splitlines()[-1]
+
+
+def test_backbone_with_copy_and_association_heads(dataset_dir, tmp_path):
+    """--init-from a (tiny, locally written) Hugging Face backbone with LoRA and both heads: the heads
+    are built for the backbone's own tokenizer, train (they are saved with the adapter, and move), and
+    the checkpoint evaluates end to end."""
+    from test_precision import dialog_texts, write_backbone
+    backbone = write_backbone(str(tmp_path / "qwen2"), dialog_texts(dataset_dir))
+    heads = ["--pointer", "8", "--assoc", "2", "--assoc-init", "counts", "--assoc-fresh", "1"]
+    lora = ["--init-from", backbone, "--lora-rank", "2", "--lr", "1e-2"] + heads
+    early = run_train(dataset_dir, str(tmp_path / "early"), lora + ["--max-steps", "1"])
+    out = run_train(dataset_dir, str(tmp_path / "L"), lora + ["--max-steps", "3"])
+    model, config, tok, sids = checkpoint.load(out)
+    ctrl = Control.of(tok)
+    assert model.pointer is not None and (model.pointer.boi, model.pointer.mode_rec) == (ctrl.boi, ctrl.mode_rec)
+    assert model.pointer.items == len(sids.item_ids) and model.pointer.assoc_fresh
+
+    def saved(ckpt):
+        path = os.path.join(ckpt, json.load(open(os.path.join(ckpt, "config.json")))["files"]["model"])
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    a, b = saved(early), saved(out)
+    assert all(k.startswith("pointer.") or "lora" in k or "new_rows" in k for k in b)  # the adapter, not the backbone
+    heads_saved = [k for k in b if k.startswith("pointer.")]
+    assert {"pointer.gate.weight", "pointer.q.weight", "pointer.item_in", "pointer.qa.weight"} <= set(heads_saved)
+    assert not torch.equal(a["pointer.q.weight"], b["pointer.q.weight"])  # the heads train with the adapter
+    assert not torch.equal(a["pointer.qa.weight"], b["pointer.qa.weight"])
+    r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "6", "--max-gen", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "standard protocol" in r.stdout and "copy head: mean gate" in r.stdout
