@@ -275,6 +275,16 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
     return model, tok, sids, 0
 
 
+def bind_catalogue(model: GPT, a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
+    """The association head's rows are the trie's items: bind them and, with --assoc-init counts on a
+    new run, start the head from the training co-occurrences."""
+    trie = SIDTrie.build(sids, tok)
+    model.pointer.bind(trie, trie.tensors(Control.of(tok), model.config.vocab_size, c.device))
+    if a.assoc_init == "counts" and not a.resume:
+        count_init(model.pointer, training_dialogs(ds, a.train_splits, items_only=bool(a.item_sequences)),
+                   trie.item_ids, a.seed)
+
+
 def count_init(pointer, dialogs: list[dict], item_ids: list[str], seed: int):
     """--assoc-init counts: the association head starts from the co-occurrences of the dialogs the model
     trains on, in the head's row order (the trie's items)."""
@@ -451,6 +461,17 @@ def train_step(fwd, model: GPT, opt, examples: list, idx: list[int], step: int, 
     return loss, padded, real, flops
 
 
+def show_progress(pbar, loss: float, window: list, world: int, peak: float | None):
+    """One step on the progress bar: the loss, tokens/s and MFU (against the GPU's dense bf16 peak)
+    over the window of recent steps, each (seconds, real tokens, FLOPs)."""
+    secs = sum(w[0] for w in window)
+    post = {"loss": f"{loss:.3f}", "tok_s": f"{sum(w[1] for w in window) * world / secs:.0f}"}
+    if peak:
+        post["mfu"] = f"{sum(w[2] for w in window) / secs / peak:.1%}"
+    pbar.set_postfix(**post)
+    pbar.update(1)
+
+
 def save(out: str, model: GPT, opt, run: dict, step: int):
     # a finite loss can still be followed by an update that overflows: never overwrite the last good
     # checkpoint with such weights
@@ -495,12 +516,8 @@ def main(argv=None):
     tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
     sids = SemanticIDs.load(os.path.join(a.data, "sids.json"))
     model, tok, sids, step = build_model(a, c, ds, tok, sids)
-    if model.pointer is not None and model.pointer.items:  # the association head's rows are the trie's items
-        trie = SIDTrie.build(sids, tok)
-        model.pointer.bind(trie, trie.tensors(Control.of(tok), model.config.vocab_size, c.device))
-        if a.assoc_init == "counts" and not a.resume:
-            count_init(model.pointer, training_dialogs(ds, a.train_splits, items_only=bool(a.item_sequences)),
-                       trie.item_ids, a.seed)
+    if model.pointer is not None and model.pointer.items:
+        bind_catalogue(model, a, c, ds, tok, sids)
     examples_at, val_ex = build_data(a, ds, Renderer(tok, sids, model.config.block_size))
     item_tokens = torch.zeros(model.config.padded_vocab_size, dtype=torch.bool)  # the tokens that name items
     item_tokens[[tok.id(t) for t in sids.all_token_strings()]] = True
@@ -548,13 +565,7 @@ def main(argv=None):
                     tqdm.write(f"step {step}: train loss {loss:.4f}, val loss {rec['val_loss']:.4f}")
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                # the progress bar: tokens/s and MFU (against the GPU's dense bf16 peak) over the window
-                secs = sum(w[0] for w in window)
-                post = {"loss": f"{loss:.3f}", "tok_s": f"{sum(w[1] for w in window) * c.world / secs:.0f}"}
-                if peak:
-                    post["mfu"] = f"{sum(w[2] for w in window) / secs / peak:.1%}"
-                pbar.set_postfix(**post)
-                pbar.update(1)
+                show_progress(pbar, loss, window, c.world, peak)
                 # a checkpoint every save_interval steps and at the end
                 if (a.save_interval and step % a.save_interval == 0) or step == a.max_steps:
                     save(a.out, model, opt, run, step)
