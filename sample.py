@@ -12,6 +12,7 @@ Hugging Face folder: python -m nanocrs.hf export --ckpt out/smol --out out/smol-
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -33,9 +34,11 @@ def get_args(argv=None):
     p.add_argument("--eval", default=None, metavar="SPLIT", help="run the recommendation eval on val or test")
     p.add_argument("--json", default=None, help="with --eval: also write the results here")
     p.add_argument("--calibrate", action="store_true",
-                   help=f"with --eval val: choose the free-mode REC threshold (best REC F1) and, with a copy head, "
-                        f"the copy gate's bias (best R@1, one more ranking pass per bias), save them as "
-                        f"CKPT/{CALIBRATION_FILE}; chat and later evals use them")
+                   help=f"with --eval val: choose the free-mode REC threshold (best REC F1) and save it in "
+                        f"CKPT/{CALIBRATION_FILE}; chat and later evals use it")
+    p.add_argument("--calibrate-copy", action="store_true",
+                   help=f"with --eval val and a copy head: also choose the copy gate's bias (best R@1, R@10 and "
+                        f"fresh R@10 guarded; one more ranking pass per bias) and save it in CKPT/{CALIBRATION_FILE}")
     p.add_argument("--copy-bias", type=float, default=None,
                    help="the copy gate's bias for this run (default: the calibrated one, else 0)")
     p.add_argument("--beam", type=int, default=50, help="beam width of the item search")
@@ -57,8 +60,8 @@ def get_args(argv=None):
     p.add_argument("--init-from", default=None, help='plain text generation from an unmodified pretrained model ("smollm2" or a folder)')
     p.add_argument("--prompt", default=None, help="with --init-from: the prompt (raw text, no chat template added)")
     a = p.parse_args(argv)
-    if a.calibrate and a.copy_bias is not None:
-        flag_error("--copy-bias: --calibrate chooses the copy bias itself; give one or the other")
+    if a.calibrate_copy and a.copy_bias is not None:
+        flag_error("--copy-bias: --calibrate-copy chooses the copy bias itself; give one or the other")
     for flag, low in (("top_k", 1), ("beam", 1), ("max_new_tokens", 1), ("max_samples", 0), ("max_gen", 0), ("num_samples", 0)):
         if getattr(a, flag) < low:
             flag_error(f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(a, flag)}")
@@ -153,7 +156,7 @@ def main(argv=None):
                      top_k=args.top_k, greedy=args.greedy, generator=g, stop=stop)[0]  # no trie: plain text
         print(f"prompt ids: {ids}\ngenerated ids: {out}\n{args.prompt}{tok.decode(out)}")
         return
-    s = Session(args.ckpt, device, copy_bias=0.0 if args.calibrate else args.copy_bias)  # calibration starts at 0
+    s = Session(args.ckpt, device, copy_bias=0.0 if args.calibrate_copy else args.copy_bias)  # calibration starts at 0
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if not (args.eval or args.num_samples or args.chat):
         args.num_samples = 3
@@ -163,8 +166,10 @@ def main(argv=None):
         ds = load_dataset(data_dir)
         checkpoint.check_data(s.config, data_dir)
     if args.eval:
-        if args.calibrate and args.eval != "val":
+        if (args.calibrate or args.calibrate_copy) and args.eval != "val":
             raise ValueError("--calibrate: thresholds are chosen on the validation split (--eval val), never on test")
+        if args.calibrate_copy and s.model.pointer is None:
+            raise ValueError("--calibrate-copy: this checkpoint has no copy head (train.py --pointer)")
         if args.eval not in ("train", "val", "test"):
             raise DataError(f"--eval must be train, val or test, got {args.eval!r}")
         if not ds[args.eval]:
@@ -179,17 +184,19 @@ def main(argv=None):
         res["seconds"] = round(time.time() - t0, 1)
         print_eval(res)
         print(f"eval took {res['seconds']} s")
-        if args.calibrate:
-            t, path = res["intent_best_threshold"], os.path.join(args.ckpt, CALIBRATION_FILE)
-            saved = {"rec_threshold": t, "chosen_on": "val", "val": res["intent_at_best_threshold"]}
-            if s.model.pointer is not None:
+        if args.calibrate or args.calibrate_copy:  # the file keeps what an earlier calibration chose
+            path = os.path.join(args.ckpt, CALIBRATION_FILE)
+            saved = {**(json.load(open(path)) if os.path.isfile(path) else {}), "chosen_on": "val"}
+            if args.calibrate:
+                saved["rec_threshold"], saved["val"] = res["intent_best_threshold"], res["intent_at_best_threshold"]
+                print(f"free-mode REC threshold {saved['rec_threshold']:.4f} (best REC F1 on val)")
+            if args.calibrate_copy:
                 saved["copy_bias"], saved["copy_bias_grid"] = calibrate_copy(s, ds, args.beam, args.max_samples,
                                                                              args.eval_batch, base=res)
                 res["copy_bias_grid"] = saved["copy_bias_grid"]
+                print(f"copy gate bias {saved['copy_bias']} (best R@1 on val, R@10 and fresh R@10 guarded)")
             write_json(path, saved)
-            print(f"free-mode REC threshold {t:.4f} (best REC F1 on val)"
-                  + (f", copy bias {saved['copy_bias']} (best R@1 on val)" if "copy_bias" in saved else "")
-                  + f" saved to {path}")
+            print(f"saved to {path}")
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             write_json(args.json, res)

@@ -162,7 +162,7 @@ def calibrate_intent(p_rec: list[float], is_rec: list[bool]) -> float:
     return -best[2]
 
 
-COPY_BIASES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)  # the copy gate biases sample.py --calibrate tries on val
+COPY_BIASES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)  # the copy gate biases sample.py --calibrate-copy tries on val
 
 
 def choose_copy_bias(grid: dict, r10_slack: float = 0.0, fresh_slack: float = 0.002) -> float:

@@ -74,13 +74,14 @@ own mass on the context's items stays in (taking it out would need the language 
 of every context ID at every slot). A slot is an item-sequence slot when its <EOI> is not followed
 by <RESP>: the rendering of an items-only assistant turn (Renderer.turn_ids).
 
-A calibrated copy gate (decoding only, sample.py --eval val --calibrate): copy_bias is added to the copy
+A calibrated copy gate (decoding only, sample.py --eval val --calibrate-copy): copy_bias is added to the copy
 component's gate logit z_copy, so the copy head's odds against the other components are multiplied by
 exp(copy_bias) and nothing else moves (the order among items the context did not name is unchanged).
-Why: the training loss asks for the likeliest item spread over every gold of a turn, R@1 for the one
-item put first; measured on ReDial, the trained gate gives repeats too little mass to come first even
-where the latest named item is the best single guess. One number chosen on val, saved beside the
-checkpoint (nanocrs/session.py); training never sees it.
+Why: the training loss spreads a turn's mass over all its golds, while R@1 ranks the one item put first,
+so the gate's share of repeats need not be the best for the first place. One number chosen on val, saved
+beside the checkpoint (nanocrs/session.py); training never sees it. On ReDial it chose 0 for every seed:
+each bias that lifted the repeats also pushed new items out of the top ten, for no steady gain at R@1
+(docs/results.md).
 """
 
 import math

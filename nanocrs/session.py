@@ -31,7 +31,7 @@ class Session:
         self.ctrl = self.rd.ctrl
         self.device = device
         # what sample.py --eval val --calibrate chose on the validation split: the free-mode REC threshold
-        # and the copy gate's bias (nanocrs/pointer.py); copy_bias given here overrides the saved one
+        # and, with --calibrate-copy, the copy gate's bias (nanocrs/pointer.py); copy_bias here overrides it
         path = os.path.join(ckpt, CALIBRATION_FILE)
         saved = json.load(open(path)) if os.path.isfile(path) else {}
         self.rec_threshold = saved.get("rec_threshold")

@@ -354,18 +354,23 @@ def test_train_and_evaluate_with_pointer(dataset_dir, tmp_path):
     r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "20", "--max-gen", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "standard protocol" in r.stdout
-    # --calibrate on val chooses the copy gate's bias too, saves it beside the REC threshold, and later
-    # evals use it (--copy-bias overrides it; both flags at once are refused in one line)
+    # --calibrate-copy on val chooses the copy gate's bias, saves it beside the REC threshold that
+    # --calibrate chose, and later evals use it (--copy-bias overrides it; both at once: one line)
     r = run_cli("sample.py", "--ckpt", out, "--eval", "val", "--max-samples", "6", "--max-gen", "0", "--calibrate")
     assert r.returncode == 0, r.stderr[-2000:]
     saved = json.load(open(os.path.join(out, "calibration.json")))
+    assert "copy_bias" not in saved and 0 <= saved["rec_threshold"] <= 1
+    r = run_cli("sample.py", "--ckpt", out, "--eval", "val", "--max-samples", "6", "--max-gen", "0", "--calibrate-copy")
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = {**saved, **json.load(open(os.path.join(out, "calibration.json")))}
+    assert saved == json.load(open(os.path.join(out, "calibration.json")))  # the threshold kept
     assert saved["copy_bias"] in COPY_BIASES and len(saved["copy_bias_grid"]) == len(COPY_BIASES)
     assert saved["copy_bias"] == choose_copy_bias({float(b): m for b, m in saved["copy_bias_grid"].items()})
     r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "6", "--max-gen", "0")
     assert f"(copy bias {saved['copy_bias']})" in r.stdout
     r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "6", "--max-gen", "0", "--copy-bias", "0.25")
     assert "(copy bias 0.25)" in r.stdout
-    r = run_cli("sample.py", "--ckpt", out, "--eval", "val", "--calibrate", "--copy-bias", "1")
+    r = run_cli("sample.py", "--ckpt", out, "--eval", "val", "--calibrate-copy", "--copy-bias", "1")
     assert r.returncode != 0 and "--copy-bias" in r.stderr.strip().splitlines()[-1]
     # the Hugging Face export is the plain language model: no copy head weights, and it says so
     r = subprocess.run([sys.executable, "-m", "nanocrs.hf", "export", "--ckpt", out, "--out", str(tmp_path / "hf")],
