@@ -12,7 +12,6 @@ Hugging Face folder: python -m nanocrs.hf export --ckpt out/smol --out out/smol-
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from nanocrs.common import flag_error, init_device, run_script
 from nanocrs.data import MENTION, DataError, Renderer, load_dataset, write_json
 from nanocrs.evaluate import calibrate_copy, evaluate, print_eval
 from nanocrs.generate import sample
-from nanocrs.session import CALIBRATION_FILE, Session
+from nanocrs.session import CALIBRATION_FILE, Session, read_calibration
 
 
 def get_args(argv=None):
@@ -157,6 +156,8 @@ def main(argv=None):
         print(f"prompt ids: {ids}\ngenerated ids: {out}\n{args.prompt}{tok.decode(out)}")
         return
     s = Session(args.ckpt, device, copy_bias=0.0 if args.calibrate_copy else args.copy_bias)  # calibration starts at 0
+    if args.copy_bias is not None and s.model.pointer is None:
+        raise ValueError("--copy-bias: this checkpoint has no copy head (train.py --pointer)")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if not (args.eval or args.num_samples or args.chat):
         args.num_samples = 3
@@ -186,7 +187,7 @@ def main(argv=None):
         print(f"eval took {res['seconds']} s")
         if args.calibrate or args.calibrate_copy:  # the file keeps what an earlier calibration chose
             path = os.path.join(args.ckpt, CALIBRATION_FILE)
-            saved = {**(json.load(open(path)) if os.path.isfile(path) else {}), "chosen_on": "val"}
+            saved = {**read_calibration(args.ckpt), "chosen_on": "val"}
             if args.calibrate:
                 saved["rec_threshold"], saved["val"] = res["intent_best_threshold"], res["intent_at_best_threshold"]
                 print(f"free-mode REC threshold {saved['rec_threshold']:.4f} (best REC F1 on val)")

@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from nanocrs.data import Renderer, rec_samples, training_dialogs, write_jsonl
 from nanocrs.generate import beam_search_batch, sample
-from nanocrs.metrics import (COPY_BIASES, CoOccurrence, Popularity, calibrate_intent, choose_copy_bias, corpus_bleu, distinct_per_sentence,
-                             distinct_ratio, format_table, intent_metrics, perplexity, rank_metrics, rank_of, repeat_context,
-                             repeat_then, replace_spans)
+from nanocrs.metrics import (COPY_BIASES, CoOccurrence, Popularity, calibrate_intent, choose_copy_bias, corpus_bleu,
+                             distinct_per_sentence, distinct_ratio, format_table, intent_metrics, perplexity, rank_metrics,
+                             rank_of, repeat_context, repeat_then, replace_spans)
 from nanocrs.session import Session
 from nanocrs.tokenizer import MODE_CHAT, MODE_REC
 

@@ -13,10 +13,25 @@ import os
 import torch
 
 from nanocrs import checkpoint
-from nanocrs.data import MENTION, Renderer, load_items
+from nanocrs.data import MENTION, DataError, Renderer, load_items
 from nanocrs.generate import SIDTrie, sample
 
 CALIBRATION_FILE = "calibration.json"  # chosen on val, beside the checkpoint: the REC threshold, the copy gate's bias
+
+
+def read_calibration(ckpt: str) -> dict:
+    """What sample.py --calibrate saved beside a checkpoint ({} if nothing); intent.json is its older name."""
+    for name in (CALIBRATION_FILE, "intent.json"):
+        path = os.path.join(ckpt, name)
+        if os.path.isfile(path):
+            try:
+                saved = json.load(open(path))
+            except ValueError as e:
+                raise DataError(f"{path}: not a JSON object ({e})") from None
+            if not isinstance(saved, dict):
+                raise DataError(f"{path}: not a JSON object")
+            return saved
+    return {}
 
 
 class Session:
@@ -32,8 +47,7 @@ class Session:
         self.device = device
         # what sample.py --eval val --calibrate chose on the validation split: the free-mode REC threshold
         # and, with --calibrate-copy, the copy gate's bias (nanocrs/pointer.py); copy_bias here overrides it
-        path = os.path.join(ckpt, CALIBRATION_FILE)
-        saved = json.load(open(path)) if os.path.isfile(path) else {}
+        saved = read_calibration(ckpt)
         self.rec_threshold = saved.get("rec_threshold")
         self.copy_bias = saved.get("copy_bias", 0.0) if copy_bias is None else copy_bias
         if self.model.pointer is not None:

@@ -202,3 +202,10 @@ def test_calibrate_on_val_only(trained_ckpt, tmp_path):
     assert "threshold from val" in p.stdout
     p = run("sample.py", "--ckpt", ckpt, "--chat", "--greedy", stdin="a scary movie please\n")
     assert p.returncode == 0 and sum(l.startswith("bot> ") for l in p.stdout.splitlines()) == 1, p.stderr[-2000:]
+    # a broken calibration file is one line naming it; the older name (intent.json) is still read
+    os.rename(os.path.join(ckpt, "calibration.json"), os.path.join(ckpt, "intent.json"))
+    p = run("sample.py", "--ckpt", ckpt, "--eval", "test", "--max-samples", "2", "--max-gen", "0")
+    assert p.returncode == 0 and "threshold from val" in p.stdout
+    open(os.path.join(ckpt, "intent.json"), "w").write("{not json")
+    p = run("sample.py", "--ckpt", ckpt, "--eval", "test", "--max-samples", "2", "--max-gen", "0")
+    assert p.returncode == 1 and "intent.json" in p.stderr.strip().splitlines()[-1]
