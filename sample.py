@@ -156,8 +156,9 @@ def main(argv=None):
         print(f"prompt ids: {ids}\ngenerated ids: {out}\n{args.prompt}{tok.decode(out)}")
         return
     s = Session(args.ckpt, device, copy_bias=0.0 if args.calibrate_copy else args.copy_bias)  # calibration starts at 0
-    if args.copy_bias is not None and s.model.pointer is None:
-        raise ValueError("--copy-bias: this checkpoint has no copy head (train.py --pointer)")
+    if (args.calibrate_copy or args.copy_bias is not None) and s.model.pointer is None:
+        flag = "--calibrate-copy" if args.calibrate_copy else "--copy-bias"
+        raise ValueError(f"{flag}: this checkpoint has no copy head (train.py --pointer)")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if not (args.eval or args.num_samples or args.chat):
         args.num_samples = 3
@@ -169,8 +170,6 @@ def main(argv=None):
     if args.eval:
         if (args.calibrate or args.calibrate_copy) and args.eval != "val":
             raise ValueError("--calibrate: thresholds are chosen on the validation split (--eval val), never on test")
-        if args.calibrate_copy and s.model.pointer is None:
-            raise ValueError("--calibrate-copy: this checkpoint has no copy head (train.py --pointer)")
         if args.eval not in ("train", "val", "test"):
             raise DataError(f"--eval must be train, val or test, got {args.eval!r}")
         if not ds[args.eval]:

@@ -49,9 +49,8 @@ class Session:
         # and, with --calibrate-copy, the copy gate's bias (nanocrs/pointer.py); copy_bias here overrides it
         saved = read_calibration(ckpt)
         self.rec_threshold = saved.get("rec_threshold")
-        self.copy_bias = saved.get("copy_bias", 0.0) if copy_bias is None else copy_bias
         if self.model.pointer is not None:
-            self.model.pointer.copy_bias = self.copy_bias
+            self.model.pointer.copy_bias = saved.get("copy_bias", 0.0) if copy_bias is None else copy_bias
 
     def link(self, text: str) -> tuple[str, list[str]]:
         """Typed text with every catalogue title found in it written as an @{id} mention, the way the
