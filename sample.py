@@ -21,7 +21,7 @@ import torch
 from nanocrs import checkpoint
 from nanocrs.common import flag_error, init_device, run_script
 from nanocrs.data import MENTION, DataError, Renderer, load_dataset, write_json
-from nanocrs.evaluate import calibrate_copy, evaluate, print_eval
+from nanocrs.evaluate import calibrate_copy, calibrate_text, evaluate, print_eval, write_text_vectors
 from nanocrs.generate import sample
 from nanocrs.session import CALIBRATION_FILE, Session, read_calibration
 
@@ -40,6 +40,12 @@ def get_args(argv=None):
                         f"fresh R@10 guarded; one more ranking pass per bias) and save it in CKPT/{CALIBRATION_FILE}")
     p.add_argument("--copy-bias", type=float, default=None,
                    help="the copy gate's bias for this run (default: the calibrated one, else 0)")
+    p.add_argument("--calibrate-text", action="store_true",
+                   help=f"with --eval val and an association head: also choose the text prior's weight (the item "
+                        f"encoder matching the dialog's last turns; best R@10, fresh R@10 guarded) and save it in "
+                        f"CKPT/{CALIBRATION_FILE}")
+    p.add_argument("--text-prior", type=float, default=None,
+                   help="the text prior's weight for this run (default: the calibrated one, else 0)")
     p.add_argument("--beam", type=int, default=50, help="beam width of the item search")
     p.add_argument("--eval-batch", type=int, default=8,
                    help="with --eval: turns per forward and beam search (memory: batch x block x vocab logits)")
@@ -61,6 +67,10 @@ def get_args(argv=None):
     a = p.parse_args(argv)
     if a.calibrate_copy and a.copy_bias is not None:
         flag_error("--copy-bias: --calibrate-copy chooses the copy bias itself; give one or the other")
+    if a.calibrate_text and a.text_prior is not None:
+        flag_error("--text-prior: --calibrate-text chooses the text prior's weight itself; give one or the other")
+    if a.text_prior is not None and a.text_prior < 0:
+        flag_error(f"--text-prior must be >= 0, got {a.text_prior}")
     for flag, low in (("top_k", 1), ("beam", 1), ("max_new_tokens", 1), ("max_samples", 0), ("max_gen", 0), ("num_samples", 0)):
         if getattr(a, flag) < low:
             flag_error(f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(a, flag)}")
@@ -155,10 +165,13 @@ def main(argv=None):
                      top_k=args.top_k, greedy=args.greedy, generator=g, stop=stop)[0]  # no trie: plain text
         print(f"prompt ids: {ids}\ngenerated ids: {out}\n{args.prompt}{tok.decode(out)}")
         return
-    s = Session(args.ckpt, device, copy_bias=0.0 if args.calibrate_copy else args.copy_bias)  # calibration starts at 0
+    s = Session(args.ckpt, device, copy_bias=0.0 if args.calibrate_copy else args.copy_bias,  # calibration starts at 0
+                text_prior=0.0 if args.calibrate_text else args.text_prior)
     if (args.calibrate_copy or args.copy_bias is not None) and s.model.pointer is None:
         flag = "--calibrate-copy" if args.calibrate_copy else "--copy-bias"
         raise ValueError(f"{flag}: this checkpoint has no copy head (train.py --pointer)")
+    if args.calibrate_text and not (s.model.pointer is not None and s.model.pointer.items):
+        raise ValueError("--calibrate-text: this checkpoint has no association head (train.py --assoc)")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if not (args.eval or args.num_samples or args.chat):
         args.num_samples = 3
@@ -168,7 +181,7 @@ def main(argv=None):
         ds = load_dataset(data_dir)
         checkpoint.check_data(s.config, data_dir)
     if args.eval:
-        if (args.calibrate or args.calibrate_copy) and args.eval != "val":
+        if (args.calibrate or args.calibrate_copy or args.calibrate_text) and args.eval != "val":
             raise ValueError("--calibrate: thresholds are chosen on the validation split (--eval val), never on test")
         if args.eval not in ("train", "val", "test"):
             raise DataError(f"--eval must be train, val or test, got {args.eval!r}")
@@ -176,6 +189,8 @@ def main(argv=None):
             raise DataError(f"{os.path.join(data_dir, args.eval + '.jsonl')}: no dialogs to evaluate")
         if args.eval_batch < 1:
             raise ValueError(f"--eval-batch must be >= 1, got {args.eval_batch}")
+        if args.calibrate_text:  # first the encoder's item vectors beside the checkpoint (a TF-IDF dataset stops here)
+            write_text_vectors(s, ds, data_dir)
         if args.beam < 50:
             print(f"note: beam {args.beam} < 50, so recall@50 counts only the {args.beam} items returned")
         t0 = time.time()
@@ -184,7 +199,7 @@ def main(argv=None):
         res["seconds"] = round(time.time() - t0, 1)
         print_eval(res)
         print(f"eval took {res['seconds']} s")
-        if args.calibrate or args.calibrate_copy:  # the file keeps what an earlier calibration chose
+        if args.calibrate or args.calibrate_copy or args.calibrate_text:  # the file keeps what an earlier calibration chose
             path = os.path.join(args.ckpt, CALIBRATION_FILE)
             saved = {**read_calibration(args.ckpt), "chosen_on": "val"}
             if args.calibrate:
@@ -195,6 +210,11 @@ def main(argv=None):
                                                                              args.eval_batch, base=res)
                 res["copy_bias_grid"] = saved["copy_bias_grid"]
                 print(f"copy gate bias {saved['copy_bias']} (best R@1 on val, R@10 and fresh R@10 guarded)")
+            if args.calibrate_text:
+                saved["text_prior"], saved["text_prior_grid"] = calibrate_text(s, ds, args.beam, args.max_samples,
+                                                                               args.eval_batch, base=res)
+                res["text_prior_grid"] = saved["text_prior_grid"]
+                print(f"text prior weight {saved['text_prior']} (best R@10 on val, fresh R@10 guarded)")
             write_json(path, saved)
             print(f"saved to {path}")
         if args.json:

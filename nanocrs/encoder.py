@@ -231,18 +231,26 @@ def find_minilm() -> str:
     return folder
 
 
-@torch.inference_mode()
 def encode_texts(texts: list[str], folder_or_name: str, batch_size: int = 64, max_length: int = 256,
                  device: str = "cpu") -> np.ndarray:
     """(N, H) float32 L2-normalised sentence embeddings; folder_or_name is "minilm" or a model folder."""
     folder = find_minilm() if folder_or_name == "minilm" else folder_or_name
     model, tok = load_bert(folder, device)
-    tok.enable_truncation(max_length=min(max_length, model.pos_emb.num_embeddings))
+    return embed(model, tok, texts, batch_size, max_length)
+
+
+@torch.inference_mode()
+def embed(model, tok, texts: list[str], batch_size: int = 64, max_length: int = 256, keep: str = "right",
+          desc: str = "encoding items") -> np.ndarray:
+    """(N, H) sentence embeddings of texts by a loaded encoder (load_bert); a text longer than max_length
+    tokens keeps its start (keep="right") or, for a dialog's latest turns, its end (keep="left")."""
+    device = model.tok_emb.weight.device
+    tok.enable_truncation(max_length=min(max_length, model.pos_emb.num_embeddings), direction=keep)
     ids = [e.ids for e in tok.encode_batch(texts)]
     # batches of similar lengths waste little compute on padding; the order is restored at the end
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = np.zeros((len(texts), model.tok_emb.embedding_dim), dtype=np.float32)
-    for s in tqdm(range(0, len(order), batch_size), desc="encoding items", unit="batch"):
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=len(order) <= batch_size):
         rows = order[s:s + batch_size]
         T = max(len(ids[i]) for i in rows)
         idx = torch.zeros(len(rows), T, dtype=torch.long)  # pad id is irrelevant: padding is masked out
@@ -341,3 +349,38 @@ def item_features(text_emb: np.ndarray, dialogs: list[dict], item_ids: list[str]
     if kind == "text+cooc":
         return (np.concatenate([text_emb, cooc], axis=1) / np.sqrt(2)).astype(np.float32)
     raise ValueError(f"--item-features: {kind!r} is not one of text, cooc, text+cooc")
+
+
+# -----------------------------------------------------------------------------
+# the text prior: the frozen encoder reads the dialog, at decoding (sample.py --calibrate-text)
+
+TEXT_PRIOR_FILE = "text_prior.npz"  # beside a checkpoint: "items" the encoder's item vectors (catalogue order), "encoder"
+LAST_TURNS = 2  # the turns the text prior reads: the request is in the latest ones, and older turns blur it
+
+
+class TextPrior:
+    """tau * cos(E(the dialog's last turns), E(item text)) for every catalogue item, with E the frozen
+    sentence encoder that embedded the items for their IDs (data_prep.py --encoder minilm or a BERT
+    folder). The association head adds it to its scores at decoding (Pointer.copy_mass's prior), a
+    product of experts: what the words of the request match, next to what the model learnt.
+    Why: a model trained from scratch on a few hundred dialogs can not read "a horror movie with Tom
+    Hanks" well enough to find an item it saw as a target once or never (INSPIRED: a third of the fresh
+    test golds never were), while the encoder that placed the items by their text can. tau is chosen on
+    val (evaluate.calibrate_text); training never sees it."""
+
+    def __init__(self, encoder: str, item_vecs: np.ndarray, tau: float, title, device: str = "cpu"):
+        self.model, self.tok = load_bert(find_minilm() if encoder == "minilm" else encoder, device)
+        assert item_vecs.shape[1] == self.model.tok_emb.embedding_dim, "item vectors from another encoder"
+        self.items = torch.as_tensor(item_vecs, dtype=torch.float32, device=device)  # (N, H) unit rows
+        self.tau, self.title = tau, title  # title: item id -> its title, for the mentions in the text
+
+    def text(self, context: list[dict]) -> str:
+        from nanocrs.data import MENTION
+        return " ".join(f"{t['role']}: " + MENTION.sub(lambda m: self.title(m.group(1)), t["text"])
+                        for t in context[-LAST_TURNS:])
+
+    def __call__(self, contexts: list[list[dict]]) -> torch.Tensor:
+        """contexts: B dialogs so far -> (B, N) float32 logits to add to the association head's scores."""
+        e = torch.as_tensor(embed(self.model, self.tok, [self.text(c) for c in contexts], keep="left",
+                                  desc="text prior"), device=self.items.device)
+        return self.tau * e @ self.items.T

@@ -20,15 +20,20 @@ evaluate() is three steps over the assistant turns:
     dialog_pass   intent, perplexity, and responses generated on some turns (BLEU, Distinct-n, ...)
 """
 
+import json
 import os
 import sys
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanocrs.data import Renderer, rec_samples, training_dialogs, write_jsonl
+from nanocrs.common import atomic_path
+from nanocrs.data import DataError, Renderer, rec_samples, training_dialogs, write_jsonl
+from nanocrs.encoder import TEXT_PRIOR_FILE
 from nanocrs.generate import beam_search_batch, sample
-from nanocrs.metrics import (COPY_BIASES, CoOccurrence, Popularity, calibrate_intent, choose_copy_bias, corpus_bleu,
+from nanocrs.metrics import (COPY_BIASES, TEXT_PRIORS, CoOccurrence, Popularity, calibrate_intent, choose_copy_bias,
+                             choose_text_prior, corpus_bleu,
                              distinct_per_sentence, distinct_ratio, format_table, intent_metrics, perplexity, rank_metrics,
                              rank_of, repeat_context, repeat_then, replace_spans)
 from nanocrs.session import Session
@@ -58,6 +63,7 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
     res = {"split": split, **rank_pass(s, ds, dialogs, turns, scored, beam, rankings)}
     if s.model.pointer is not None:
         res["copy_bias"] = s.model.pointer.copy_bias
+        res["text_prior"] = s.text_prior.tau if s.text_prior is not None else 0.0
     return {**res, **dialog_pass(s, turns, scored, max_gen, max_new_tokens, split)}
 
 
@@ -79,6 +85,41 @@ def calibrate_copy(s: Session, ds: dict, beam: int, max_dialogs: int = 0, batch:
     return ptr.copy_bias, grid
 
 
+def calibrate_text(s: Session, ds: dict, beam: int, max_dialogs: int = 0, batch: int = 8, base: dict | None = None):
+    """Choose the text prior's weight tau on the validation split (choose_text_prior over TEXT_PRIORS):
+    one ranking pass per tau (base: the eval at tau 0 if already run), the item vectors already beside
+    the checkpoint (write_text_vectors). Leaves the chosen tau set on the session.
+    Returns (tau, {tau: {"recall@1", "recall@10", "fresh_recall@10"}})."""
+    grid = {}
+    for tau in TEXT_PRIORS:
+        s.set_text_prior(tau)
+        res = base if tau == 0.0 and base is not None else evaluate(s, ds, "val", beam, max_dialogs, 0, batch=batch)
+        grid[tau] = {"recall@1": res["model"]["recall@1"], "recall@10": res["model"]["recall@10"],
+                     "fresh_recall@10": res["fresh"]["model"]["recall@10"]}
+        print(f"text prior {tau}: val R@1 {grid[tau]['recall@1']:.4f} R@10 {grid[tau]['recall@10']:.4f} "
+              f"fresh R@10 {grid[tau]['fresh_recall@10']:.4f}")
+    tau = choose_text_prior(grid)
+    s.set_text_prior(tau)
+    return tau, grid
+
+
+def write_text_vectors(s: Session, ds: dict, data_dir: str):
+    """The dataset's item embeddings (data_prep.py's item_embeddings.npy), in the catalogue order of the
+    association head, and the encoder that made them, saved beside the checkpoint for the text prior."""
+    meta_path = os.path.join(data_dir, "dataset.json")
+    encoder = json.load(open(meta_path)).get("encoder", "tfidf")
+    if encoder.startswith("tfidf"):
+        raise DataError(f"{meta_path}: items embedded by tfidf, which can not embed a dialog; the text prior needs "
+                        "a sentence encoder (data_prep.py --encoder minilm or a BERT folder)")
+    emb = np.load(os.path.join(data_dir, "item_embeddings.npy"), allow_pickle=False)
+    row = {it["id"]: n for n, it in enumerate(ds["items"])}
+    assert emb.shape[0] == len(row), "one embedding per item"
+    vecs = emb[[row[i] for i in s.trie.item_ids]]
+    with atomic_path(os.path.join(s.ckpt, TEXT_PRIOR_FILE)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, items=vecs, encoder=np.array(encoder))
+
+
 def progress(it, desc: str):
     """A progress bar on stderr, redrawn rarely when stderr is a log file."""
     return tqdm(it, desc=desc, dynamic_ncols=True, file=sys.stderr, mininterval=0.2 if sys.stderr.isatty() else 30)
@@ -89,6 +130,7 @@ def score_all(s: Session, turns: list, beam: int, batch: int, split: str) -> dic
     every turn, `batch` at a time: REC and CHAT turns apart (only REC turns search items), each sorted
     by the length of its prompt so that little padding is needed."""
     examples = {}  # (dialog id, turn) -> (ids, P): P = tokens up to and including "Assistant:"
+    contexts = {(d["id"], t): d["turns"][:t] for d, t in turns}
     for d, t in turns:
         ids, targets = s.rd.example(d["turns"][:t], d["turns"][t])
         examples[(d["id"], t)] = ids, next(i for i, x in enumerate(targets) if x != -1) + 1
@@ -98,7 +140,8 @@ def score_all(s: Session, turns: list, beam: int, batch: int, split: str) -> dic
                       key=lambda k: examples[k][1])
         for a in progress(range(0, len(keys), batch), f"eval {split} ({'REC' if rec_turns else 'CHAT'} turns)"):
             chunk = keys[a:a + batch]
-            scored.update(zip(chunk, score_turns(s, [examples[k] for k in chunk], beam if rec_turns else 0)))
+            prior = s.prior([contexts[k] for k in chunk]) if rec_turns else None
+            scored.update(zip(chunk, score_turns(s, [examples[k] for k in chunk], beam if rec_turns else 0, prior)))
     return scored
 
 
@@ -216,12 +259,13 @@ def dialog_pass(s: Session, turns: list, scored: dict, max_gen: int, max_new_tok
 
 
 @torch.no_grad()
-def score_turns(s: Session, examples: list, beam: int = 0) -> list:
+def score_turns(s: Session, examples: list, beam: int = 0, prior=None) -> list:
     """One left-padded forward of several turns, each (ids of context + "Assistant:" + the gold turn,
     P = tokens up to and including "Assistant:") -> per turn (p(REC) / (p(REC) + p(CHAT)) after "Assistant:",
     log-probs of the response tokens after <RESP>, the response's units with each item span one
     unit, and with beam > 0, REC turns only, the ranked [(item, log-prob)] of the beam search and,
     with a copy head, its gate g at the slot).
+    prior (B, items): the text prior's logits of these turns, or None.
     The rows are padded so that every <BOI> (token P + 1) is at the same slot: rewound to just after
     it, the cache holds each row's prompt up to <MODE=REC><BOI>, exactly how the gold REC turn begins,
     and the beam search continues all rows at once. The gold tokens after that slot are simply
@@ -259,7 +303,7 @@ def score_turns(s: Session, examples: list, beam: int = 0) -> list:
         copy = None
         if ptr is not None:  # the copy head reads the states up to the slot, <BOI> at slot A of every row
             copy = ptr.copy_mass(h, x.tolist(), [A] * len(examples), s.trie,
-                                 s.trie.tensors(s.ctrl, logits.shape[-1], device))
+                                 s.trie.tensors(s.ctrl, logits.shape[-1], device), prior)
         tops = beam_search_batch(s.model, [ids[:P + 2] for ids, P in examples], s.trie, s.ctrl, beam,
                                  cache=cache, last_logits=logits[:, A], copy=copy)
         for r, (o, top) in enumerate(zip(out, tops)):
@@ -284,7 +328,8 @@ def print_eval(res: dict):
         print(f"  {m:<13} {dg['recall@10_cold'][m]:.4f} / {dg['recall@10_warm'][m]:.4f}   "
               f"{dg['top1_distinct'][m]:5d}   {dg['coverage@10'][m]:.4f}   {dg['top1_in_context'][m]:.4f}")
     if dg.get("copy_gate_mean") is not None:
-        print(f"copy head: mean gate g {dg['copy_gate_mean']:.4f} at the REC slot (copy bias {res.get('copy_bias', 0.0)})")
+        print(f"copy head: mean gate g {dg['copy_gate_mean']:.4f} at the REC slot (copy bias {res.get('copy_bias', 0.0)}, "
+              f"text prior {res.get('text_prior', 0.0)})")
     dm = res["dialog"]
     for key, what in (("intent", "argmax"), ("intent_calibrated", "threshold from val")):
         if key in res:

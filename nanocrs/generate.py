@@ -185,11 +185,12 @@ def _state_index(ids, trie: SIDTrie, ctrl: Control, tt: TrieTensors) -> int:
 @torch.no_grad()
 def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control | None, n: int = 1, max_new_tokens: int = 64,
            temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
-           generator: torch.Generator | None = None, stop: set[int] | None = None) -> list[list[int]]:
+           generator: torch.Generator | None = None, stop: set[int] | None = None, prior=None) -> list[list[int]]:
     """n continuations of one prompt (prefilled once, cache copied n times). Each stops after a token
     of `stop` (default: <EOT>); a span open when max_new_tokens runs out is still completed, so no
     output holds half an item. trie=None samples with no constraint at all: a base model's plain text
-    (sample.py --init-from, with ctrl=None and its own stop tokens) or bench.py's overhead baseline."""
+    (sample.py --init-from, with ctrl=None and its own stop tokens) or bench.py's overhead baseline.
+    prior (1, items): the text prior's logits for this prompt (Pointer.copy_mass), or None."""
     model.eval()
     device = model.norm.weight.device
     V = model.config.vocab_size
@@ -222,7 +223,7 @@ def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control | None,
             child = x.gather(1, kids)
             if ptr is not None:
                 child, lp = _copy_step(ptr, prompt, out[:, :step], hid, cache.pos, state, x, kids, trie, tt, ctrl,
-                                       active, gen, log_g, log_1mg, mass, child)
+                                       active, gen, log_g, log_1mg, mass, child, prior)
             inside = torch.full_like(x, float("-inf")).scatter_(1, kids, child)
             banned = tt.banned if max_len - cache.pos > trie.depth + 2 else tt.banned_late
             x = torch.where((state == tt.OUT)[:, None], x.masked_fill(banned, float("-inf")), inside)
@@ -255,7 +256,8 @@ def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control | None,
     return [row[:k] for row, k in zip(out.tolist(), length.tolist())]
 
 
-def _copy_step(ptr, prompt, generated, hid, pos, state, x, kids, trie, tt, ctrl, active, gen, log_g, log_1mg, mass, child):
+def _copy_step(ptr, prompt, generated, hid, pos, state, x, kids, trie, tt, ctrl, active, gen, log_g, log_1mg, mass, child,
+               prior=None):
     """The sampler's step with the copy head: a row whose last two tokens are <MODE=REC><BOI> opens a
     slot (its gate and copy mass are computed once, from the states so far); inside a slot, before
     the leaf, a child's logit becomes log P_mix(prefix + child), whose softmax over the children is
@@ -268,7 +270,8 @@ def _copy_step(ptr, prompt, generated, hid, pos, state, x, kids, trie, tt, ctrl,
         opening = [r for r, q in zip(rows, seqs) if q[-2:] == [ctrl.mode_rec, ctrl.boi]]
         if opening:
             seqs = [q for r, q in zip(rows, seqs) if r in opening]
-            g, g1, m = ptr.copy_mass(hid[opening, :pos], seqs, [len(q) - 1 for q in seqs], trie, tt)
+            g, g1, m = ptr.copy_mass(hid[opening, :pos], seqs, [len(q) - 1 for q in seqs], trie, tt,
+                                     None if prior is None else prior.expand(len(opening), -1))
             log_g[opening], log_1mg[opening], mass[opening] = g, g1, m
             active[opening], gen[opening] = True, 0.0
     mixing = active & (tt.leaf_item[state] < 0)  # at a leaf the only child is <EOI>

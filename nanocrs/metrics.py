@@ -178,6 +178,17 @@ def choose_copy_bias(grid: dict, r10_slack: float = 0.0, fresh_slack: float = 0.
     return max(sorted(ok), key=lambda b: grid[b]["recall@1"])  # max keeps the first (smallest) of equals
 
 
+TEXT_PRIORS = (0.0, 2.0, 5.0, 10.0, 20.0)  # the text prior's weights tau sample.py --calibrate-text tries on val
+
+
+def choose_text_prior(grid: dict) -> float:
+    """The text prior's weight (nanocrs/encoder.py TextPrior) with the best R@10 on these samples (meant
+    for the validation split), among those whose fresh R@10 is not below tau = 0's; ties go to the
+    smaller tau. grid: tau -> {"recall@1", "recall@10", "fresh_recall@10"}."""
+    ok = [t for t, m in grid.items() if m["fresh_recall@10"] >= grid[0.0]["fresh_recall@10"]]
+    return max(sorted(ok), key=lambda t: grid[t]["recall@10"])
+
+
 # -----------------------------------------------------------------------------
 # dialog metrics
 

@@ -82,6 +82,12 @@ so the gate's share of repeats need not be the best for the first place. One num
 beside the checkpoint (nanocrs/session.py); training never sees it. On ReDial it chose 0 for every seed:
 each bias that lifted the repeats also pushed new items out of the top ten, for no steady gain at R@1
 (docs/results.md).
+
+A text prior (decoding only, sample.py --eval val --calibrate-text): tau * cos(E(context), E(item)),
+the frozen sentence encoder's match between the dialog's last turns and each item's text, is added to
+the association head's scores (assoc_probs's prior; nanocrs/encoder.py TextPrior says why). The gate
+and the other components do not move, so named items keep their copy mass (with assoc_fresh) and
+beam search, the sampler and the exact conditionals need nothing new. tau = 0 is the model as trained.
 """
 
 import math
@@ -197,15 +203,18 @@ class Pointer(nn.Module):
         share = torch.where(ok[:, None], (log_w[:, 1:] - log_g.masked_fill(~ok, 0.0)[:, None]).exp(), 0.0)  # (S, 2)
         return log_g, log_w[:, 0], a * share[:, :1], share[:, 1]
 
-    def assoc_probs(self, h_slot, ctx_item=None, ctx_ok=None, exclude=None):
+    def assoc_probs(self, h_slot, ctx_item=None, ctx_ok=None, exclude=None, prior=None):
         """h_slot (S, C) -> P_assoc (S, items), in float32. With item_context the query also sums the
         input rows of the items the context named: ctx_item (S, J) catalogue indices, ctx_ok (S, J)
         bool (False: padding, or a span that names no catalogue item). exclude (S,) bool: those slots'
-        P_assoc is renormalised over the items their context did not name."""
+        P_assoc is renormalised over the items their context did not name. prior (S, items): logits
+        added to the scores (decoding's text prior, nanocrs/encoder.py TextPrior)."""
         query = self.qa(h_slot).float()  # (S, dim)
         if self.item_context:  # every named item adds its own evidence, as each adds its counts to co-occurrence
             query = query + (self.item_in.float()[ctx_item] * ctx_ok[..., None]).sum(1)
         s = query @ self.item_emb.weight.float().T / math.sqrt(self.dim) + self.item_bias.float()
+        if prior is not None:
+            s = s + prior.to(s.dtype)
         if exclude is not None and bool(exclude.any()):
             named = torch.zeros_like(s, dtype=torch.bool).scatter_(1, ctx_item, ctx_ok & exclude[:, None])
             s = s.masked_fill(named, float("-inf"))
@@ -308,11 +317,12 @@ class Pointer(nn.Module):
 
     # -- decoding ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def copy_mass(self, h, ids: list[list[int]], slot: list[int], trie, tt):
+    def copy_mass(self, h, ids: list[list[int]], slot: list[int], trie, tt, prior=None):
         """For B prompts whose slot (the <BOI> after <MODE=REC>) is at position slot[b] of ids[b], with
         h (B, T, C) the hidden states over those positions: (log g (B,), log(1 - g) (B,), mass
         (B, N+1)), mass[b, node] = P_copy of the items under that trie node (0 at OUT). The gate takes
-        self.copy_bias (0 unless a calibration was loaded)."""
+        self.copy_bias (0 unless a calibration was loaded); prior (B, items) or None: the text prior's
+        logits, added to the association head's scores."""
         B, dev = len(ids), h.device
         # (<EOI> position, catalogue index) of every context span that names a catalogue item
         spans = [[(e, i) for s, e in find_spans(ids[b], self.boi, self.eoi, slot[b])
@@ -335,6 +345,6 @@ class Pointer(nn.Module):
         if self.items:
             assert len(trie.item_ids) == self.items, f"the head has {self.items} item rows, the catalogue {len(trie.item_ids)}"
             exclude = torch.full((B,), self.assoc_fresh, dtype=torch.bool, device=dev)
-            p = self.assoc_probs(h_slot, item, valid, exclude).double() * share.double()[:, None]
+            p = self.assoc_probs(h_slot, item, valid, exclude, prior).double() * share.double()[:, None]
             mass += self.assoc_node_mass(p, tt.item_path, tt.child_tok.shape[0])
         return log_g.double(), log_1mg.double(), mass

@@ -10,10 +10,12 @@ and generated ids shown as text for people. sample.py (samples, chat) and nanocr
 import json
 import os
 
+import numpy as np
 import torch
 
 from nanocrs import checkpoint
 from nanocrs.data import MENTION, DataError, Renderer, load_items
+from nanocrs.encoder import TEXT_PRIOR_FILE, TextPrior
 from nanocrs.generate import SIDTrie, sample
 
 CALIBRATION_FILE = "calibration.json"  # chosen on val, beside the checkpoint: the REC threshold, the copy gate's bias
@@ -37,7 +39,7 @@ def read_calibration(ckpt: str) -> dict:
 class Session:
     """Everything loaded from a checkpoint, plus the helpers that turn tokens into readable text."""
 
-    def __init__(self, ckpt: str, device: str, copy_bias: float | None = None):
+    def __init__(self, ckpt: str, device: str, copy_bias: float | None = None, text_prior: float | None = None):
         self.model, self.config, self.tok, self.sids = checkpoint.load(ckpt, device, merge=True)
         self.model.eval()
         self.items = {it["id"]: it for it in load_items(os.path.join(ckpt, "items.jsonl"))}
@@ -51,6 +53,32 @@ class Session:
         self.rec_threshold = saved.get("rec_threshold")
         if self.model.pointer is not None:
             self.model.pointer.copy_bias = saved.get("copy_bias", 0.0) if copy_bias is None else copy_bias
+        # and, with --calibrate-text, the text prior's weight tau (nanocrs/encoder.py); text_prior overrides it
+        self.ckpt, self.text_prior = ckpt, None
+        self.set_text_prior(saved.get("text_prior", 0.0) if text_prior is None else text_prior)
+
+    def set_text_prior(self, tau: float):
+        """Use the text prior with weight tau at the REC slot (0: none). Its item vectors and encoder name
+        are in text_prior.npz beside the checkpoint, written by sample.py --calibrate-text."""
+        if not tau:
+            self.text_prior = None
+        elif self.text_prior is not None:
+            self.text_prior.tau = tau
+        else:
+            path = os.path.join(self.ckpt, TEXT_PRIOR_FILE)
+            if self.model.pointer is None or not self.model.pointer.items:
+                raise ValueError("--text-prior: this checkpoint has no association head (train.py --assoc)")
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: not found; sample.py --eval val --calibrate-text writes it")
+            with np.load(path, allow_pickle=False) as f:
+                vecs, encoder = f["items"], str(f["encoder"])
+            if vecs.shape[0] != len(self.trie.item_ids):
+                raise DataError(f"{path}: {vecs.shape[0]} item vectors for a catalogue of {len(self.trie.item_ids)}")
+            self.text_prior = TextPrior(encoder, vecs, tau, lambda i: self.items[i]["title"], self.device)
+
+    def prior(self, contexts: list[list[dict]]):
+        """(B, items) text prior logits for B dialogs so far, or None without a text prior."""
+        return None if self.text_prior is None else self.text_prior(contexts)
 
     def link(self, text: str) -> tuple[str, list[str]]:
         """Typed text with every catalogue title found in it written as an @{id} mention, the way the
@@ -77,7 +105,8 @@ class Session:
     def reply(self, context: list[dict], args, generator) -> list[int]:
         """The ids the model writes after "Assistant:"; args: max_new_tokens, temperature, top_k, greedy."""
         prompt = self.rd.prompt(context)
-        kw = dict(n=1, temperature=args.temperature, top_k=args.top_k, greedy=args.greedy, generator=generator)
+        kw = dict(n=1, temperature=args.temperature, top_k=args.top_k, greedy=args.greedy, generator=generator,
+                  prior=self.prior([context]))
         if self.rec_threshold is not None:  # choose the mode with the calibrated threshold, then go on
             logits, _ = self.model(torch.tensor([prompt], device=self.device))
             rec, chat = self.ctrl.mode_rec, self.ctrl.mode_chat

@@ -321,6 +321,52 @@ def test_copy_bias_multiplies_the_copy_odds_alone(tok, sids, dataset):
     assert all(place[1][i] <= place[0][i] for i in named)
 
 
+def test_text_prior_reweights_the_association_head_alone(tok, sids, dataset):
+    """The text prior's logits multiply P_assoc (renormalised) and move nothing else: the gate, the copy
+    weights and the named items' copy mass stay; beam search over the mixture with the prior is still
+    exactly every item scored by it; a zero prior is no prior, in the sampler too."""
+    table = subset(sids, 60)
+    trie, ctrl = SIDTrie.build(table, tok), Control.of(tok)
+    ctx, _ = dialog_with_mentions(dataset, table)
+    prompt = Renderer(tok, table, BLOCK).prompt(ctx, forced=MODE_REC + BOI)
+    model = pointer_model(tok, gate_bias=-1.0, table=table, item_context=True, assoc_fresh=True)
+    tt, n = trie.tensors(ctrl, len(tok), "cpu"), len(trie.item_ids)
+    prior = torch.randn(1, n, generator=torch.Generator().manual_seed(0)) * 3.0
+    cache = model.new_cache(1, len(prompt) + trie.depth + 1)
+    with torch.no_grad():
+        logits, h = model(torch.tensor([prompt]), cache=cache, return_hidden=True)
+    spans = find_spans(prompt, ctrl.boi, ctrl.eoi)
+    item = torch.tensor([[trie.item_index(prompt[s + 1:e]) for s, e in spans]])
+    ok, exclude = torch.ones_like(item, dtype=torch.bool), torch.ones(1, dtype=torch.bool)
+    with torch.no_grad():
+        p0 = model.pointer.assoc_probs(h[0, [len(prompt) - 1]], item, ok, exclude)
+        p1 = model.pointer.assoc_probs(h[0, [len(prompt) - 1]], item, ok, exclude, prior)
+    unnamed = p0 > 0
+    assert torch.allclose(p1[unnamed], (p0 * prior.exp())[unnamed] / (p0 * prior.exp())[unnamed].sum(), rtol=1e-4)
+    assert float(p1[~unnamed].sum()) == 0.0  # with assoc_fresh the named items stay the copy head's
+    g0, g10, m0 = model.pointer.copy_mass(h, [prompt], [len(prompt) - 1], trie, tt)
+    g1, g11, m1 = model.pointer.copy_mass(h, [prompt], [len(prompt) - 1], trie, tt, prior)
+    assert float(g0) == float(g1) and float(g10) == float(g11)
+    depth = [len(ids) - 1 for ids, _ in sorted(trie.items(), key=lambda p: trie.item_index(p[0]))]
+    leaf = m1[0, tt.item_path[torch.arange(n), depth]]
+    named = item[0].unique()
+    assert torch.allclose(leaf[named], m0[0, tt.item_path[named, torch.tensor(depth)[named]]])
+    want = []
+    for ids, it in trie.items():
+        with torch.no_grad():
+            lg, _ = model(torch.tensor([prompt + ids[:-1]]))
+        logp = torch.log_softmax(lg[0, len(prompt) - 1:].float(), -1)
+        gen = sum(float(logp[k, t]) for k, t in enumerate(ids))
+        p = float(leaf[trie.item_index(ids)])
+        want.append((it, math.log((1 - math.exp(float(g1))) * math.exp(gen) + math.exp(float(g1)) * p)))
+    want.sort(key=lambda w: -w[1])
+    got = beam_search(model, prompt, trie, ctrl, n, cache=cache, last_logits=logits[:, -1], copy=(g1, g11, m1))
+    assert [i for i, _ in got] == [i for i, _ in want]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) < 1e-5
+    plain = sample(model, prompt, trie, ctrl, max_new_tokens=12, greedy=True)[0]
+    assert sample(model, prompt, trie, ctrl, max_new_tokens=12, greedy=True, prior=torch.zeros(1, n))[0] == plain
+
+
 def test_sampler_draws_from_the_mixture(tok, sids, dataset):
     rd = Renderer(tok, sids, BLOCK)
     trie, ctrl = SIDTrie.build(sids, tok), Control.of(tok)
@@ -367,9 +413,9 @@ def test_train_and_evaluate_with_pointer(dataset_dir, tmp_path):
     assert saved["copy_bias"] in COPY_BIASES and len(saved["copy_bias_grid"]) == len(COPY_BIASES)
     assert saved["copy_bias"] == choose_copy_bias({float(b): m for b, m in saved["copy_bias_grid"].items()})
     r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "6", "--max-gen", "0")
-    assert f"(copy bias {saved['copy_bias']})" in r.stdout
+    assert f"(copy bias {saved['copy_bias']}," in r.stdout
     r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "6", "--max-gen", "0", "--copy-bias", "0.25")
-    assert "(copy bias 0.25)" in r.stdout
+    assert "(copy bias 0.25," in r.stdout
     r = run_cli("sample.py", "--ckpt", out, "--eval", "val", "--calibrate-copy", "--copy-bias", "1")
     assert r.returncode != 0 and "--copy-bias" in r.stderr.strip().splitlines()[-1]
     # the Hugging Face export is the plain language model: no copy head weights, and it says so
@@ -446,6 +492,45 @@ def test_train_and_evaluate_with_association_head(dataset_dir, tmp_path, assoc):
         assert r.returncode != 0 and "--assoc 2" in r.stderr.strip().splitlines()[-1]
         r = run_cli("train.py", "--data", dataset_dir, "--out", str(tmp_path / "D"), "--distinct-sequences", "1", "--max-steps", "2")
         assert r.returncode != 0 and "--pointer" in r.stderr.strip().splitlines()[-1]
+
+
+def test_calibrate_text_prior_end_to_end(dataset_dir, tmp_path):
+    """sample.py --calibrate-text on a dataset whose items a sentence encoder embedded (here: the real
+    MiniLM over the tiny catalogue): the grid on val, tau and the item vectors saved beside the
+    checkpoint, later evals and --chat use it, --text-prior overrides; a TF-IDF dataset is refused in one line."""
+    import shutil
+    import numpy as np
+    from nanocrs.encoder import TEXT_PRIOR_FILE, encode_texts
+    from nanocrs.metrics import TEXT_PRIORS, choose_text_prior
+    out = run_train(dataset_dir, str(tmp_path / "T"), ["--pointer", "8", "--assoc", "1", "--max-steps", "3"])
+    r = run_cli("sample.py", "--ckpt", out, "--eval", "val", "--max-samples", "4", "--max-gen", "0", "--calibrate-text")
+    assert r.returncode != 0 and "tfidf" in r.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(os.path.join(out, TEXT_PRIOR_FILE))
+    data = str(tmp_path / "syn-minilm")  # the same catalogue, IDs and tokenizer; item vectors from MiniLM
+    shutil.copytree(dataset_dir, data)
+    items = [json.loads(line) for line in open(os.path.join(data, "items.jsonl"))]
+    np.save(os.path.join(data, "item_embeddings.npy"), encode_texts([it["text"] for it in items], "minilm"))
+    meta = json.load(open(os.path.join(data, "dataset.json")))
+    json.dump({**meta, "encoder": "minilm"}, open(os.path.join(data, "dataset.json"), "w"))
+    r = run_cli("sample.py", "--ckpt", out, "--data", data, "--eval", "val", "--max-samples", "6", "--max-gen", "0",
+                "--calibrate-text", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = json.load(open(os.path.join(out, "calibration.json")))
+    grid = {float(t): m for t, m in saved["text_prior_grid"].items()}
+    assert sorted(grid) == sorted(TEXT_PRIORS) and saved["text_prior"] == choose_text_prior(grid)
+    with np.load(os.path.join(out, TEXT_PRIOR_FILE), allow_pickle=False) as f:
+        assert f["items"].shape == (len(items), 384) and str(f["encoder"]) == "minilm"
+    tops = []
+    for tau in ("0", "7"):  # the prior moves the ranking
+        r = run_cli("sample.py", "--ckpt", out, "--data", data, "--eval", "test", "--max-samples", "4", "--max-gen", "0",
+                    "--text-prior", tau, "--rankings", str(tmp_path / f"r{tau}.jsonl"))
+        assert r.returncode == 0 and f"text prior {float(tau)})" in r.stdout, r.stderr[-2000:]
+        tops.append([json.loads(line)["top"] for line in open(tmp_path / f"r{tau}.jsonl")])
+    assert len(tops[0]) == len(tops[1]) > 0 and tops[0] != tops[1]
+    r = run_cli("sample.py", "--ckpt", out, "--chat", "--text-prior", "7", "--greedy", stdin="I want a scary movie\n")
+    assert r.returncode == 0 and "bot>" in r.stdout, r.stderr[-2000:]
+    r = run_cli("sample.py", "--ckpt", out, "--eval", "val", "--calibrate-text", "--text-prior", "1")
+    assert r.returncode != 0 and "--text-prior" in r.stderr.strip().splitlines()[-1]
 
 
 def test_backbone_with_copy_and_association_heads(dataset_dir, tmp_path):
