@@ -4,6 +4,7 @@ Use a trained nanocrs checkpoint: evaluate it, print sample replies, or chat wit
     python sample.py --ckpt out/synthetic --eval test --json out/synthetic/eval_test.json
     python sample.py --ckpt out/synthetic --num-samples 3
     python sample.py --ckpt out/synthetic --chat                  # /reset starts over, /quit leaves
+    python sample.py --ckpt out/inspired-s0 --eval val --calibrate --calibrate-text   # choices on val, saved beside it
     echo "I want a scary movie from the 80s" | python sample.py --ckpt out/synthetic --chat
     python sample.py --init-from smollm2 --prompt "The capital of France is" --greedy --max-new-tokens 20
 

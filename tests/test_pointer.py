@@ -236,6 +236,20 @@ def test_item_sequence_slots_are_scored_given_no_repeat(tok, sids, dataset, item
     assert all(p.grad is not None for n, p in model.pointer.named_parameters())
 
 
+def exhaustive_mixture(model, prompt, trie, log_g: float, leaf_mass) -> list:
+    """Every item scored by teacher forcing, mixed with its copy-and-association mass leaf_mass[item
+    index]: [(item, log P_mix(item))], best first."""
+    want = []
+    for ids, item in trie.items():
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([prompt + ids[:-1]]))
+        logp = torch.log_softmax(logits[0, len(prompt) - 1:].float(), -1)
+        gen = sum(float(logp[k, t]) for k, t in enumerate(ids))
+        p = float(leaf_mass[trie.item_index(ids)])
+        want.append((item, math.log((1 - math.exp(log_g)) * math.exp(gen) + math.exp(log_g) * p)))
+    return sorted(want, key=lambda w: -w[1])
+
+
 @pytest.mark.parametrize("seed,assoc", [(0, False), (1, False), (0, True), (0, "item_context"), (0, "fresh"), (0, "fresh+bias")])
 def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, assoc):
     table = subset(sids, 60)
@@ -262,16 +276,7 @@ def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, asso
                                               torch.ones(1, len(spans), dtype=torch.bool), copy_bias=bias)
         for i in set(named):
             assert float(leaf_mass[i]) == pytest.approx(sum(float(a[0, j]) for j, n in enumerate(named) if n == i), rel=1e-5)
-    # every item by teacher forcing, mixed with its copy probability
-    want = []
-    for ids, item in trie.items():
-        with torch.no_grad():
-            logits, _ = model(torch.tensor([prompt + ids[:-1]]))
-        logp = torch.log_softmax(logits[0, len(prompt) - 1:].float(), -1)
-        gen = sum(float(logp[k, t]) for k, t in enumerate(ids))
-        p = float(leaf_mass[trie.item_index(ids)])
-        want.append((item, math.log((1 - math.exp(float(log_g))) * math.exp(gen) + math.exp(float(log_g)) * p)))
-    want.sort(key=lambda w: -w[1])
+    want = exhaustive_mixture(model, prompt, trie, float(log_g), leaf_mass)
     n = len(trie.item_ids)
     got = beam_search(model, prompt, trie, ctrl, n)
     assert [i for i, _ in got] == [i for i, _ in want]
@@ -351,15 +356,7 @@ def test_text_prior_reweights_the_association_head_alone(tok, sids, dataset):
     leaf = m1[0, tt.item_path[torch.arange(n), depth]]
     named = item[0].unique()
     assert torch.allclose(leaf[named], m0[0, tt.item_path[named, torch.tensor(depth)[named]]])
-    want = []
-    for ids, it in trie.items():
-        with torch.no_grad():
-            lg, _ = model(torch.tensor([prompt + ids[:-1]]))
-        logp = torch.log_softmax(lg[0, len(prompt) - 1:].float(), -1)
-        gen = sum(float(logp[k, t]) for k, t in enumerate(ids))
-        p = float(leaf[trie.item_index(ids)])
-        want.append((it, math.log((1 - math.exp(float(g1))) * math.exp(gen) + math.exp(float(g1)) * p)))
-    want.sort(key=lambda w: -w[1])
+    want = exhaustive_mixture(model, prompt, trie, float(g1), leaf)
     got = beam_search(model, prompt, trie, ctrl, n, cache=cache, last_logits=logits[:, -1], copy=(g1, g11, m1))
     assert [i for i, _ in got] == [i for i, _ in want]
     assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) < 1e-5
