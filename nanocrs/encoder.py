@@ -370,7 +370,9 @@ class TextPrior:
 
     def __init__(self, encoder: str, item_vecs: np.ndarray, tau: float, title, device: str = "cpu"):
         self.model, self.tok = load_bert(find_minilm() if encoder == "minilm" else encoder, device)
-        assert item_vecs.shape[1] == self.model.tok_emb.embedding_dim, "item vectors from another encoder"
+        if item_vecs.shape[1] != self.model.tok_emb.embedding_dim:
+            raise ValueError(f"text prior: {item_vecs.shape[1]}-dim item vectors, but {encoder} embeds in "
+                             f"{self.model.tok_emb.embedding_dim} dims")
         self.items = torch.as_tensor(item_vecs, dtype=torch.float32, device=device)  # (N, H) unit rows
         self.tau, self.title = tau, title  # title: item id -> its title, for the mentions in the text
 

@@ -18,7 +18,7 @@ from nanocrs.data import MENTION, DataError, Renderer, load_items
 from nanocrs.encoder import TEXT_PRIOR_FILE, TextPrior
 from nanocrs.generate import SIDTrie, sample
 
-CALIBRATION_FILE = "calibration.json"  # chosen on val, beside the checkpoint: the REC threshold, the copy gate's bias
+CALIBRATION_FILE = "calibration.json"  # chosen on val, beside the checkpoint: REC threshold, copy bias, text prior
 
 
 def read_calibration(ckpt: str) -> dict:
@@ -72,8 +72,8 @@ class Session:
                 raise DataError(f"{path}: not found; sample.py --eval val --calibrate-text writes it")
             with np.load(path, allow_pickle=False) as f:
                 vecs, encoder = f["items"], str(f["encoder"])
-            if vecs.shape[0] != len(self.trie.item_ids):
-                raise DataError(f"{path}: {vecs.shape[0]} item vectors for a catalogue of {len(self.trie.item_ids)}")
+            if vecs.ndim != 2 or vecs.shape[0] != len(self.trie.item_ids):
+                raise DataError(f"{path}: {vecs.shape} item vectors for a catalogue of {len(self.trie.item_ids)}")
             self.text_prior = TextPrior(encoder, vecs, tau, lambda i: self.items[i]["title"], self.device)
 
     def prior(self, contexts: list[list[dict]]):
