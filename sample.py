@@ -151,6 +151,26 @@ def _escape(text: str) -> str:
     return text.replace("@{", "@ {")
 
 
+def save_calibration(s: Session, ds: dict, res: dict, args):
+    """What --calibrate, --calibrate-copy and --calibrate-text choose on val (res: the val eval), added
+    to CKPT/calibration.json: the file keeps what an earlier calibration chose."""
+    path = os.path.join(args.ckpt, CALIBRATION_FILE)
+    saved = {**read_calibration(args.ckpt), "chosen_on": "val"}
+    if args.calibrate:
+        saved["rec_threshold"], saved["val"] = res["intent_best_threshold"], res["intent_at_best_threshold"]
+        print(f"free-mode REC threshold {saved['rec_threshold']:.4f} (best REC F1 on val)")
+    if args.calibrate_copy:
+        saved["copy_bias"], saved["copy_bias_grid"] = calibrate_copy(s, ds, args.beam, args.max_samples, args.eval_batch, base=res)
+        res["copy_bias_grid"] = saved["copy_bias_grid"]
+        print(f"copy gate bias {saved['copy_bias']} (best R@1 on val, R@10 and fresh R@10 guarded)")
+    if args.calibrate_text:
+        saved["text_prior"], saved["text_prior_grid"] = calibrate_text(s, ds, args.beam, args.max_samples, args.eval_batch, base=res)
+        res["text_prior_grid"] = saved["text_prior_grid"]
+        print(f"text prior weight {saved['text_prior']} (best R@10 on val, fresh R@10 guarded)")
+    write_json(path, saved)
+    print(f"saved to {path}")
+
+
 def main(argv=None):
     args = get_args(argv)
     device = init_device(args.device, args.threads)
@@ -200,24 +220,8 @@ def main(argv=None):
         res["seconds"] = round(time.time() - t0, 1)
         print_eval(res)
         print(f"eval took {res['seconds']} s")
-        if args.calibrate or args.calibrate_copy or args.calibrate_text:  # the file keeps what an earlier calibration chose
-            path = os.path.join(args.ckpt, CALIBRATION_FILE)
-            saved = {**read_calibration(args.ckpt), "chosen_on": "val"}
-            if args.calibrate:
-                saved["rec_threshold"], saved["val"] = res["intent_best_threshold"], res["intent_at_best_threshold"]
-                print(f"free-mode REC threshold {saved['rec_threshold']:.4f} (best REC F1 on val)")
-            if args.calibrate_copy:
-                saved["copy_bias"], saved["copy_bias_grid"] = calibrate_copy(s, ds, args.beam, args.max_samples,
-                                                                             args.eval_batch, base=res)
-                res["copy_bias_grid"] = saved["copy_bias_grid"]
-                print(f"copy gate bias {saved['copy_bias']} (best R@1 on val, R@10 and fresh R@10 guarded)")
-            if args.calibrate_text:
-                saved["text_prior"], saved["text_prior_grid"] = calibrate_text(s, ds, args.beam, args.max_samples,
-                                                                               args.eval_batch, base=res)
-                res["text_prior_grid"] = saved["text_prior_grid"]
-                print(f"text prior weight {saved['text_prior']} (best R@10 on val, fresh R@10 guarded)")
-            write_json(path, saved)
-            print(f"saved to {path}")
+        if args.calibrate or args.calibrate_copy or args.calibrate_text:
+            save_calibration(s, ds, res, args)
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             write_json(args.json, res)

@@ -34,6 +34,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
+from nanocrs.data import MENTION
+
 WORD = re.compile(r"[a-z]+(?:-[a-z]+)*|\d+")
 
 
@@ -377,7 +379,6 @@ class TextPrior:
         self.tau, self.title = tau, title  # title: item id -> its title, for the mentions in the text
 
     def text(self, context: list[dict]) -> str:
-        from nanocrs.data import MENTION
         return " ".join(f"{t['role']}: " + MENTION.sub(lambda m: self.title(m.group(1)), t["text"])
                         for t in context[-LAST_TURNS:])
 

@@ -68,39 +68,37 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
 
 
 def calibrate_copy(s: Session, ds: dict, beam: int, max_dialogs: int = 0, batch: int = 8, base: dict | None = None):
-    """Choose the copy gate's bias on the validation split (choose_copy_bias over COPY_BIASES): one
-    ranking pass per bias (base: the eval at bias 0 if already run). Leaves the chosen bias set on
-    the model. Returns (bias, {bias: {"recall@1", "recall@10", "fresh_recall@10"}})."""
+    """Choose the copy gate's bias on the validation split (choose_copy_bias over COPY_BIASES) and leave
+    it set on the model. Returns (bias, grid) as val_grid."""
     ptr = s.model.pointer
     assert ptr is not None, "a copy gate to calibrate needs the copy head (train.py --pointer)"
-    grid = {}
-    for b in COPY_BIASES:
-        ptr.copy_bias = b
-        res = base if b == 0.0 and base is not None else evaluate(s, ds, "val", beam, max_dialogs, 0, batch=batch)
-        grid[b] = {"recall@1": res["model"]["recall@1"], "recall@10": res["model"]["recall@10"],
-                   "fresh_recall@10": res["fresh"]["model"]["recall@10"]}
-        print(f"copy bias {b}: val R@1 {grid[b]['recall@1']:.4f} R@10 {grid[b]['recall@10']:.4f} "
-              f"fresh R@10 {grid[b]['fresh_recall@10']:.4f}")
+    grid = val_grid(s, ds, "copy bias", COPY_BIASES, lambda b: setattr(ptr, "copy_bias", b), beam, max_dialogs, batch, base)
     ptr.copy_bias = choose_copy_bias(grid)
     return ptr.copy_bias, grid
 
 
 def calibrate_text(s: Session, ds: dict, beam: int, max_dialogs: int = 0, batch: int = 8, base: dict | None = None):
-    """Choose the text prior's weight tau on the validation split (choose_text_prior over TEXT_PRIORS):
-    one ranking pass per tau (base: the eval at tau 0 if already run), the item vectors already beside
-    the checkpoint (write_text_vectors). Leaves the chosen tau set on the session.
-    Returns (tau, {tau: {"recall@1", "recall@10", "fresh_recall@10"}})."""
-    grid = {}
-    for tau in TEXT_PRIORS:
-        s.set_text_prior(tau)
-        res = base if tau == 0.0 and base is not None else evaluate(s, ds, "val", beam, max_dialogs, 0, batch=batch)
-        grid[tau] = {"recall@1": res["model"]["recall@1"], "recall@10": res["model"]["recall@10"],
-                     "fresh_recall@10": res["fresh"]["model"]["recall@10"]}
-        print(f"text prior {tau}: val R@1 {grid[tau]['recall@1']:.4f} R@10 {grid[tau]['recall@10']:.4f} "
-              f"fresh R@10 {grid[tau]['fresh_recall@10']:.4f}")
+    """Choose the text prior's weight tau on the validation split (choose_text_prior over TEXT_PRIORS),
+    the item vectors already beside the checkpoint (write_text_vectors), and leave it set on the
+    session. Returns (tau, grid) as val_grid."""
+    grid = val_grid(s, ds, "text prior", TEXT_PRIORS, s.set_text_prior, beam, max_dialogs, batch, base)
     tau = choose_text_prior(grid)
     s.set_text_prior(tau)
     return tau, grid
+
+
+def val_grid(s: Session, ds: dict, name: str, values, apply, beam: int, max_dialogs: int, batch: int, base: dict | None):
+    """One ranking pass on val per value of a decoding knob (apply(value) sets it; base: the eval at
+    the first value, 0, if already run) -> {value: {"recall@1", "recall@10", "fresh_recall@10"}}."""
+    grid = {}
+    for v in values:
+        apply(v)
+        res = base if v == values[0] and base is not None else evaluate(s, ds, "val", beam, max_dialogs, 0, batch=batch)
+        grid[v] = {"recall@1": res["model"]["recall@1"], "recall@10": res["model"]["recall@10"],
+                   "fresh_recall@10": res["fresh"]["model"]["recall@10"]}
+        print(f"{name} {v}: val R@1 {grid[v]['recall@1']:.4f} R@10 {grid[v]['recall@10']:.4f} "
+              f"fresh R@10 {grid[v]['fresh_recall@10']:.4f}")
+    return grid
 
 
 def write_text_vectors(s: Session, ds: dict, data_dir: str):
