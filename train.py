@@ -124,6 +124,9 @@ def get_args(argv=None, given: set | None = None):
                    help="1: with --pointer, score the slots of item sequences (which name each item once) given "
                         "'not an item of the context': no copy component there, the association head renormalised "
                         "over the items not yet named, so those slots do not teach the gate that nobody repeats")
+    p.add_argument("--copy-turns", type=int, default=0,
+                   help="1: with --pointer, the copy head learns one bias per turn bucket of each context item (who "
+                        "named it, how many recommender turns ago) in its attention and, from the latest item, in its gate")
     p.add_argument("--format", choices=["dialog", "turn"], default="dialog",
                    help="dialog: one sequence per dialog, all assistant turns supervised (O(turns) tokens); "
                         "turn: one example per (assistant turn, item), as in the paper (O(turns^2))")
@@ -165,7 +168,8 @@ def get_args(argv=None, given: set | None = None):
 LOCAL_FLAGS = ("resume", "out", "device", "threads")
 # the model's shape: fixed by the checkpoint's weights
 MODEL_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "dropout", "init_from", "lora_rank",
-               "lora_alpha", "lora_dropout", "pointer", "assoc", "distinct_sequences", "assoc_fresh")
+               "lora_alpha", "lora_dropout", "pointer", "assoc", "distinct_sequences", "assoc_fresh",
+               "copy_turns")
 
 
 def resume_flags(a, given: set, config: dict):
@@ -250,10 +254,13 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
         raise TrainingError("--assoc-fresh 1 changes what the association head ranks: it needs --assoc 1 or 2")
     if a.distinct_sequences and not a.pointer:
         raise TrainingError("--distinct-sequences 1 changes how the copy head's slots are scored: it needs --pointer")
+    if a.copy_turns and not a.pointer:
+        raise TrainingError("--copy-turns 1 adds turn biases to the copy head: it needs --pointer")
     n_items = len(sids.item_ids) if a.assoc else 0
 
     def head_spec(tok):  # the copy head's spec from the flags, with the control token ids of `tok`
-        return pointer_spec(Control.of(tok), a.pointer, n_items, a.assoc == 2, bool(a.distinct_sequences), bool(a.assoc_fresh))
+        return pointer_spec(Control.of(tok), a.pointer, n_items, a.assoc == 2, bool(a.distinct_sequences), bool(a.assoc_fresh),
+                            bool(a.copy_turns))
     spec = head_spec(tok) if a.pointer else {}
     if not a.init_from:
         torch.manual_seed(a.seed)

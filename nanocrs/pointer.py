@@ -74,6 +74,21 @@ own mass on the context's items stays in (taking it out would need the language 
 of every context ID at every slot). A slot is an item-sequence slot when its <EOI> is not followed
 by <RESP>: the rendering of an items-only assistant turn (Renderer.turn_ids).
 
+Turn-aware copying (train.py --copy-turns 1): each context span gets a turn bucket, who named it
+(seeker or recommender) and how many recommender turns lie between it and the slot (0, 1, 2 or more),
+and the head learns one bias per bucket in two places: in the copy attention (beside the recency bias,
+which counts spans, not turns) and in the copy gate, read off the latest span's bucket,
+
+    z_copy = w . h_slot + b + t_gate[turn(latest span)],    s_j += t_attn[turn(span j)]
+
+both zero at the start (the head begins as without). Why: in ReDial a recommender repeats the seeker's
+latest item about three times as often when the seeker named it in the turn just before the slot as
+otherwise, and that is the one case where putting the repeat first pays at R@1; measured, the model's
+top item was that latest item on a fifth of those slots but no more often when it was the gold than
+when it was not (docs/results.md): the slot's state does not carry "an item was just named". The
+buckets come from the token ids alone (turn_bucket: <MODE=...> opens a recommender turn, <EOT> closes
+it), the same in training and decoding.
+
 A calibrated copy gate (decoding only, sample.py --eval val --calibrate-copy): copy_bias is added to the copy
 component's gate logit z_copy, so the copy head's odds against the other components are multiplied by
 exp(copy_bias) and nothing else moves (the order among items the context did not name is unchanged).
@@ -101,11 +116,12 @@ TINY = 1e-30      # floor of P_copy inside a log: log(0) would make the gradient
 
 
 def pointer_spec(ctrl, dim: int = 64, items: int = 0, item_context: bool = False, distinct_sequences: bool = False,
-                 assoc_fresh: bool = False) -> dict:
+                 assoc_fresh: bool = False, turns: bool = False) -> dict:
     """What GPTConfig.pointer holds: the copy head's size, the control tokens it reads and, with the
     association head, the catalogue size (0: copy only), whether its query reads the context's items and
     whether it ranks only the items the context has not named (assoc_fresh); distinct_sequences: score
-    item-sequence slots given "no repeat" (the <RESP> id marks text turns)."""
+    item-sequence slots given "no repeat" (the <RESP> id marks text turns); turns: learn one copy bias per
+    turn bucket (the ids of the tokens that open and close a recommender turn)."""
     assert items or not (item_context or assoc_fresh), "item_context and assoc_fresh are part of the association head: it needs items"
     spec = {"dim": dim, "boi": ctrl.boi, "eoi": ctrl.eoi, "mode_rec": ctrl.mode_rec}
     if item_context:
@@ -114,6 +130,8 @@ def pointer_spec(ctrl, dim: int = 64, items: int = 0, item_context: bool = False
         spec["distinct_sequences"] = ctrl.resp
     if assoc_fresh:
         spec["assoc_fresh"] = True
+    if turns:
+        spec["turns"] = [ctrl.mode_rec, ctrl.mode_chat, ctrl.eot]
     return {**spec, "items": items} if items else spec
 
 
@@ -128,6 +146,31 @@ def find_spans(ids: list[int], boi: int, eoi: int, end: int | None = None) -> li
             spans.append((start, p))
             start = None
     return spans
+
+
+TURN_BUCKETS = 6  # (seeker, recommender) x (0, 1, 2+ recommender turns between the span and the slot)
+
+
+def turn_state(ids: list[int], opens: tuple[int, int], close: int) -> list[tuple[int, bool]]:
+    """For every position p of ids: (the recommender turns opened in ids[:p], whether p is inside one),
+    where a <MODE=...> in `opens` opens a recommender turn and the <EOT> `close` ends it."""
+    count, inside, state = 0, False, []
+    for t in ids:
+        state.append((count, inside))
+        if t in opens:
+            count, inside = count + 1, True
+        elif t == close:
+            inside = False
+    return state
+
+
+def turn_bucket(state, start: int, slot: int) -> int:
+    """The turn bucket of the span whose <BOI> is at `start`, seen from the REC slot whose <BOI> is at
+    `slot` (state: turn_state of the ids): 3 * (the span is inside a recommender turn) + the recommender
+    turns opened after it, capped at 2, not counting the slot's own <MODE=REC> at slot - 1. The seeker's
+    item in the turn just before the slot is bucket 0; one of the recommender's own last turn is 3."""
+    assert start < slot - 1, "a context span lies before the slot's <MODE=REC>"
+    return 3 * state[start][1] + min(state[slot - 1][0] - state[start][0], 2)
 
 
 class Pointer(nn.Module):
@@ -149,8 +192,16 @@ class Pointer(nn.Module):
             self.item_in = nn.Parameter(torch.zeros(self.items, self.dim))
         self.resp = spec.get("distinct_sequences")  # None: every slot scored plainly
         self.assoc_fresh = bool(spec.get("assoc_fresh", False))  # P_assoc leaves out the context's items
+        self.turns = spec.get("turns")  # None: no turn buckets; else (<MODE=REC>, <MODE=CHAT>, <EOT>) ids
+        if self.turns:  # one bias per turn bucket in the copy attention and in the gate (zero: starts as without)
+            self.turn_attn = nn.Parameter(torch.zeros(TURN_BUCKETS))
+            self.turn_gate = nn.Parameter(torch.zeros(TURN_BUCKETS))
         self.catalogue = None  # (SIDTrie, item_path (items, depth), nodes): what training needs (bind)
         self.copy_bias = 0.0  # decoding only: added to the copy gate's logit, chosen on val (not a parameter)
+
+    def turn_state(self, ids: list[int]):
+        """turn_state with this head's control ids."""
+        return turn_state(ids, (self.turns[0], self.turns[1]), self.turns[2])
 
     def bind(self, trie, tt):
         """Give the association head the catalogue for training: trie (nanocrs.generate.SIDTrie) and its
@@ -181,20 +232,27 @@ class Pointer(nn.Module):
         toward no association at all, so the optimizer leaves them out of it."""
         return [self.item_in, self.item_emb.weight]
 
-    def attend(self, h_slot, h_keys, valid, no_copy=None, copy_bias: float = 0.0):
+    def attend(self, h_slot, h_keys, valid, no_copy=None, copy_bias: float = 0.0, turn=None):
         """h_slot (S, C) one query per slot, h_keys (S, J, C) its context spans' <EOI> states, the latest
         last, valid (S, J) bool (spans padded on the left) -> (log g (S,), log(1 - g) (S,), a (S, J),
         b (S,)): the gate, the copy weights over the spans and the association head's weight, as shares
         of g (a.sum(1) + b = 1 wherever g > 0). Without the association head b = 0, and a slot with no
         valid span gets g = 0; no_copy (S,) bool: slots whose copy component is off (the rest renormalises);
-        copy_bias: added to the copy logit z_copy (decoding's calibrated gate)."""
+        copy_bias: added to the copy logit z_copy (decoding's calibrated gate); turn (S, J) long: the spans'
+        turn buckets (with --copy-turns; padding any bucket)."""
         S, J = valid.shape
         s = torch.einsum("sd,sjd->sj", self.q(h_slot).float(), self.k(h_keys).float()) / math.sqrt(self.dim)
         rank = (J - 1 - torch.arange(J, device=valid.device)).clamp(max=RECENCY - 1)  # (J,) 0 = latest
-        s = (s + self.recency[rank]).masked_fill(~valid, float("-inf"))
+        s = s + self.recency[rank]
+        if self.turns:
+            s = s + self.turn_attn[turn]
+        s = s.masked_fill(~valid, float("-inf"))
         a = torch.softmax(s.masked_fill(~valid.any(1, keepdim=True), 0.0), -1) * valid  # no NaN rows
         no_copy = ~valid.any(1) if no_copy is None else no_copy | ~valid.any(1)
-        z_copy = (self.gate(h_slot).float().squeeze(-1) + copy_bias).masked_fill(no_copy, float("-inf"))
+        z_copy = self.gate(h_slot).float().squeeze(-1) + copy_bias
+        if self.turns:  # the latest span (the last column) says whether an item was just named, and by whom
+            z_copy = z_copy + self.turn_gate[turn[:, -1]]
+        z_copy = z_copy.masked_fill(no_copy, float("-inf"))
         z_assoc = (self.gate_assoc(h_slot).float().squeeze(-1) if self.items
                    else torch.full_like(z_copy, float("-inf")))
         log_w = torch.log_softmax(torch.stack([torch.zeros_like(z_copy), z_copy, z_assoc], -1), -1)  # (S, 3)
@@ -266,21 +324,25 @@ class Pointer(nn.Module):
         tgt_tok = torch.full((S, D), -1, dtype=torch.long)
         tgt_row = torch.zeros(S, D, dtype=torch.long)                 # rows of nll of the slot's tokens
         length = torch.zeros(S, dtype=torch.long)
+        turn = torch.zeros(S, J, dtype=torch.long)                    # the spans' turn buckets (--copy-turns)
+        states = {b: self.turn_state(ids[b]) for b in {b for b, *_ in slots}} if self.turns else {}
         for n, (b, s0, L, ctx, _) in enumerate(slots):
             for j, (cs, ce) in enumerate(ctx, start=J - len(ctx)):    # left-padded: the latest span last
                 key_pos[n, j], valid[n, j] = b * T + ce, True
                 ctx_tok[n, j, :ce - cs - 1] = torch.tensor(ids[b][cs + 1:ce])
+                if self.turns:
+                    turn[n, j] = turn_bucket(states[b], cs, s0)
             tgt_tok[n, :L] = torch.tensor(ids[b][s0 + 1:s0 + 1 + L])
             tgt_row[n, :L] = torch.tensor([b * T + s0 + l for l in range(L)])  # position p predicts p + 1
             length[n] = L
-        key_pos, valid, ctx_tok, tgt_tok, length = (v.to(dev) for v in (key_pos, valid, ctx_tok, tgt_tok, length))
+        key_pos, valid, ctx_tok, tgt_tok, length, turn = (v.to(dev) for v in (key_pos, valid, ctx_tok, tgt_tok, length, turn))
         rows = row_of[tgt_row.to(dev)]                                # (S, D)
         within = torch.arange(D, device=dev) < length[:, None]        # (S, D) real SID positions
         assert bool((rows[within] >= 0).all()), "a slot's SID tokens are supervised"
         xf = x.reshape(-1, x.shape[-1])
         h_slot = xf[torch.tensor([b * T + s0 for b, s0, *_ in slots], device=dev)]
         once = torch.tensor([o for *_, o in slots], dtype=torch.bool, device=dev)  # item-sequence slots: no repeat
-        log_g, log_1mg, a, share = self.attend(h_slot, xf[key_pos], valid, once)
+        log_g, log_1mg, a, share = self.attend(h_slot, xf[key_pos], valid, once, turn=turn)
         # p_aux: the heads' mass of each prefix of the slot's ID, first the context spans that start with it
         match = (ctx_tok == tgt_tok[:, None, :]).long().cumprod(-1).float()      # (S, J, D)
         p_aux = torch.einsum("sj,sjd->sd", a, match)                              # (S, D)
@@ -324,20 +386,24 @@ class Pointer(nn.Module):
         self.copy_bias (0 unless a calibration was loaded); prior (B, items) or None: the text prior's
         logits, added to the association head's scores."""
         B, dev = len(ids), h.device
-        # (<EOI> position, catalogue index) of every context span that names a catalogue item
-        spans = [[(e, i) for s, e in find_spans(ids[b], self.boi, self.eoi, slot[b])
+        # (<BOI> position, <EOI> position, catalogue index) of every context span that names a catalogue item
+        spans = [[(s, e, i) for s, e in find_spans(ids[b], self.boi, self.eoi, slot[b])
                   if (i := trie.item_index(ids[b][s + 1:e])) is not None] for b in range(B)]
         J = max(1, max(len(s) for s in spans))
         key = torch.zeros(B, J, dtype=torch.long)
         valid = torch.zeros(B, J, dtype=torch.bool)
         item = torch.zeros(B, J, dtype=torch.long)
+        turn = torch.zeros(B, J, dtype=torch.long)
         for b, sp in enumerate(spans):
-            for j, (e, i) in enumerate(sp, start=J - len(sp)):  # left-padded: the latest span last
+            state = self.turn_state(ids[b][:slot[b]]) if self.turns and sp else None
+            for j, (s, e, i) in enumerate(sp, start=J - len(sp)):  # left-padded: the latest span last
                 key[b, j], valid[b, j], item[b, j] = e, True, i
-        key, valid, item = key.to(dev), valid.to(dev), item.to(dev)
+                if state is not None:
+                    turn[b, j] = turn_bucket(state, s, slot[b])
+        key, valid, item, turn = key.to(dev), valid.to(dev), item.to(dev), turn.to(dev)
         rows = torch.arange(B, device=dev)
         h_slot = h[rows, torch.tensor(slot, device=dev)]
-        log_g, log_1mg, a, share = self.attend(h_slot, h[rows[:, None], key], valid, copy_bias=self.copy_bias)
+        log_g, log_1mg, a, share = self.attend(h_slot, h[rows[:, None], key], valid, copy_bias=self.copy_bias, turn=turn)
         paths = tt.item_path[item]                                            # (B, J, depth) nodes
         mass = torch.zeros(B, tt.child_tok.shape[0], device=dev, dtype=torch.float64)
         mass.scatter_add_(1, paths.flatten(1), a[..., None].expand_as(paths).flatten(1).double())

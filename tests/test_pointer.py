@@ -23,25 +23,30 @@ from nanocrs.data import MENTION, Renderer
 from nanocrs.generate import SIDTrie, beam_search, beam_search_batch, beam_search_reference, sample
 from nanocrs.metrics import COPY_BIASES, choose_copy_bias
 from nanocrs.model import GPT, GPTConfig
-from nanocrs.pointer import find_spans, pointer_spec
+from nanocrs.pointer import find_spans, pointer_spec, turn_bucket, turn_state
 from nanocrs.tokenizer import BOI, MODE_REC, Control
 from test_generate import SpanChecker, subset
 
 BLOCK = 256
 
 
-def pointer_model(tok, seed=0, gate_bias=None, table=None, item_context=False, distinct=False, assoc_fresh=False):
+def pointer_model(tok, seed=0, gate_bias=None, table=None, item_context=False, distinct=False, assoc_fresh=False,
+                  turns=False):
     """An untrained tiny model with a copy head whose attention is far from uniform; with a table,
     also the association head over its items (bound to its trie), its scores far from uniform too,
-    and with item_context its query reading the context's items (input rows random, not zero)."""
+    and with item_context its query reading the context's items (input rows random, not zero); with
+    turns, random turn-bucket biases (not zero)."""
     torch.manual_seed(seed)
     items = len(table.item_ids) if table is not None else 0
     m = GPT(GPTConfig(vocab_size=len(tok), block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
-                      tie_embeddings=False, pointer=pointer_spec(Control.of(tok), 16, items, item_context, distinct, assoc_fresh)))
+                      tie_embeddings=False, pointer=pointer_spec(Control.of(tok), 16, items, item_context, distinct, assoc_fresh, turns)))
     with torch.no_grad():
         m.lm_head.weight.mul_(20.0)
         m.pointer.q.weight.mul_(30.0)
         m.pointer.recency.normal_()
+        if turns:
+            m.pointer.turn_attn.normal_(std=2.0)
+            m.pointer.turn_gate.normal_(std=2.0)
         if gate_bias is not None:  # a fixed gate: g = sigmoid(gate_bias)
             m.pointer.gate.weight.zero_()
             m.pointer.gate.bias.fill_(gate_bias)
@@ -250,16 +255,18 @@ def exhaustive_mixture(model, prompt, trie, log_g: float, leaf_mass) -> list:
     return sorted(want, key=lambda w: -w[1])
 
 
-@pytest.mark.parametrize("seed,assoc", [(0, False), (1, False), (0, True), (0, "item_context"), (0, "fresh"), (0, "fresh+bias")])
+@pytest.mark.parametrize("seed,assoc", [(0, False), (1, False), (0, True), (0, "item_context"), (0, "fresh"), (0, "fresh+bias"),
+                                        (0, "fresh+turns")])
 def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, assoc):
     table = subset(sids, 60)
     trie, ctrl = SIDTrie.build(table, tok), Control.of(tok)
     rd = Renderer(tok, table, BLOCK)
     ctx, _ = dialog_with_mentions(dataset, table)
     prompt = rd.prompt(ctx, forced=MODE_REC + BOI)
-    assoc, bias = (assoc.split("+")[0], 1.5) if isinstance(assoc, str) and assoc.endswith("+bias") else (assoc, 0.0)
+    option = assoc.split("+")[1] if isinstance(assoc, str) and "+" in assoc else None
+    assoc, bias = (assoc.split("+")[0] if option else assoc), (1.5 if option == "bias" else 0.0)
     model = pointer_model(tok, seed=seed, gate_bias=0.5, table=table if assoc else None,
-                          item_context=assoc in ("item_context", "fresh"), assoc_fresh=assoc == "fresh")
+                          item_context=assoc in ("item_context", "fresh"), assoc_fresh=assoc == "fresh", turns=option == "turns")
     model.pointer.copy_bias = bias  # the calibrated gate: decoding's mixture is still exactly the one ranked
     with torch.no_grad():
         _, h = model(torch.tensor([prompt]), return_hidden=True)
@@ -271,9 +278,11 @@ def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, asso
     if assoc == "fresh":  # a named item's mass is the copy head's alone: its spans' copy weights
         spans = find_spans(prompt, ctrl.boi, ctrl.eoi)
         named = [trie.item_index(prompt[s + 1:e]) for s, e in spans]
+        state, slot = turn_state(prompt, (ctrl.mode_rec, ctrl.mode_chat), ctrl.eot), len(prompt) - 1
+        turn = torch.tensor([[turn_bucket(state, s, slot) for s, _ in spans]])
         with torch.no_grad():
-            _, _, a, _ = model.pointer.attend(h[0, [len(prompt) - 1]], h[0, [[e for _, e in spans]]],
-                                              torch.ones(1, len(spans), dtype=torch.bool), copy_bias=bias)
+            _, _, a, _ = model.pointer.attend(h[0, [slot]], h[0, [[e for _, e in spans]]],
+                                              torch.ones(1, len(spans), dtype=torch.bool), copy_bias=bias, turn=turn)
         for i in set(named):
             assert float(leaf_mass[i]) == pytest.approx(sum(float(a[0, j]) for j, n in enumerate(named) if n == i), rel=1e-5)
     want = exhaustive_mixture(model, prompt, trie, float(log_g), leaf_mass)
@@ -294,6 +303,52 @@ def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, asso
     batched = beam_search_batch(model, [prompt, other], trie, ctrl, 10)
     assert [i for i, _ in batched[0]] == [i for i, _ in beam_search(model, prompt, trie, ctrl, 10)]
     assert [i for i, _ in batched[1]] == [i for i, _ in beam_search(model, other, trie, ctrl, 10)]
+
+
+def test_turn_buckets_say_who_named_an_item_and_how_many_turns_ago(tok, sids, dataset):
+    """The buckets from the token ids (the seeker's item just before the slot is 0, the recommender's
+    last turn 3, capped at 2 turns), and with --copy-turns the loss and the decoding mixture both use them."""
+    table = subset(sids, 60)
+    A, B, C = table.item_ids[:3]
+    user = lambda text, *items: {"role": "user", "text": text, "items": list(items)}
+    bot = lambda text, *items: {"role": "assistant", "text": text, "items": list(items)}
+    ctx = [user(f"I loved @{{{A}}}", A), bot("what else?"), user("hm"), bot(f"then @{{{B}}}", B), user("ok"),
+           bot("anything?"), user(f"and @{{{C}}} too", C)]
+    rd, ctrl = Renderer(tok, table, BLOCK), Control.of(tok)
+    prompt = rd.prompt(ctx, forced=MODE_REC + BOI)
+    slot, spans = len(prompt) - 1, find_spans(prompt, ctrl.boi, ctrl.eoi)
+    state = turn_state(prompt, (ctrl.mode_rec, ctrl.mode_chat), ctrl.eot)
+    assert [turn_bucket(state, s, slot) for s, _ in spans] == [2, 4, 4, 0]  # A: 3 turns ago, capped; B (slot and text): 1
+    prompt2 = rd.prompt(ctx[:3], forced=MODE_REC + BOI)  # A, one recommender turn ago
+    state2 = turn_state(prompt2, (ctrl.mode_rec, ctrl.mode_chat), ctrl.eot)
+    assert [turn_bucket(state2, s, len(prompt2) - 1) for s, _ in find_spans(prompt2, ctrl.boi, ctrl.eoi)] == [1]
+    # training: the slot's loss is the mixture with the buckets' biases, and they get a gradient
+    model = pointer_model(tok, table=table, item_context=True, assoc_fresh=True, turns=True)
+    ptr = model.pointer
+    x, y, s0 = slot_example(rd, ctx, A)
+    ids = x[0].tolist()
+    with torch.no_grad():
+        per = model(x, y, reduction="none")[1]
+        _, h = model(x, return_hidden=True)
+        turn = torch.tensor([[turn_bucket(turn_state(ids, (ctrl.mode_rec, ctrl.mode_chat), ctrl.eot), s, s0)
+                              for s, _ in find_spans(ids, ctrl.boi, ctrl.eoi, s0)]])
+        assert turn.tolist() == [[2, 4, 4, 0]]
+        keys, valid = h[0, [[e for _, e in find_spans(ids, ctrl.boi, ctrl.eoi, s0)]]], torch.ones(1, 4, dtype=torch.bool)
+        log_g, _, a, _ = ptr.attend(h[0, [s0]], keys, valid, turn=turn)
+        log_g0, _, a0, _ = ptr.attend(h[0, [s0]], keys, valid, turn=torch.full_like(turn, 5))
+        # decoding: the same gate and weights as training's, which the biases move
+        _, hp = model(torch.tensor([rd.prompt(ctx, forced=MODE_REC + BOI)]), return_hidden=True)
+    assert torch.allclose(hp[0], h[0, :s0 + 1], atol=1e-5)
+    trie = SIDTrie.build(table, tok)
+    g_dec, _, _ = ptr.copy_mass(hp, [prompt], [slot], trie, trie.tensors(ctrl, len(tok), "cpu"))
+    assert float(g_dec) == pytest.approx(float(log_g), abs=1e-5) and abs(float(log_g) - float(log_g0)) > 1e-3
+    assert not torch.allclose(a, a0)
+    model.train()
+    _, loss = model(x, y, reduction="sum")
+    loss.backward()
+    assert ptr.turn_gate.grad[0] != 0 and (ptr.turn_attn.grad[[0, 2, 4]] != 0).all()
+    assert (ptr.turn_gate.grad[[1, 2, 3, 4, 5]] == 0).all()  # only the latest span's bucket feeds the gate
+    assert torch.isfinite(per).all()
 
 
 def test_copy_bias_multiplies_the_copy_odds_alone(tok, sids, dataset):
@@ -458,11 +513,12 @@ def test_count_init_is_naive_bayes_on_the_counts(tok, sids, dataset):
     assert {id(ptr.item_in), id(ptr.item_emb.weight)} <= no_decay and id(ptr.qa.weight) not in no_decay
 
 
-@pytest.mark.parametrize("assoc", ["1", "2", "2+counts+distinct"])
+@pytest.mark.parametrize("assoc", ["1", "2", "2+counts+distinct+turns"])
 def test_train_and_evaluate_with_association_head(dataset_dir, tmp_path, assoc):
     assoc, *options = assoc.split("+")
     extra = (["--assoc-init", "counts"] if "counts" in options else []) + \
-            (["--distinct-sequences", "1"] if "distinct" in options else [])
+            (["--distinct-sequences", "1"] if "distinct" in options else []) + \
+            (["--copy-turns", "1"] if "turns" in options else [])
     out = run_train(dataset_dir, str(tmp_path / "A"), ["--pointer", "8", "--assoc", assoc, "--max-steps", "3"] + extra)
     model, config, tok, sids = checkpoint.load(out)
     assert config["train"]["assoc_init"] == ("counts" if extra else "zero")
@@ -470,6 +526,7 @@ def test_train_and_evaluate_with_association_head(dataset_dir, tmp_path, assoc):
     assert model.pointer.resp == config["model"]["pointer"].get("distinct_sequences") == \
         (Control.of(tok).resp if "distinct" in options else None)
     assert model.pointer.items == len(sids.item_ids) == config["model"]["pointer"]["items"]
+    assert (model.pointer.turns is not None) == ("turns" in options) == ("turns" in config["model"]["pointer"])
     assert model.pointer.item_emb.weight.shape == (len(sids.item_ids), 8)
     assert model.pointer.item_context == (assoc == "2") == config["model"]["pointer"].get("item_context", False)
     if assoc == "2":  # trained: the input rows of the items named in training contexts moved off zero
@@ -488,6 +545,8 @@ def test_train_and_evaluate_with_association_head(dataset_dir, tmp_path, assoc):
                     "--assoc-init", "counts", "--max-steps", "2")
         assert r.returncode != 0 and "--assoc 2" in r.stderr.strip().splitlines()[-1]
         r = run_cli("train.py", "--data", dataset_dir, "--out", str(tmp_path / "D"), "--distinct-sequences", "1", "--max-steps", "2")
+        assert r.returncode != 0 and "--pointer" in r.stderr.strip().splitlines()[-1]
+        r = run_cli("train.py", "--data", dataset_dir, "--out", str(tmp_path / "E"), "--copy-turns", "1", "--max-steps", "2")
         assert r.returncode != 0 and "--pointer" in r.stderr.strip().splitlines()[-1]
 
 
