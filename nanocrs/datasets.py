@@ -416,9 +416,10 @@ def build_redial(raw_dir: str, seed: int = 0, item_sequences: bool = True):
 # INSPIRED
 
 @functools.lru_cache(maxsize=None)  # the chat links every typed line against the whole catalogue
-def _title_regex(title: str):
+def _title_regex(title: str, cased_words: bool = False):
     """A pattern finding `title` in free text the way people type it: any case, any punctuation or
-    spacing between its letters ("Avengers End Game" for "Avengers: Endgame"), leading article optional."""
+    spacing between its letters ("Avengers End Game" for "Avengers: Endgame"), leading article optional.
+    cased_words: a one-word title only with its first letter as written ("Looking", never "looking")."""
     core = re.sub(r"^(the|a|an)\s+", "", title.strip(), flags=re.I)
     chars = [c for c in core if c.isalnum()]
     if not chars:
@@ -426,26 +427,45 @@ def _title_regex(title: str):
     if len(chars) <= 3:  # "It", "Up", "Us": only as written or in capitals, or every pronoun becomes a movie
         alts = {re.escape(core), re.escape(core.upper())}
         return re.compile(r"(?<![^\W_])(?:" + "|".join(sorted(alts)) + r")(?![^\W_])")
+    if cased_words and not re.search(r"\s", core):
+        rest = r"[\W_]*".join(re.escape(c) for c in chars[1:])
+        return re.compile(r"(?<![^\W_])" + re.escape(chars[0]) + r"[\W_]*(?i:" + rest + r")(?![^\W_])")
     body = r"[\W_]*".join(re.escape(c) for c in chars)
     return re.compile(r"(?<![^\W_])(?:(?:the|a|an)[\W_]+)?" + body + r"(?![^\W_])", re.I)
 
 
-def link_titles(text: str, movies: list[tuple[str, str]]) -> tuple[str, int]:
+def _sentence_start(text: str, at: int) -> bool:
+    """Whether text[at] begins a sentence: nothing but spaces and quotes before it since the start or a . ! ?"""
+    before = text[:at].rstrip(" \t\"'(")
+    return not before or before[-1] in ".!?\n"
+
+
+def link_titles(text: str, movies: list[tuple[str, str]], cased_words: bool = False) -> tuple[str, int]:
     """Replace each candidate movie's title in `text` by @{id}; movies = [(title, id)]. Returns the
     new text and how many candidates were found. Longest titles first, so "It" cannot eat into
-    "It Chapter Two"; found spans become placeholders so that later titles never match inside them."""
+    "It Chapter Two"; found spans become placeholders so that later titles never match inside them.
+    cased_words (the chat, which searches the whole catalogue, where "Good" and "Looking" are titles
+    too): a one-word title is linked only when typed with its capital and not first in a sentence,
+    so an ordinary word is left alone; the dataset readers search each dialog's own annotated movies
+    and keep the default."""
     found, slots = 0, []
     text = _SLOT.sub("", text)  # (a private-use character in the input itself is dropped)
     for title, item_id in sorted(movies, key=lambda m: -len(m[0])):
-        pat = _title_regex(title)
+        pat = _title_regex(title, cased_words)
         if pat is None:
             continue
-        # the placeholder is one private-use character: no title's pattern can match inside it (a
-        # numbered placeholder once let the movie "2" match the slot number of an earlier title)
-        text, n = pat.subn(lambda m: chr(0xF0000 + len(slots)), text)
-        if n:
+        one_word = cased_words and not re.search(r"\s", re.sub(r"^(the|a|an)\s+", "", title.strip(), flags=re.I))
+
+        def place(m):  # the placeholder is one private-use character: no title's pattern can match inside
+            # it (a numbered placeholder once let the movie "2" match the slot number of an earlier title)
+            if one_word and _sentence_start(m.string, m.start()):
+                return m.group(0)
+            return chr(0xF0000 + len(slots))
+        new = pat.sub(place, text)
+        if new != text:
             found += 1
             slots.append(item_id)
+        text = new
     return _SLOT.sub(lambda m: "@{" + slots[ord(m.group(0)) - 0xF0000] + "}", text), found
 
 

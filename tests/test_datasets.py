@@ -173,6 +173,19 @@ def test_link_titles():
     assert text == "@{h} was long" and n == 1
 
 
+def test_chat_linking_leaves_ordinary_words_alone():
+    """Against the whole catalogue (the chat), a one-word title is a title only with its capital and
+    mid-sentence; titles of several words link as before, in any case."""
+    movies = [("Looking", "l"), ("Good", "g"), ("Her", "h"), ("Paper Lanterns", "p")]
+    line = "Good evening, I'm looking for something good like paper lanterns"
+    assert link_titles(line, movies, cased_words=True) == ("Good evening, I'm looking for something good like @{p}", 1)
+    assert link_titles(line, movies)[1] == 3  # the readers' default (each dialog's own movies): any case
+    text, n = link_titles("I loved Looking and Her. Good was fine too", movies, cased_words=True)
+    assert (text, n) == ("I loved @{l} and @{h}. Good was fine too", 2)
+    assert link_titles('"Her" was great', movies, cased_words=True)[1] == 0  # first in the sentence, behind a quote
+    assert link_titles('she said "Her" was great', movies, cased_words=True)[1] == 1
+
+
 # -----------------------------------------------------------------------------
 # custom schema
 
