@@ -415,12 +415,17 @@ def build_redial(raw_dir: str, seed: int = 0, item_sequences: bool = True):
 # -----------------------------------------------------------------------------
 # INSPIRED
 
+def _core_title(title: str) -> str:
+    """The title without a leading article: what the matcher spells out."""
+    return re.sub(r"^(the|a|an)\s+", "", title.strip(), flags=re.I)
+
+
 @functools.lru_cache(maxsize=None)  # the chat links every typed line against the whole catalogue
 def _title_regex(title: str, cased_words: bool = False):
     """A pattern finding `title` in free text the way people type it: any case, any punctuation or
     spacing between its letters ("Avengers End Game" for "Avengers: Endgame"), leading article optional.
     cased_words: a one-word title only with its first letter as written ("Looking", never "looking")."""
-    core = re.sub(r"^(the|a|an)\s+", "", title.strip(), flags=re.I)
+    core = _core_title(title)
     chars = [c for c in core if c.isalnum()]
     if not chars:
         return None
@@ -454,7 +459,7 @@ def link_titles(text: str, movies: list[tuple[str, str]], cased_words: bool = Fa
         pat = _title_regex(title, cased_words)
         if pat is None:
             continue
-        one_word = cased_words and not re.search(r"\s", re.sub(r"^(the|a|an)\s+", "", title.strip(), flags=re.I))
+        one_word = cased_words and not re.search(r"\s", _core_title(title))
 
         def place(m):  # the placeholder is one private-use character: no title's pattern can match inside
             # it (a numbered placeholder once let the movie "2" match the slot number of an earlier title)
