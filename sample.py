@@ -5,6 +5,7 @@ Use a trained nanocrs checkpoint: evaluate it, print sample replies, or chat wit
     python sample.py --ckpt out/synthetic --num-samples 3
     python sample.py --ckpt out/synthetic --chat                  # /reset starts over, /quit leaves
     python sample.py --ckpt out/inspired-s0 --eval val --calibrate --calibrate-text   # choices on val, saved beside it
+    python sample.py --ckpt out/redial-s0 --eval val --calibrate --calibrate-just-named
     echo "I want a scary movie from the 80s" | python sample.py --ckpt out/synthetic --chat
     python sample.py --init-from smollm2 --prompt "The capital of France is" --greedy --max-new-tokens 20
 
@@ -22,7 +23,7 @@ import torch
 from nanocrs import checkpoint
 from nanocrs.common import flag_error, init_device, run_script
 from nanocrs.data import MENTION, DataError, Renderer, load_dataset, write_json
-from nanocrs.evaluate import calibrate_copy, calibrate_text, evaluate, print_eval, write_text_vectors
+from nanocrs.evaluate import calibrate_copy, calibrate_just_named, calibrate_text, evaluate, print_eval, write_text_vectors
 from nanocrs.generate import sample
 from nanocrs.session import CALIBRATION_FILE, Session, read_calibration
 
@@ -41,6 +42,11 @@ def get_args(argv=None):
                         f"fresh R@10 guarded; one more ranking pass per bias) and save it in CKPT/{CALIBRATION_FILE}")
     p.add_argument("--copy-bias", type=float, default=None,
                    help="the copy gate's bias for this run (default: the calibrated one, else 0)")
+    p.add_argument("--calibrate-just-named", action="store_true",
+                   help=f"with --eval val and --copy-turns: also choose the copy gate's bias where the seeker has just "
+                        f"named an item (as --calibrate-copy: best R@1, guarded) and save it in CKPT/{CALIBRATION_FILE}")
+    p.add_argument("--just-named-bias", type=float, default=None,
+                   help="that bias for this run (default: the calibrated one, else 0)")
     p.add_argument("--calibrate-text", action="store_true",
                    help=f"with --eval val and an association head: also choose the text prior's weight (the item "
                         f"encoder matching the dialog's last turns; best R@10, fresh R@10 guarded) and save it in "
@@ -68,6 +74,8 @@ def get_args(argv=None):
     a = p.parse_args(argv)
     if a.calibrate_copy and a.copy_bias is not None:
         flag_error("--copy-bias: --calibrate-copy chooses the copy bias itself; give one or the other")
+    if a.calibrate_just_named and a.just_named_bias is not None:
+        flag_error("--just-named-bias: --calibrate-just-named chooses that bias itself; give one or the other")
     if a.calibrate_text and a.text_prior is not None:
         flag_error("--text-prior: --calibrate-text chooses the text prior's weight itself; give one or the other")
     if a.text_prior is not None and a.text_prior < 0:
@@ -152,7 +160,7 @@ def _escape(text: str) -> str:
 
 
 def save_calibration(s: Session, ds: dict, res: dict, args):
-    """What --calibrate, --calibrate-copy and --calibrate-text choose on val (res: the val eval), added
+    """What --calibrate, --calibrate-copy, --calibrate-just-named and --calibrate-text choose on val (res: the val eval), added
     to CKPT/calibration.json: the file keeps what an earlier calibration chose."""
     path = os.path.join(args.ckpt, CALIBRATION_FILE)
     saved = {**read_calibration(args.ckpt), "chosen_on": "val"}
@@ -163,6 +171,11 @@ def save_calibration(s: Session, ds: dict, res: dict, args):
         saved["copy_bias"], saved["copy_bias_grid"] = calibrate_copy(s, ds, args.beam, args.max_samples, args.eval_batch, base=res)
         res["copy_bias_grid"] = saved["copy_bias_grid"]
         print(f"copy gate bias {saved['copy_bias']} (best R@1 on val, R@10 and fresh R@10 guarded)")
+    if args.calibrate_just_named:
+        saved["just_named_bias"], saved["just_named_bias_grid"] = calibrate_just_named(
+            s, ds, args.beam, args.max_samples, args.eval_batch, base=res)
+        res["just_named_bias_grid"] = saved["just_named_bias_grid"]
+        print(f"just-named bias {saved['just_named_bias']} (best R@1 on val, R@10 and fresh R@10 guarded)")
     if args.calibrate_text:
         saved["text_prior"], saved["text_prior_grid"] = calibrate_text(s, ds, args.beam, args.max_samples, args.eval_batch, base=res)
         res["text_prior_grid"] = saved["text_prior_grid"]
@@ -187,10 +200,14 @@ def main(argv=None):
         print(f"prompt ids: {ids}\ngenerated ids: {out}\n{args.prompt}{tok.decode(out)}")
         return
     s = Session(args.ckpt, device, copy_bias=0.0 if args.calibrate_copy else args.copy_bias,  # calibration starts at 0
-                text_prior=0.0 if args.calibrate_text else args.text_prior)
+                text_prior=0.0 if args.calibrate_text else args.text_prior,
+                just_named_bias=0.0 if args.calibrate_just_named else args.just_named_bias)
     if (args.calibrate_copy or args.copy_bias is not None) and s.model.pointer is None:
         flag = "--calibrate-copy" if args.calibrate_copy else "--copy-bias"
         raise ValueError(f"{flag}: this checkpoint has no copy head (train.py --pointer)")
+    if (args.calibrate_just_named or args.just_named_bias is not None) and not (s.model.pointer is not None and s.model.pointer.turns):
+        flag = "--calibrate-just-named" if args.calibrate_just_named else "--just-named-bias"
+        raise ValueError(f"{flag}: this checkpoint has no turn buckets in its copy head (train.py --copy-turns 1)")
     if args.calibrate_text and not (s.model.pointer is not None and s.model.pointer.items):
         raise ValueError("--calibrate-text: this checkpoint has no association head (train.py --assoc)")
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -201,8 +218,9 @@ def main(argv=None):
         data_dir = args.data or s.config["data"]
         ds = load_dataset(data_dir)
         checkpoint.check_data(s.config, data_dir)
+    calibrating = args.calibrate or args.calibrate_copy or args.calibrate_just_named or args.calibrate_text
     if args.eval:
-        if (args.calibrate or args.calibrate_copy or args.calibrate_text) and args.eval != "val":
+        if (calibrating) and args.eval != "val":
             raise ValueError("--calibrate: thresholds are chosen on the validation split (--eval val), never on test")
         if args.eval not in ("train", "val", "test"):
             raise DataError(f"--eval must be train, val or test, got {args.eval!r}")
@@ -220,7 +238,7 @@ def main(argv=None):
         res["seconds"] = round(time.time() - t0, 1)
         print_eval(res)
         print(f"eval took {res['seconds']} s")
-        if args.calibrate or args.calibrate_copy or args.calibrate_text:
+        if calibrating:
             save_calibration(s, ds, res, args)
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -63,6 +63,7 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
     res = {"split": split, **rank_pass(s, ds, dialogs, turns, scored, beam, rankings)}
     if s.model.pointer is not None:
         res["copy_bias"] = s.model.pointer.copy_bias
+        res["just_named_bias"] = s.model.pointer.just_named_bias
         res["text_prior"] = s.text_prior.tau if s.text_prior is not None else 0.0
     return {**res, **dialog_pass(s, turns, scored, max_gen, max_new_tokens, split)}
 
@@ -75,6 +76,17 @@ def calibrate_copy(s: Session, ds: dict, beam: int, max_dialogs: int = 0, batch:
     grid = val_grid(s, ds, "copy bias", COPY_BIASES, lambda b: setattr(ptr, "copy_bias", b), beam, max_dialogs, batch, base)
     ptr.copy_bias = choose_copy_bias(grid)
     return ptr.copy_bias, grid
+
+
+def calibrate_just_named(s: Session, ds: dict, beam: int, max_dialogs: int = 0, batch: int = 8, base: dict | None = None):
+    """Choose the copy gate's bias for the item the seeker just named (Pointer.just_named_bias) on the
+    validation split, over the same grid and with the same guard as calibrate_copy, and leave it set."""
+    ptr = s.model.pointer
+    assert ptr is not None and ptr.turns, "this bias needs the copy head's turn buckets (train.py --copy-turns 1)"
+    grid = val_grid(s, ds, "just-named bias", COPY_BIASES, lambda b: setattr(ptr, "just_named_bias", b), beam,
+                    max_dialogs, batch, base)
+    ptr.just_named_bias = choose_copy_bias(grid)
+    return ptr.just_named_bias, grid
 
 
 def calibrate_text(s: Session, ds: dict, beam: int, max_dialogs: int = 0, batch: int = 8, base: dict | None = None):
@@ -327,7 +339,7 @@ def print_eval(res: dict):
               f"{dg['top1_distinct'][m]:5d}   {dg['coverage@10'][m]:.4f}   {dg['top1_in_context'][m]:.4f}")
     if dg.get("copy_gate_mean") is not None:
         print(f"copy head: mean gate g {dg['copy_gate_mean']:.4f} at the REC slot (copy bias {res.get('copy_bias', 0.0)}, "
-              f"text prior {res.get('text_prior', 0.0)})")
+              f"just-named bias {res.get('just_named_bias', 0.0)}, text prior {res.get('text_prior', 0.0)})")
     dm = res["dialog"]
     for key, what in (("intent", "argmax"), ("intent_calibrated", "threshold from val")):
         if key in res:

@@ -98,6 +98,17 @@ beside the checkpoint (nanocrs/session.py); training never sees it. On ReDial it
 each bias that lifted the repeats also pushed new items out of the top ten, for no steady gain at R@1
 (docs/results.md).
 
+A calibrated gate for the item the seeker just named (decoding only, --calibrate-just-named, needs the turn
+buckets): where the latest context item is the seeker's, named in the turn just before the slot (bucket
+0), just_named_bias is added to z_copy and to the copy attention's scores of the bucket-0 spans, so the
+copy head's odds grow by exp(bias) and within it the items just named gain the same factor on the rest.
+Why: there the copy of that item is calibrated (its mean probability at the slot matches how often it is
+the gold), but the best new item's probability is about three times its hit rate, so the new item comes
+first although the repeat is the likelier gold; the likelihood training never sees which one is put
+first. The gate alone is not enough: its extra mass spreads over every named item and pushes new ones
+out of the top ten. Slots in any other bucket do not move. Chosen on val like copy_bias (docs/results.md,
+"The item the seeker just named"); as the bias grows this tends to putting the seeker's just-named items first.
+
 A text prior (decoding only, sample.py --eval val --calibrate-text): tau * cos(E(context), E(item)),
 the frozen sentence encoder's match between the dialog's last turns and each item's text, is added to
 the association head's scores (assoc_probs's prior; nanocrs/encoder.py TextPrior says why). The gate
@@ -198,6 +209,7 @@ class Pointer(nn.Module):
             self.turn_gate = nn.Parameter(torch.zeros(TURN_BUCKETS))
         self.catalogue = None  # (SIDTrie, item_path (items, depth), nodes): what training needs (bind)
         self.copy_bias = 0.0  # decoding only: added to the copy gate's logit, chosen on val (not a parameter)
+        self.just_named_bias = 0.0  # decoding only: the same, where the seeker's item was just named (bucket 0)
 
     def turn_state(self, ids: list[int]):
         """turn_state with this head's control ids."""
@@ -232,26 +244,29 @@ class Pointer(nn.Module):
         toward no association at all, so the optimizer leaves them out of it."""
         return [self.item_in, self.item_emb.weight]
 
-    def attend(self, h_slot, h_keys, valid, no_copy=None, copy_bias: float = 0.0, turn=None):
+    def attend(self, h_slot, h_keys, valid, no_copy=None, copy_bias: float = 0.0, turn=None, just_named_bias: float = 0.0):
         """h_slot (S, C) one query per slot, h_keys (S, J, C) its context spans' <EOI> states, the latest
         last, valid (S, J) bool (spans padded on the left) -> (log g (S,), log(1 - g) (S,), a (S, J),
         b (S,)): the gate, the copy weights over the spans and the association head's weight, as shares
         of g (a.sum(1) + b = 1 wherever g > 0). Without the association head b = 0, and a slot with no
         valid span gets g = 0; no_copy (S,) bool: slots whose copy component is off (the rest renormalises);
         copy_bias: added to the copy logit z_copy (decoding's calibrated gate); turn (S, J) long: the spans'
-        turn buckets (with --copy-turns; padding any bucket)."""
+        turn buckets (with --copy-turns; padding any bucket); just_named_bias: where the latest span is in
+        bucket 0, added to z_copy and to the bucket-0 spans' scores (decoding's calibrated gate for the
+        item the seeker just named)."""
         S, J = valid.shape
         s = torch.einsum("sd,sjd->sj", self.q(h_slot).float(), self.k(h_keys).float()) / math.sqrt(self.dim)
         rank = (J - 1 - torch.arange(J, device=valid.device)).clamp(max=RECENCY - 1)  # (J,) 0 = latest
         s = s + self.recency[rank]
         if self.turns:
-            s = s + self.turn_attn[turn]
+            just_named = turn == 0  # (S, J)
+            s = s + self.turn_attn[turn] + just_named_bias * (just_named & just_named[:, -1:])
         s = s.masked_fill(~valid, float("-inf"))
         a = torch.softmax(s.masked_fill(~valid.any(1, keepdim=True), 0.0), -1) * valid  # no NaN rows
         no_copy = ~valid.any(1) if no_copy is None else no_copy | ~valid.any(1)
         z_copy = self.gate(h_slot).float().squeeze(-1) + copy_bias
         if self.turns:  # the latest span (the last column) says whether an item was just named, and by whom
-            z_copy = z_copy + self.turn_gate[turn[:, -1]]
+            z_copy = z_copy + self.turn_gate[turn[:, -1]] + just_named_bias * just_named[:, -1]
         z_copy = z_copy.masked_fill(no_copy, float("-inf"))
         z_assoc = (self.gate_assoc(h_slot).float().squeeze(-1) if self.items
                    else torch.full_like(z_copy, float("-inf")))
@@ -383,7 +398,7 @@ class Pointer(nn.Module):
         """For B prompts whose slot (the <BOI> after <MODE=REC>) is at position slot[b] of ids[b], with
         h (B, T, C) the hidden states over those positions: (log g (B,), log(1 - g) (B,), mass
         (B, N+1)), mass[b, node] = P_copy of the items under that trie node (0 at OUT). The gate takes
-        self.copy_bias (0 unless a calibration was loaded); prior (B, items) or None: the text prior's
+        self.copy_bias and self.just_named_bias (0 unless a calibration was loaded); prior (B, items) or None: the text prior's
         logits, added to the association head's scores."""
         B, dev = len(ids), h.device
         # (<BOI> position, <EOI> position, catalogue index) of every context span that names a catalogue item
@@ -403,7 +418,8 @@ class Pointer(nn.Module):
         key, valid, item, turn = key.to(dev), valid.to(dev), item.to(dev), turn.to(dev)
         rows = torch.arange(B, device=dev)
         h_slot = h[rows, torch.tensor(slot, device=dev)]
-        log_g, log_1mg, a, share = self.attend(h_slot, h[rows[:, None], key], valid, copy_bias=self.copy_bias, turn=turn)
+        log_g, log_1mg, a, share = self.attend(h_slot, h[rows[:, None], key], valid, copy_bias=self.copy_bias, turn=turn,
+                                           just_named_bias=self.just_named_bias)
         paths = tt.item_path[item]                                            # (B, J, depth) nodes
         mass = torch.zeros(B, tt.child_tok.shape[0], device=dev, dtype=torch.float64)
         mass.scatter_add_(1, paths.flatten(1), a[..., None].expand_as(paths).flatten(1).double())

@@ -39,7 +39,8 @@ def read_calibration(ckpt: str) -> dict:
 class Session:
     """Everything loaded from a checkpoint, plus the helpers that turn tokens into readable text."""
 
-    def __init__(self, ckpt: str, device: str, copy_bias: float | None = None, text_prior: float | None = None):
+    def __init__(self, ckpt: str, device: str, copy_bias: float | None = None, text_prior: float | None = None,
+                 just_named_bias: float | None = None):
         self.model, self.config, self.tok, self.sids = checkpoint.load(ckpt, device, merge=True)
         self.model.eval()
         self.items = {it["id"]: it for it in load_items(os.path.join(ckpt, "items.jsonl"))}
@@ -53,6 +54,9 @@ class Session:
         self.rec_threshold = saved.get("rec_threshold")
         if self.model.pointer is not None:
             self.model.pointer.copy_bias = saved.get("copy_bias", 0.0) if copy_bias is None else copy_bias
+            # with --calibrate-just-named, the same for the item the seeker just named; just_named_bias overrides it
+            self.model.pointer.just_named_bias = (saved.get("just_named_bias", 0.0) if just_named_bias is None
+                                                  else just_named_bias)
         # and, with --calibrate-text, the text prior's weight tau (nanocrs/encoder.py); text_prior overrides it
         self.ckpt, self.text_prior = ckpt, None
         self.set_text_prior(saved.get("text_prior", 0.0) if text_prior is None else text_prior)

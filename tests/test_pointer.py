@@ -256,7 +256,7 @@ def exhaustive_mixture(model, prompt, trie, log_g: float, leaf_mass) -> list:
 
 
 @pytest.mark.parametrize("seed,assoc", [(0, False), (1, False), (0, True), (0, "item_context"), (0, "fresh"), (0, "fresh+bias"),
-                                        (0, "fresh+turns")])
+                                        (0, "fresh+turns"), (0, "fresh+named")])
 def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, assoc):
     table = subset(sids, 60)
     trie, ctrl = SIDTrie.build(table, tok), Control.of(tok)
@@ -265,9 +265,13 @@ def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, asso
     prompt = rd.prompt(ctx, forced=MODE_REC + BOI)
     option = assoc.split("+")[1] if isinstance(assoc, str) and "+" in assoc else None
     assoc, bias = (assoc.split("+")[0] if option else assoc), (1.5 if option == "bias" else 0.0)
-    model = pointer_model(tok, seed=seed, gate_bias=0.5, table=table if assoc else None,
-                          item_context=assoc in ("item_context", "fresh"), assoc_fresh=assoc == "fresh", turns=option == "turns")
-    model.pointer.copy_bias = bias  # the calibrated gate: decoding's mixture is still exactly the one ranked
+    model = pointer_model(tok, seed=seed, gate_bias=0.5, table=table if assoc else None, item_context=assoc in ("item_context", "fresh"),
+                          assoc_fresh=assoc == "fresh", turns=option in ("turns", "named"))
+    model.pointer.copy_bias = bias  # the calibrated gates: decoding's mixture is still exactly the one ranked
+    if option == "named":  # (the context must end with the seeker's item for this bias to act)
+        model.pointer.just_named_bias = 1.5
+        ctx = ctx + [{"role": "user", "text": f"and @{{{table.item_ids[5]}}}", "items": [table.item_ids[5]]}]
+        prompt = rd.prompt(ctx, forced=MODE_REC + BOI)
     with torch.no_grad():
         _, h = model(torch.tensor([prompt]), return_hidden=True)
     tt = trie.tensors(ctrl, len(tok), "cpu")
@@ -282,7 +286,8 @@ def test_beam_with_copy_equals_exhaustive_mixture(tok, sids, dataset, seed, asso
         turn = torch.tensor([[turn_bucket(state, s, slot) for s, _ in spans]])
         with torch.no_grad():
             _, _, a, _ = model.pointer.attend(h[0, [slot]], h[0, [[e for _, e in spans]]],
-                                              torch.ones(1, len(spans), dtype=torch.bool), copy_bias=bias, turn=turn)
+                                              torch.ones(1, len(spans), dtype=torch.bool), copy_bias=bias, turn=turn,
+                                              just_named_bias=model.pointer.just_named_bias)
         for i in set(named):
             assert float(leaf_mass[i]) == pytest.approx(sum(float(a[0, j]) for j, n in enumerate(named) if n == i), rel=1e-5)
     want = exhaustive_mixture(model, prompt, trie, float(log_g), leaf_mass)
@@ -379,6 +384,46 @@ def test_copy_bias_multiplies_the_copy_odds_alone(tok, sids, dataset):
     assert [i for i, _ in lists[0] if i not in named] == [i for i, _ in lists[1] if i not in named]
     place = [{i: r for r, (i, _) in enumerate(lst)} for lst in lists]
     assert all(place[1][i] <= place[0][i] for i in named)
+
+
+def test_just_named_bias_moves_only_the_slots_after_the_seekers_item(tok, sids, dataset):
+    """The calibrated gate for the item the seeker just named: where the latest span is in bucket 0 the
+    copy odds grow by exp(bias) and, within the copy, so do the bucket-0 spans' odds against the others;
+    where it is in any other bucket nothing moves."""
+    table = subset(sids, 60)
+    A, B = table.item_ids[:2]
+    ctx = [{"role": "user", "text": f"I loved @{{{A}}}", "items": [A]}, {"role": "assistant", "text": f"try @{{{B}}}", "items": [B]},
+           {"role": "user", "text": f"seen @{{{B}}} and @{{{A}}}", "items": [B, A]}]
+    rd, ctrl, trie = Renderer(tok, table, BLOCK), Control.of(tok), SIDTrie.build(table, tok)
+    tt = trie.tensors(ctrl, len(tok), "cpu")
+    model = pointer_model(tok, gate_bias=-1.0, table=table, item_context=True, assoc_fresh=True, turns=True)
+    ptr = model.pointer
+    for context, bucket in ((ctx, 0), (ctx[:2], 3)):  # the seeker's item just named; the recommender's own last turn
+        prompt = rd.prompt(context, forced=MODE_REC + BOI)
+        slot, spans = len(prompt) - 1, find_spans(prompt, ctrl.boi, ctrl.eoi)
+        turn = torch.tensor([[turn_bucket(turn_state(prompt, (ctrl.mode_rec, ctrl.mode_chat), ctrl.eot), s, slot) for s, _ in spans]])
+        assert int(turn[0, -1]) == bucket
+        with torch.no_grad():
+            _, h = model(torch.tensor([prompt]), return_hidden=True)
+            keys, valid = h[0, [[e for _, e in spans]]], torch.ones(1, len(spans), dtype=torch.bool)
+            (lg0, l1m0, a0, _), (lg2, l1m2, a2, _) = (ptr.attend(h[0, [slot]], keys, valid, turn=turn, just_named_bias=b)
+                                                      for b in (0.0, 2.0))
+        # the copy component's weight against the plain model's: odds0 -> odds2
+        odds0, odds2 = (float(lg.exp() * a.sum() / l1m.exp()) for lg, a, l1m in ((lg0, a0, l1m0), (lg2, a2, l1m2)))
+        odds_in = [a[0] / a[0, ~(turn[0] == 0)].sum() for a in (a0, a2)]  # each span against the other buckets' spans
+        lift = torch.where(turn[0] == 0, math.exp(2.0), 1.0) if bucket == 0 else torch.ones(len(spans))
+        assert torch.allclose(odds_in[1], lift * odds_in[0], rtol=1e-4)
+        masses = []
+        for b in (0.0, 2.0):
+            ptr.just_named_bias = b
+            masses.append(ptr.copy_mass(h, [prompt], [slot], trie, tt))
+        ptr.just_named_bias = 0.0
+        if bucket == 0:
+            assert odds2 == pytest.approx(math.exp(2.0) * odds0, rel=1e-4)
+            assert float(masses[1][0]) > float(masses[0][0])  # more of the mass goes to the two heads
+        else:
+            assert odds2 == pytest.approx(odds0, rel=1e-6)
+            assert all(torch.equal(x, y) for x, y in zip(*masses))
 
 
 def test_text_prior_reweights_the_association_head_alone(tok, sids, dataset):
@@ -534,6 +579,18 @@ def test_train_and_evaluate_with_association_head(dataset_dir, tmp_path, assoc):
     r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "20", "--max-gen", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "standard protocol" in r.stdout
+    # --calibrate-just-named: chosen on val as the copy bias, saved, used by later evals; it needs the turn buckets
+    r = run_cli("sample.py", "--ckpt", out, "--eval", "val", "--max-samples", "6", "--max-gen", "0", "--calibrate-just-named")
+    if "turns" in options:
+        assert r.returncode == 0, r.stderr[-2000:]
+        saved = json.load(open(os.path.join(out, "calibration.json")))
+        assert saved["just_named_bias"] == choose_copy_bias({float(b): m for b, m in saved["just_named_bias_grid"].items()})
+        r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "6", "--max-gen", "0")
+        assert f"just-named bias {saved['just_named_bias']}," in r.stdout
+        r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "6", "--max-gen", "0", "--just-named-bias", "0.75")
+        assert r.returncode == 0 and "just-named bias 0.75," in r.stdout
+    else:
+        assert r.returncode != 0 and "--copy-turns 1" in r.stderr.strip().splitlines()[-1]
     # --resume continues it (the head is rebound to the catalogue), and --assoc alone is refused in one line
     r = run_cli("train.py", "--data", dataset_dir, "--out", out, "--resume", "--max-steps", "4")
     assert r.returncode == 0, r.stderr[-2000:]
