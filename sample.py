@@ -159,6 +159,19 @@ def _escape(text: str) -> str:
     return text.replace("@{", "@ {")
 
 
+def check_heads(s: Session, args):
+    """The decoding knobs that need a head this checkpoint may not have: one line if it has not."""
+    ptr = s.model.pointer
+    if (args.calibrate_copy or args.copy_bias is not None) and ptr is None:
+        flag = "--calibrate-copy" if args.calibrate_copy else "--copy-bias"
+        raise ValueError(f"{flag}: this checkpoint has no copy head (train.py --pointer)")
+    if (args.calibrate_just_named or args.just_named_bias is not None) and not (ptr is not None and ptr.turns):
+        flag = "--calibrate-just-named" if args.calibrate_just_named else "--just-named-bias"
+        raise ValueError(f"{flag}: this checkpoint has no turn buckets in its copy head (train.py --copy-turns 1)")
+    if args.calibrate_text and not (ptr is not None and ptr.items):
+        raise ValueError("--calibrate-text: this checkpoint has no association head (train.py --assoc)")
+
+
 def save_calibration(s: Session, ds: dict, res: dict, args):
     """What --calibrate, --calibrate-copy, --calibrate-just-named and --calibrate-text choose on val (res: the val eval), added
     to CKPT/calibration.json: the file keeps what an earlier calibration chose."""
@@ -202,14 +215,7 @@ def main(argv=None):
     s = Session(args.ckpt, device, copy_bias=0.0 if args.calibrate_copy else args.copy_bias,  # calibration starts at 0
                 text_prior=0.0 if args.calibrate_text else args.text_prior,
                 just_named_bias=0.0 if args.calibrate_just_named else args.just_named_bias)
-    if (args.calibrate_copy or args.copy_bias is not None) and s.model.pointer is None:
-        flag = "--calibrate-copy" if args.calibrate_copy else "--copy-bias"
-        raise ValueError(f"{flag}: this checkpoint has no copy head (train.py --pointer)")
-    if (args.calibrate_just_named or args.just_named_bias is not None) and not (s.model.pointer is not None and s.model.pointer.turns):
-        flag = "--calibrate-just-named" if args.calibrate_just_named else "--just-named-bias"
-        raise ValueError(f"{flag}: this checkpoint has no turn buckets in its copy head (train.py --copy-turns 1)")
-    if args.calibrate_text and not (s.model.pointer is not None and s.model.pointer.items):
-        raise ValueError("--calibrate-text: this checkpoint has no association head (train.py --assoc)")
+    check_heads(s, args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if not (args.eval or args.num_samples or args.chat):
         args.num_samples = 3

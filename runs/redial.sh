@@ -10,6 +10,8 @@
 # do not train its gate): chosen on val over three seeds (docs/results.md, "Repeats are the copy head's").
 # --copy-turns 1 (the copy head learns who named each item and how many turns ago): chosen on val over three seeds
 # (docs/results.md, "Turn-aware copying").
+# --calibrate-just-named (a copy-gate bias, chosen on val, where the seeker has just named an item): adopted on val over
+# three seeds (docs/results.md, "The item the seeker just named").
 set -euo pipefail
 SEED=${1:-0}; RAW=${2:-../shared/data/redial}; THREADS=${THREADS:-2}
 DATA=data/redial; OUT=out/redial-s$SEED
@@ -18,5 +20,5 @@ DATA=data/redial; OUT=out/redial-s$SEED
 python train.py --data $DATA --out $OUT --seed $SEED --threads $THREADS --item-loss-weight 5 --pointer 64 --assoc 2 --assoc-init counts \
     --assoc-fresh 1 --distinct-sequences 1 --copy-turns 1 --block-size 512 --batch-size 16 --max-steps 3000 --warmup 40 --dropout 0.1 \
     --eval-interval 500 --save-interval 500
-python sample.py --ckpt $OUT --eval val --calibrate --threads $THREADS --max-gen 0 --json $OUT/eval_val.json
+python sample.py --ckpt $OUT --eval val --calibrate --calibrate-just-named --threads $THREADS --max-gen 0 --json $OUT/eval_val.json
 python sample.py --ckpt $OUT --eval test --threads $THREADS --json $OUT/eval_test.json --rankings $OUT/rankings_test.jsonl
