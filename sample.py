@@ -173,8 +173,8 @@ def check_heads(s: Session, args):
 
 
 def save_calibration(s: Session, ds: dict, res: dict, args):
-    """What --calibrate, --calibrate-copy, --calibrate-just-named and --calibrate-text choose on val (res: the val eval), added
-    to CKPT/calibration.json: the file keeps what an earlier calibration chose."""
+    """What --calibrate, --calibrate-copy, --calibrate-just-named and --calibrate-text choose on val (res:
+    the val eval), added to CKPT/calibration.json: the file keeps what an earlier calibration chose."""
     path = os.path.join(args.ckpt, CALIBRATION_FILE)
     saved = {**read_calibration(args.ckpt), "chosen_on": "val"}
     if args.calibrate:

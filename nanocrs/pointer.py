@@ -98,16 +98,17 @@ beside the checkpoint (nanocrs/session.py); training never sees it. On ReDial it
 each bias that lifted the repeats also pushed new items out of the top ten, for no steady gain at R@1
 (docs/results.md).
 
-A calibrated gate for the item the seeker just named (decoding only, --calibrate-just-named, needs the turn
-buckets): where the latest context item is the seeker's, named in the turn just before the slot (bucket
-0), just_named_bias is added to z_copy and to the copy attention's scores of the bucket-0 spans, so the
-copy head's odds grow by exp(bias) and within it the items just named gain the same factor on the rest.
-Why: there the copy of that item is calibrated (its mean probability at the slot matches how often it is
-the gold), but the best new item's probability is about three times its hit rate, so the new item comes
+A calibrated gate for the item the seeker just named (decoding only, --calibrate-just-named, needs the
+turn buckets): where the latest context item is the seeker's, named in the turn just before the slot
+(bucket 0), just_named_bias is added to z_copy and to the copy attention's scores of the bucket-0 spans,
+so the copy head's odds grow by exp(bias) and within it the items just named gain the same factor on the
+rest. Why: there the copy of that item is calibrated (its mean probability at the slot matches how often
+it is the gold), but the best new item's probability is well above its hit rate, so the new item comes
 first although the repeat is the likelier gold; the likelihood training never sees which one is put
-first. The gate alone is not enough: its extra mass spreads over every named item and pushes new ones
-out of the top ten. Slots in any other bucket do not move. Chosen on val like copy_bias (docs/results.md,
-"The item the seeker just named"); as the bias grows this tends to putting the seeker's just-named items first.
+first. The gate alone is not enough: its extra mass spreads over every named item and pushes new ones out
+of the top ten. Slots in any other bucket do not move. Chosen on val like copy_bias (docs/results.md,
+"The item the seeker just named"); as the bias grows this tends to putting the seeker's just-named items
+first.
 
 A text prior (decoding only, sample.py --eval val --calibrate-text): tau * cos(E(context), E(item)),
 the frozen sentence encoder's match between the dialog's last turns and each item's text, is added to
@@ -398,8 +399,8 @@ class Pointer(nn.Module):
         """For B prompts whose slot (the <BOI> after <MODE=REC>) is at position slot[b] of ids[b], with
         h (B, T, C) the hidden states over those positions: (log g (B,), log(1 - g) (B,), mass
         (B, N+1)), mass[b, node] = P_copy of the items under that trie node (0 at OUT). The gate takes
-        self.copy_bias and self.just_named_bias (0 unless a calibration was loaded); prior (B, items) or None: the text prior's
-        logits, added to the association head's scores."""
+        self.copy_bias and self.just_named_bias (0 unless a calibration was loaded); prior (B, items) or
+        None: the text prior's logits, added to the association head's scores."""
         B, dev = len(ids), h.device
         # (<BOI> position, <EOI> position, catalogue index) of every context span that names a catalogue item
         spans = [[(s, e, i) for s, e in find_spans(ids[b], self.boi, self.eoi, slot[b])
