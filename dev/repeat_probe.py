@@ -60,16 +60,14 @@ def split_rates(dialogs: list) -> tuple[int, float, int, float]:
     """(samples, share repeated, just-named samples, share whose gold is the seeker's latest item)."""
     n = rep = jn = latest = 0
     for d in dialogs:
-        seen, last_user = set(), None
+        seen = set()
         for t, turn in enumerate(d["turns"]):
             if turn["role"] == "assistant" and t > 0:
-                after_seeker = d["turns"][t - 1]["role"] == "user" and d["turns"][t - 1]["items"]
+                prev = d["turns"][t - 1]
                 for g in dict.fromkeys(turn["items"]):
                     n, rep = n + 1, rep + (g in seen)
-                    if after_seeker:
-                        jn, latest = jn + 1, latest + (g == last_user)
-            if turn["role"] == "user" and turn["items"]:
-                last_user = turn["items"][-1]
+                    if prev["role"] == "user" and prev["items"]:
+                        jn, latest = jn + 1, latest + (g == prev["items"][-1])
             seen.update(turn["items"])
     return n, rep / max(n, 1), jn, latest / max(jn, 1)
 
