@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # INSPIRED end to end on the CPU: data -> IDs -> train (train split) -> calibrate on val -> test.
 #   bash runs/inspired.sh [SEED] [RAW]      (RAW: the folder of INSPIRED files; default ../shared/data/inspired)
+# Three seeds, then the mean ± std table: for s in 0 1 2; do bash runs/inspired.sh $s; done; python runs/table.py out/inspired-s?/eval_test.json
 # No --item-text: without the ID <-> title lines val R@10 was higher over three seeds (docs/results.md).
 # --assoc 1 (the association head): chosen on val over three seeds (docs/results.md, 2026-12-03).
 # --calibrate-text (the item encoder's match with the dialog's last turns, its weight chosen on val): adopted on val over

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ReDial end to end on the CPU: data -> IDs -> train -> calibrate on val -> evaluate on test.
 #   bash runs/redial.sh [SEED] [RAW]        (RAW: the folder of ReDial files; default ../shared/data/redial)
+# Three seeds, then the mean ± std table: for s in 0 1 2; do bash runs/redial.sh $s; done; python runs/table.py out/redial-s?/eval_test.json
 # Everything lands in data/redial and out/redial-sSEED; the eval JSON and rankings beside the checkpoint.
 # No --item-text: on ReDial the ID <-> title lines lowered val R@10 (docs/results.md), so the recipe leaves them out.
 # 3,000 steps, not 2,000: chosen on val over three seeds (docs/results.md, "Longer training").
