@@ -11,17 +11,15 @@ did not train on the same data.
 """
 import argparse
 import json
-import math
+import statistics
 import sys
 
-METHODS = ["model", "popularity", "repeat", "repeat+pop", "cooc", "repeat+cooc", "oracle"]
 COLUMNS = [("R@1", None, "recall@1"), ("R@10", None, "recall@10"), ("R@50", None, "recall@50"),
            ("NDCG@10", None, "ndcg@10"), ("fresh R@10", "fresh", "recall@10")]
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def load(paths: list[str]) -> list[dict]:
@@ -44,10 +42,12 @@ def load(paths: list[str]) -> list[dict]:
 
 
 def rows(runs: list[dict]) -> list[tuple[str, list[str]]]:
-    """(method, one "mean ± std" cell per column) for the methods every run has, model first; then the
-    model's free-mode REC precision / recall (threshold from val) when the runs were calibrated."""
+    """(method, one "mean ± std" cell per column) for the methods every run has, in the JSON's order (model
+    first); then the model's free-mode REC precision / recall (threshold from val) when the runs were calibrated."""
     out = []
-    for m in METHODS:
+    # a method is a key whose value holds ranking metrics (the others: counts, "fresh", "diagnostics", ...)
+    methods = [k for k, v in runs[0].items() if isinstance(v, dict) and "recall@1" in v]
+    for m in methods:
         if not all(m in r for r in runs):
             continue
         cells = []

@@ -20,11 +20,10 @@ def metrics(r1, r10):
 
 
 def eval_json(r10, n_samples=100, precision=0.6):
-    r = {"split": "test", "n_samples": n_samples, "n_fresh": 90, "beam": 50,
+    return {"split": "test", "n_samples": n_samples, "n_fresh": 90, "beam": 50,
          "model": metrics(0.05, r10), "cooc": metrics(0.03, 0.15),
          "fresh": {"model": metrics(0.01, r10 - 0.1), "cooc": metrics(0.03, 0.15)},
          "intent_calibrated": {"rec_precision": precision, "rec_recall": 0.8}}
-    return r
 
 
 def write(tmp_path, name, obj):
