@@ -44,7 +44,7 @@ from tqdm import tqdm
 from nanocrs import checkpoint
 from nanocrs.checkpoint import CheckpointError
 from nanocrs.common import Compute, atomic_path, cleanup, init_training, print0, run_script
-from nanocrs.data import (DataError, Renderer, check_catalogue, collate, epoch_batches, fingerprint, load_dataset,
+from nanocrs.data import (TARGETS, DataError, Renderer, check_catalogue, collate, epoch_batches, fingerprint, load_dataset,
                           reorder_items_only, training_dialogs)
 from nanocrs.encoder import cooc_counts, ppmi_factors
 from nanocrs.generate import SIDTrie
@@ -130,6 +130,12 @@ def get_args(argv=None, given: set | None = None):
     p.add_argument("--format", choices=["dialog", "turn"], default="dialog",
                    help="dialog: one sequence per dialog, all assistant turns supervised (O(turns) tokens); "
                         "turn: one example per (assistant turn, item), as in the paper (O(turns^2))")
+    p.add_argument("--slot-items", choices=["all", "first"], default="all",
+                   help="all: every item of a REC turn is a slot target, as the paper trains (--format dialog adds "
+                        "one slot-only example per extra item); first: only each turn's first item")
+    p.add_argument("--target", choices=list(TARGETS), default="full",
+                   help="the paper's Table 4 training targets: full (mode, item slot, response), sid (mode and slot, "
+                        "no response), mode-resp (no item slot), resp (a plain LM on the dialogs, items as IDs)")
     # optimisation
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -169,14 +175,16 @@ LOCAL_FLAGS = ("resume", "out", "device", "threads")
 # the model's shape: fixed by the checkpoint's weights
 MODEL_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "dropout", "init_from", "lora_rank",
                "lora_alpha", "lora_dropout", "pointer", "assoc", "distinct_sequences", "assoc_fresh",
-               "copy_turns")
+               "copy_turns", "target")
 
 
 def resume_flags(a, given: set, config: dict):
     """--resume continues the run the checkpoint holds: every flag not typed now is taken from it
     (a bare --resume after a non-default run is that run); a typed training flag overrides it, and
     says so; a typed model flag that differs is refused, as the weights can not change shape."""
-    saved = dict(config["train"], data=config.get("data", config["train"].get("data")))
+    # flags added since: the value that reproduces what a checkpoint written before them did
+    saved = {"slot_items": "first", "target": "full", **config["train"]}
+    saved["data"] = config.get("data", config["train"].get("data"))
     for k, v in saved.items():
         if k in LOCAL_FLAGS or not hasattr(a, k) or getattr(a, k) == v:
             continue
@@ -202,9 +210,9 @@ def lr_at(step: int, a) -> float:
     return a.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (a.lr - a.min_lr)
 
 
-def build_examples(renderer: Renderer, dialogs: list[dict], fmt: str) -> list:
+def build_examples(renderer: Renderer, dialogs: list[dict], fmt: str, slot_items: str = "all") -> list:
     if fmt == "dialog":
-        return [w for d in dialogs for w in renderer.dialog_windows(d)]
+        return [w for d in dialogs for w in renderer.dialog_windows(d, slot_items)]
     ex = []
     for d in dialogs:
         for t, turn in enumerate(d["turns"]):
@@ -323,7 +331,7 @@ def build_data(a, ds: dict, rd: Renderer):
     for d in train_dialogs:
         reorder = a.shuffle_item_sequences and d.get("items_only") and fits_any_order(rd, d)
         (reordered if reorder else kept).append(d)
-    fixed = build_examples(rd, kept, a.format)
+    fixed = build_examples(rd, kept, a.format, a.slot_items)
     if a.item_text:
         fixed += rd.item_text_windows(ds["items"])
 
@@ -332,10 +340,10 @@ def build_data(a, ds: dict, rd: Renderer):
         if not reordered:
             return fixed
         rng = random.Random(f"item order {a.seed} {epoch}")  # its own stream: the batch order is untouched
-        return fixed + build_examples(rd, [reorder_items_only(d, rng) for d in reordered], a.format)
+        return fixed + build_examples(rd, [reorder_items_only(d, rng) for d in reordered], a.format, a.slot_items)
 
     train_ex = examples_at(0)
-    val_ex = build_examples(rd, ds["val"], a.format)  # with "train,val" this is no longer held out
+    val_ex = build_examples(rd, ds["val"], a.format, a.slot_items)  # with "train,val" this is no longer held out
     if not train_ex:
         raise DataError(f"{a.data}: the {a.train_splits} split has no assistant turn to train on")
     n_tok = sum(len(x) for x, _ in train_ex)
@@ -525,7 +533,7 @@ def main(argv=None):
     model, tok, sids, step = build_model(a, c, ds, tok, sids)
     if model.pointer is not None and model.pointer.items:
         bind_catalogue(model, a, c, ds, tok, sids)
-    examples_at, val_ex = build_data(a, ds, Renderer(tok, sids, model.config.block_size))
+    examples_at, val_ex = build_data(a, ds, Renderer(tok, sids, model.config.block_size, a.target))
     item_tokens = torch.zeros(model.config.padded_vocab_size, dtype=torch.bool)  # the tokens that name items
     item_tokens[[tok.id(t) for t in sids.all_token_strings()]] = True
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(model.config.to_dict())}")

@@ -41,6 +41,10 @@ from nanocrs.tokenizer import ASSISTANT_PREFIX, BOI, EOI, EOT, MODE_CHAT, MODE_R
 ITEM_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
 MENTION = re.compile(r"@\{([A-Za-z0-9_.\-]+)\}")
 SPLITS = ("train", "val", "test")
+# The paper's Table 4 training targets: full structured generation; the SID only (no response is
+# supervised); MODE+RESP (no item slot: items only inside the response); RESP (a plain language model on
+# dialogs whose mentions are IDs). The last two are scored from the first <BOI> the model writes.
+TARGETS = ("full", "sid", "mode-resp", "resp")
 
 
 class DataError(ValueError):
@@ -234,8 +238,9 @@ class Renderer:
     """Turns dialogs into token ids and generated ids back into a turn (parse); the single source of
     truth for the prompt format."""
 
-    def __init__(self, tokenizer, sids, block_size: int):
-        self.tok, self.sids, self.block_size = tokenizer, sids, block_size
+    def __init__(self, tokenizer, sids, block_size: int, target: str = "full"):
+        assert target in TARGETS, f"target {target!r} is not one of {TARGETS}"
+        self.tok, self.sids, self.block_size, self.target = tokenizer, sids, block_size, target
         self.ctrl = Control.of(tokenizer)
         self.assistant_ids = tokenizer.encode(ASSISTANT_PREFIX)
 
@@ -273,25 +278,48 @@ class Renderer:
             head = MODE_CHAT
         return head + RESP + " " + self.text(turn["text"]) + EOT
 
-    def structured_ids(self, turn: dict, item: str | None = None) -> list[int]:
-        """structured() as token ids, control and ID tokens inserted by id."""
+    def head_ids(self, turn: dict, item: str | None = None) -> list[int]:
+        """What comes before <RESP> under the training target: <MODE=REC><BOI>SID<EOI> or <MODE=CHAT>
+        (full, sid), only the mode (mode-resp), nothing (resp)."""
         if turn["items"]:
             item = item or turn["items"][0]
             assert item in turn["items"], f"{item} is not mentioned in this turn"
-            head = [self.ctrl.mode_rec] + self.item_ids(item)
-        else:
-            head = [self.ctrl.mode_chat]
-        return head + [self.ctrl.resp] + self.text_ids(" ", turn["text"]) + [self.ctrl.eot]
+        if self.target == "resp":
+            return []
+        if not turn["items"]:
+            return [self.ctrl.mode_chat]
+        return [self.ctrl.mode_rec] + (self.item_ids(item) if self.target in ("full", "sid") else [])
+
+    def structured_ids(self, turn: dict, item: str | None = None) -> list[int]:
+        """structured() as token ids, control and ID tokens inserted by id."""
+        return self.head_ids(turn, item) + [self.ctrl.resp] + self.text_ids(" ", turn["text"]) + [self.ctrl.eot]
+
+    def turn_parts(self, turn: dict, item=None, items_only: bool = False,
+                   slot_only: bool = False) -> tuple[list[int], list[int], list[int]]:
+        """(prompt, supervised, rest) of one turn, the three concatenated being the turn. A user turn is
+        all prompt. In an items-only dialog (an item sequence without text) an assistant turn is just
+        <MODE=REC><BOI>SID<EOI> (<MODE=REC><RESP><BOI>SID<EOI> under mode-resp, <RESP><BOI>SID<EOI> under
+        resp): it teaches which item comes next and nothing about what to say. slot_only supervises the
+        head of a REC turn and nothing after it (the extra items of a multi-item turn, see
+        dialog_windows); the sid target supervises every assistant turn that way (Table 4's "SID only")."""
+        if turn["role"] == "user":
+            return self.text_ids(f"{USER_PREFIX} ", turn["text"], "\n"), [], []
+        if items_only:
+            item = item or turn["items"][0]
+            if self.target in ("full", "sid"):
+                return self.assistant_ids, [self.ctrl.mode_rec] + self.item_ids(item), []
+            return self.assistant_ids, self.head_ids(turn, item) + [self.ctrl.resp] + self.item_ids(item), []
+        full = self.structured_ids(turn, item)
+        if slot_only or self.target == "sid":
+            n = len(self.head_ids(turn, item))
+            return self.assistant_ids, full[:n], full[n:]
+        return self.assistant_ids, full, []
 
     def turn_ids(self, turn: dict, item=None, items_only: bool = False) -> tuple[list[int], list[int]]:
-        """(prompt part, supervised part) of one turn. A user turn is all prompt. In an items-only
-        dialog (an item sequence without text) an assistant turn is just <MODE=REC><BOI>SID<EOI>:
-        it teaches which item comes next and nothing about what to say."""
-        if turn["role"] == "user":
-            return self.text_ids(f"{USER_PREFIX} ", turn["text"], "\n"), []
-        if items_only:
-            return self.assistant_ids, [self.ctrl.mode_rec] + self.item_ids(item or turn["items"][0])
-        return self.assistant_ids, self.structured_ids(turn, item)
+        """(prompt part, the rest) of one turn: the assistant's part after "Assistant:", all of it
+        supervised under the full target."""
+        prompt, sup, rest = self.turn_parts(turn, item, items_only)
+        return prompt, sup + rest
 
     def context_ids(self, context: list[dict]) -> list[list[int]]:
         return [sum(self.turn_ids(t), []) for t in context]
@@ -315,10 +343,12 @@ class Renderer:
         room = self.block_size - len(tail) - 16
         return self._fit(self.context_ids(context), room) + tail
 
-    def example(self, context: list[dict], target: dict, item=None, items_only=False) -> tuple[list[int], list[int]]:
+    def example(self, context: list[dict], target: dict, item=None, items_only=False,
+                slot_only=False) -> tuple[list[int], list[int]]:
         """One training/eval example: (ids, targets), both of length T <= block_size, where
-        targets[t] = ids[t+1] when token t+1 belongs to the target turn's supervised part, else -1."""
-        prompt, sup = self.turn_ids(target, item, items_only)
+        targets[t] = ids[t+1] when token t+1 belongs to the target turn's supervised part, else -1.
+        The sequence ends with the supervised part (what follows it in the turn teaches nothing here)."""
+        prompt, sup, _ = self.turn_parts(target, item, items_only, slot_only)
         sup = sup[:self.block_size - len(prompt) - 1]  # a target longer than the block keeps its start
         ctx = self._fit(self.context_ids(context), self.block_size - len(prompt) - len(sup))
         ids = ctx + prompt + sup
@@ -327,20 +357,25 @@ class Renderer:
         assert len(ids) == len(targets) <= self.block_size
         return ids, targets
 
-    def dialog_windows(self, dialog: dict) -> list[tuple[list[int], list[int]]]:
+    def dialog_windows(self, dialog: dict, slot_items: str = "all") -> list[tuple[list[int], list[int]]]:
         """Training sequences for one dialog with every assistant turn supervised at once: earlier
         targets are the later turns' context, in the same structured form, so one sequence costs
         O(turns) tokens instead of O(turns^2) for one example per turn. A dialog longer than the
         block keeps the turns that fit in one sequence; each later assistant turn becomes its own
-        left-truncated example."""
+        left-truncated example.
+        Every item of a REC turn is a slot target, as the paper trains (one instance per item): the
+        sequence puts the turn's first item in the slot and supervises its response once; each other
+        item gets its own example, the context and "Assistant:<MODE=REC><BOI>SID<EOI>" with only that
+        head supervised, so the response text is not counted again. slot_items="first" leaves those
+        out (the first item only, as earlier recipes trained)."""
         turns, items_only = dialog["turns"], dialog.get("items_only", False)
         ids, sup, j = [], [], 0  # sup[t]: token t is supervised
         while j < len(turns):
-            p, s = self.turn_ids(turns[j], items_only=items_only)
-            if len(ids) + len(p) + len(s) > self.block_size:
+            p, s, r = self.turn_parts(turns[j], items_only=items_only)
+            if len(ids) + len(p) + len(s) + len(r) > self.block_size:
                 break
-            ids += p + s
-            sup += [False] * len(p) + [True] * len(s)
+            ids += p + s + r
+            sup += [False] * len(p) + [True] * len(s) + [False] * len(r)
             j += 1
         windows = []
         if any(sup):
@@ -349,6 +384,11 @@ class Renderer:
         for k in range(j, len(turns)):
             if turns[k]["role"] == "assistant":
                 windows.append(self.example(turns[:k], turns[k], items_only=items_only))
+        has_slot = self.target in ("full", "sid") and not items_only and slot_items == "all"
+        for k, turn in enumerate(turns):
+            if has_slot and turn["role"] == "assistant" and k > 0:
+                for item in list(dict.fromkeys(turn["items"]))[1:]:
+                    windows.append(self.example(turns[:k], turn, item, slot_only=True))
         return windows
 
     def item_text_windows(self, items: list[dict], per_window: int = 8) -> list[tuple[list[int], list[int]]]:

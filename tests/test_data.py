@@ -165,7 +165,7 @@ def test_dialog_windows_fitting_dialog(rd, tok, sids, dataset):
         total = sum(len(sum(rd.turn_ids(t), [])) for t in d["turns"])
         if total > rd.block_size:
             continue
-        windows = rd.dialog_windows(d)
+        windows = rd.dialog_windows(d, slot_items="first")
         assert len(windows) == 1
         ids, targets = windows[0]
         assert len(ids) == total
@@ -183,6 +183,28 @@ def test_dialog_windows_fitting_dialog(rd, tok, sids, dataset):
     assert checked == 20
 
 
+def test_every_item_is_a_slot_target(rd, tok, sids, dataset):
+    """slot_items="all" (the default) adds, per extra item of a REC turn, one example whose only
+    supervised tokens are <MODE=REC><BOI>SID<EOI> of that item, after the same context the turn has."""
+    checked = 0
+    for d in dataset["train"]:
+        extra = [(k, i) for k, t in enumerate(d["turns"]) if t["role"] == "assistant" and k > 0
+                 for i in list(dict.fromkeys(t["items"]))[1:]]
+        if not extra:
+            continue
+        first, every = rd.dialog_windows(d, "first"), rd.dialog_windows(d)
+        assert every[:len(first)] == first and len(every) == len(first) + len(extra)
+        for (k, item), (ids, targets) in zip(extra, every[len(first):]):
+            pos = supervised(ids, targets)
+            assert tok.decode([ids[p] for p in pos]) == "<MODE=REC>" + rd.item_span(item)
+            assert pos[-1] == len(ids) - 1  # the example ends with its slot: the response is not repeated
+            ctx = sum(rd.context_ids(d["turns"][:k]), []) + rd.assistant_ids
+            head = ids[:len(ids) - len(pos)]
+            assert head == ctx[len(ctx) - len(head):]  # the turn's own context, left-truncated
+        checked += 1
+    assert checked > 0
+
+
 def test_dialog_windows_long_dialog_falls_back(tok, sids, dataset):
     block = 96
     small = Renderer(tok, sids, block)
@@ -193,7 +215,7 @@ def test_dialog_windows_long_dialog_falls_back(tok, sids, dataset):
             continue
         if any(len(small.turn_ids(t)[0]) + len(small.turn_ids(t)[1]) > block // 2 for t in d["turns"]):
             continue  # keep every target whole (a target longer than the block is cut on purpose)
-        windows = small.dialog_windows(d)
+        windows = small.dialog_windows(d, slot_items="first")
         assert len(windows) >= 2
         got = []
         for ids, targets in windows:
