@@ -32,7 +32,7 @@ from nanocrs.common import atomic_path
 from nanocrs.data import DataError, Renderer, rec_samples, training_dialogs, write_jsonl
 from nanocrs.encoder import TEXT_PRIOR_FILE
 from nanocrs.generate import beam_search_batch, sample
-from nanocrs.metrics import (COPY_BIASES, TEXT_PRIORS, CoOccurrence, Popularity, calibrate_intent, choose_copy_bias,
+from nanocrs.metrics import (COPY_BIASES, RECENCY_DECAYS, TEXT_PRIORS, CoOccurrence, Popularity, calibrate_intent, choose_copy_bias,
                              choose_text_prior, corpus_bleu,
                              distinct_per_sentence, distinct_ratio, format_table, intent_metrics, perplexity, rank_metrics,
                              rank_of, repeat_context, repeat_then, replace_spans)
@@ -163,9 +163,12 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
     # the baselines count what the model was trained on (train, or train+val with --train-splits)
     seen = training_dialogs(ds, s.config["train"].get("train_splits", "train"), bool(s.config["train"].get("item_sequences", 1)))
     pop, cooc = Popularity(seen, catalogue), CoOccurrence(seen, catalogue)
+    decay = recency_decay(ds, seen, catalogue)
+    recent = CoOccurrence(seen, catalogue, decay)
     trained_targets = {i for d in seen for turn in d["turns"] if turn["role"] == "assistant" for i in turn["items"]}
     has_oracle = any("oracle" in t for d in dialogs for t in d["turns"])
-    methods = ["model", "popularity", "repeat", "repeat+pop", "cooc", "repeat+cooc"] + (["oracle"] if has_oracle else [])
+    methods = ["model", "popularity", "repeat", "repeat+pop", "cooc", "repeat+cooc", "cooc-recency",
+               "repeat+cooc-recency"] + (["oracle"] if has_oracle else [])
     golds_by_turn = {}
     for d, t, gold, fresh in rec_samples(dialogs):
         golds_by_turn.setdefault((d["id"], t), []).append((gold, fresh))
@@ -179,7 +182,8 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
         top, gate = scored[(d["id"], t)][3:]
         lists = {"model": [i for i, _ in top], "popularity": pop.rank(context), "repeat": repeat_context(context),
                  "repeat+pop": repeat_then(context, pop), "cooc": cooc.rank(context),
-                 "repeat+cooc": repeat_then(context, cooc)}
+                 "repeat+cooc": repeat_then(context, cooc), "cooc-recency": recent.rank(context),
+                 "repeat+cooc-recency": repeat_then(context, recent)}
         if has_oracle:
             lists["oracle"] = turn.get("oracle", [])
         for gold, fresh in golds_by_turn[(d["id"], t)]:
@@ -188,7 +192,8 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
             fresh_flags.append(fresh)
             cold_flags.append(gold not in trained_targets)
             ranking_rows.append({"dialog": d["id"], "turn": t, "gold": gold, "fresh": fresh,
-                                 "rank": ranks["model"][-1], "top": [[i, lp] for i, lp in top]})
+                                 "rank": ranks["model"][-1], "top": [[i, lp] for i, lp in top],
+                                 "baselines": {m: ranks[m][-1] for m in methods if m != "model"}})
         in_context = {i for turn in context for i in turn["items"]}
         for m in methods:
             top_lists[m].append(lists[m][:10])
@@ -198,7 +203,7 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
     if rankings:
         os.makedirs(os.path.dirname(os.path.abspath(rankings)), exist_ok=True)
         write_jsonl(rankings, ranking_rows)
-    res = {"n_samples": len(fresh_flags), "n_fresh": sum(fresh_flags), "beam": beam}
+    res = {"n_samples": len(fresh_flags), "n_fresh": sum(fresh_flags), "beam": beam, "recency_decay": decay}
     for m in methods:
         res[m] = rank_metrics(ranks[m])
     res["fresh"] = {m: rank_metrics([r for r, f in zip(ranks[m], fresh_flags) if f]) for m in methods}
@@ -214,6 +219,20 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
         "top1_in_context": {m: sum(v) / max(len(v), 1) for m, v in top1_in_context.items()},
         "copy_gate_mean": sum(gates) / len(gates) if gates else None}
     return res
+
+
+def recency_decay(ds: dict, seen: list[dict], catalogue: list[str]) -> float:
+    """The recency-weighted co-occurrence baseline's decay: the grid value with the best fresh R@10 on
+    the val split (ties: the larger decay, the plainer ranker), whatever split is being evaluated."""
+    samples = [(d["turns"][:t], gold) for d, t, gold, fresh in rec_samples(ds.get("val", [])) if fresh]
+    if not samples:
+        return 1.0
+    best = (-1.0, 0.0)
+    for decay in RECENCY_DECAYS:
+        ranker = CoOccurrence(seen, catalogue, decay)
+        r10 = sum(0 < rank_of(ranker.rank(ctx, 10), gold) for ctx, gold in samples) / len(samples)
+        best = max(best, (r10, decay))
+    return best[1]
 
 
 @torch.no_grad()
@@ -325,7 +344,8 @@ def score_turns(s: Session, examples: list, beam: int = 0, prior=None) -> list:
 
 def print_eval(res: dict):
     keys = ["recall@1", "recall@5", "recall@10", "recall@20", "recall@50", "ndcg@10", "mrr@10"]
-    methods = [m for m in ("model", "popularity", "repeat", "repeat+pop", "cooc", "repeat+cooc", "oracle") if m in res]
+    methods = [m for m in ("model", "popularity", "repeat", "repeat+pop", "cooc", "repeat+cooc", "cooc-recency",
+                           "repeat+cooc-recency", "oracle") if m in res]
     print(f"\nstandard protocol: {res['n_samples']} samples ({res['split']}), beam {res['beam']}")
     print(format_table({m: res[m] for m in methods}, keys))
     print(f"\nfresh protocol (gold not mentioned earlier): {res['n_fresh']} samples")

@@ -84,19 +84,24 @@ def repeat_context(context: list[dict], k: int = 50) -> list[str]:
     return sorted(seen, key=lambda i: seen[i], reverse=True)[:k]
 
 
+RECENCY_DECAYS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)  # the grid the recency-weighted baseline chooses from on val
+
+
 class CoOccurrence:
     """Items ranked by how often they were mentioned in the same training dialog as the context's items.
 
     cooc[a][b] = number of training dialogs that mention both a and b (any role, a != b; a dialog counts
     once per pair however often it repeats them). A candidate's score is the plain sum of cooc[i][c] over
-    the distinct items i of the context: no recency weighting, every context item weighs the same.
+    the distinct items i of the context: every context item weighs the same. With decay < 1 the k-th
+    latest distinct context item weighs decay**k instead (recency-weighted co-occurrence).
     Items already in the context are NOT excluded (they can score through the other context items; an
     item never co-occurs with itself). Ties, and everything scoring 0, follow the popularity order
     (recommender mentions, then id), so a context without items gets exactly the popularity list.
     """
 
-    def __init__(self, train_dialogs: list[dict], catalogue: list[str]):
+    def __init__(self, train_dialogs: list[dict], catalogue: list[str], decay: float = 1.0):
         known = set(catalogue)
+        self.decay = decay  # < 1: the k-th latest distinct context item weighs decay**k (recency-weighted)
         self.cooc: dict[str, Counter] = {}
         for d in train_dialogs:
             items = sorted({i for t in d["turns"] for i in t["items"] if i in known})
@@ -108,9 +113,15 @@ class CoOccurrence:
         self.pop_pos = {item: p for p, item in enumerate(self.popularity.ranked)}
 
     def rank(self, context: list[dict], k: int = 50) -> list[str]:
-        scores = Counter()
-        for i in {i for turn in context for i in turn["items"]}:
-            scores.update(self.cooc.get(i, {}))
+        scores = Counter()  # float counts with a decay
+        if self.decay == 1.0:
+            for i in {i for turn in context for i in turn["items"]}:
+                scores.update(self.cooc.get(i, {}))
+        else:
+            for age, i in enumerate(repeat_context(context, k=len(self.pop_pos))):  # latest first
+                w = self.decay ** age
+                for c, n in self.cooc.get(i, {}).items():
+                    scores[c] += w * n
         # only the few items that co-occur need sorting; the rest keep the precomputed popularity order
         scored = sorted(scores, key=lambda c: (-scores[c], self.pop_pos[c]))[:k]
         if len(scored) < k:

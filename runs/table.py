@@ -5,14 +5,24 @@ the model beside every baseline, after checking that all runs scored the same sa
     bash runs/redial.sh 0 && bash runs/redial.sh 1 && bash runs/redial.sh 2
     python runs/table.py out/redial-s0/eval_test.json out/redial-s1/eval_test.json out/redial-s2/eval_test.json
 
-The std is the sample std (n - 1), as in docs/results.md. The baselines count each run's training data;
-with the same data they are the same in every run, so a std above zero on a baseline row says the runs
-did not train on the same data.
+The std is the sample std (n - 1). The baselines count each run's training data; with the same data
+they are the same in every run, so a std above zero on a baseline row says the runs did not train on
+the same data.
+
+Beside the std over seeds (which says how much training noise moves a number), the sampling error of
+the test set itself: a paired bootstrap 95% interval of (model - baseline) for R@1, R@10 and fresh R@10,
+read from the per-sample rankings that sample.py --rankings writes beside each eval JSON
+(eval_test.json -> rankings_test.jsonl). Each test sample's difference is averaged over the seeds first
+(the seeds score the same samples), then the samples are resampled with replacement. "Beats X" needs
+the whole interval above zero.
 """
 import argparse
 import json
+import os
 import statistics
 import sys
+
+import numpy as np
 
 COLUMNS = [("R@1", None, "recall@1"), ("R@10", None, "recall@10"), ("R@50", None, "recall@50"),
            ("NDCG@10", None, "ndcg@10"), ("fresh R@10", "fresh", "recall@10")]
@@ -62,6 +72,65 @@ def rows(runs: list[dict]) -> list[tuple[str, list[str]]]:
     return out
 
 
+BOOTSTRAP = 2000  # resamples; the interval's ends move by about 0.001 between bootstrap seeds at this count
+
+
+def rankings_path(eval_path: str) -> str:
+    folder, name = os.path.split(eval_path)
+    return os.path.join(folder, name.replace("eval_", "rankings_", 1).rsplit(".json", 1)[0] + ".jsonl")
+
+
+def per_sample_hits(eval_paths: list[str]) -> tuple[dict, list[bool]] | None:
+    """({method: (runs, samples) 0/1 array of rank in 1..k} for k in (1, 10), fresh flags) from the rankings
+    files beside the eval JSONs, or None when a run has none (or an older one without the baselines)."""
+    per_run = []
+    for p in eval_paths:
+        rp = rankings_path(p)
+        if not os.path.isfile(rp):
+            return None
+        with open(rp) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if not rows or "baselines" not in rows[0]:
+            return None
+        per_run.append(rows)
+    keys = [(r["dialog"], r["turn"], r["gold"]) for r in per_run[0]]
+    for p, rows in zip(eval_paths, per_run):
+        if [(r["dialog"], r["turn"], r["gold"]) for r in rows] != keys:
+            sys.exit(f"{rankings_path(p)}: other samples than {rankings_path(eval_paths[0])}")
+    methods = ["model"] + list(per_run[0][0]["baselines"])
+    ranks = {m: np.array([[r["rank"] if m == "model" else r["baselines"][m] for r in rows] for rows in per_run])
+             for m in methods}
+    return ranks, [r["fresh"] for r in per_run[0]]
+
+
+def paired_interval(model_ranks, base_ranks, k: int, mask, seed: int = 0) -> tuple[float, float, float]:
+    """(mean difference, 2.5th, 97.5th percentile) of R@k(model) - R@k(baseline) over the masked samples:
+    per sample the difference averaged over runs, then a bootstrap over samples."""
+    hit = lambda r: ((r >= 1) & (r <= k)).astype(np.float64)  # rank 0: not in the list
+    diff = (hit(model_ranks) - hit(base_ranks)).mean(0)[mask]  # (samples,)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (BOOTSTRAP, len(diff)))].mean(1)
+    return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def interval_rows(eval_paths: list[str]) -> list[str]:
+    got = per_sample_hits(eval_paths)
+    if got is None:
+        return ["(no per-sample rankings with baselines beside the eval JSONs: sample.py --rankings writes them)"]
+    ranks, fresh = got
+    everything, fresh = np.ones(len(fresh), dtype=bool), np.array(fresh, dtype=bool)
+    out = [f"model - baseline, paired bootstrap 95% interval over {len(fresh)} samples ({fresh.sum()} fresh), "
+           f"{len(eval_paths)} runs averaged per sample:",
+           "| baseline | R@1 | R@10 | fresh R@10 |", "|---|---|---|---|"]
+    for m in ranks:
+        if m in ("model", "oracle"):
+            continue
+        cells = [paired_interval(ranks["model"], ranks[m], k, mask) for k, mask in ((1, everything), (10, everything),
+                                                                                     (10, fresh))]
+        out.append(f"| {m} | " + " | ".join(f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" for d, lo, hi in cells) + " |")
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("evals", nargs="+", help="eval JSONs (sample.py --eval ... --json), one per seed")
@@ -73,6 +142,7 @@ def main():
     print("|---" * (len(COLUMNS) + 1) + "|")
     for m, cells in rows(runs):
         print(f"| {m} | " + " | ".join(cells) + " |")
+    print("\n".join(interval_rows(args.evals)))
     print("the model per run, R@1 / R@10 / fresh R@10: " + ", ".join(
         f"{r['model']['recall@1']:.4f} / {r['model']['recall@10']:.4f} / {r['fresh']['model']['recall@10']:.4f}" for r in runs))
 

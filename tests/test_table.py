@@ -59,3 +59,33 @@ def test_refuses_runs_on_other_samples_and_bad_files(tmp_path):
         table.load([str(bad)])
     with pytest.raises(SystemExit, match=r"c\.json: not a sample.py --eval JSON"):
         table.load([write(tmp_path, "c.json", {"split": "test"})])
+
+
+def test_paired_bootstrap_interval(tmp_path):
+    """The interval is of (model - baseline) per sample, averaged over the runs first: a model that finds
+    every sample a baseline misses reads +1 with no spread; a model equal to the baseline reads 0; and an
+    interval over half-and-half differences straddles its mean."""
+    import numpy as np
+    n = 200
+    always, never = np.full((2, n), 3), np.zeros((2, n), dtype=int)
+    assert table.paired_interval(always, never, 10, np.ones(n, bool)) == (1.0, 1.0, 1.0)
+    assert table.paired_interval(always, always, 1, np.ones(n, bool)) == (0.0, 0.0, 0.0)
+    half = np.tile(np.array([1, 0] * (n // 2)), (2, 1))
+    d, lo, hi = table.paired_interval(half, never, 1, np.ones(n, bool))
+    assert d == 0.5 and lo < 0.5 < hi and hi - lo < 0.3
+    # the rankings files beside the eval JSONs feed it; samples that differ between runs are refused
+    paths = []
+    for seed in range(2):
+        folder = tmp_path / f"s{seed}"
+        folder.mkdir()
+        (folder / "eval_test.json").write_text(json.dumps(eval_json(0.3)))
+        rows = [{"dialog": "d", "turn": i, "gold": "m1", "fresh": i % 2 == 0, "rank": 1, "top": [],
+                 "baselines": {"cooc": 0}} for i in range(n)]
+        (folder / "rankings_test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        paths.append(str(folder / "eval_test.json"))
+    lines = table.interval_rows(paths)
+    assert any(line.startswith("| cooc | +1.0000 [+1.0000, +1.0000]") for line in lines)
+    rows[0]["gold"] = "m2"
+    (tmp_path / "s1" / "rankings_test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(SystemExit, match="other samples"):
+        table.interval_rows(paths)
