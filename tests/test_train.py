@@ -348,12 +348,13 @@ def test_shuffled_item_sequences(dataset_dir, tmp_path):
     changed = [k for k, (x, y) in enumerate(zip(e0, e1)) if x != y]
     assert changed and min(changed) >= len(e0) - 40  # only the 40 items-only sequences move
     assert all(sorted(e0[k][0]) == sorted(e1[k][0]) for k in changed)  # same items, other order
-    # training with it resumes exactly across an epoch boundary (4 batches of 64 per epoch)
-    extra = ["--shuffle-item-sequences", "1", "--batch-size", "64", "--eval-interval", "0"]
+    # training with it resumes exactly across an epoch boundary (4 batches of 64 per epoch with the
+    # first item of each turn as its only slot target)
+    extra = ["--shuffle-item-sequences", "1", "--batch-size", "64", "--eval-interval", "0", "--slot-items", "first"]
     run_train(data, str(tmp_path / "a"), extra)
     run_train(data, str(tmp_path / "b"), extra + ["--max-steps", "3"])
     run_train(data, str(tmp_path / "b"), extra + ["--max-steps", "6", "--resume"])
-    run_train(data, str(tmp_path / "c"), ["--batch-size", "64", "--eval-interval", "0"])
+    run_train(data, str(tmp_path / "c"), ["--batch-size", "64", "--eval-interval", "0", "--slot-items", "first"])
     la, lb, lc = (_losses(tmp_path / n) for n in ("a", "b", "c"))
     assert la == lb and len(la) == 6
     assert la != lc  # the reordering reached the batches
