@@ -23,7 +23,8 @@ import torch
 from nanocrs import checkpoint
 from nanocrs.common import flag_error, init_device, run_script
 from nanocrs.data import MENTION, DataError, Renderer, load_dataset, write_json
-from nanocrs.evaluate import calibrate_copy, calibrate_just_named, calibrate_text, evaluate, print_eval, write_text_vectors
+from nanocrs.evaluate import (calibrate_copy, calibrate_just_named, calibrate_text, evaluate, print_eval, standardized_redial,
+                              write_text_vectors)
 from nanocrs.generate import sample
 from nanocrs.session import CALIBRATION_FILE, Session, read_calibration
 
@@ -53,6 +54,9 @@ def get_args(argv=None):
                         f"CKPT/{CALIBRATION_FILE}")
     p.add_argument("--text-prior", type=float, default=None,
                    help="the text prior's weight for this run (default: the calibrated one, else 0)")
+    p.add_argument("--protocol", choices=["paper", "standardized"], default="paper",
+                   help="with --eval: paper (one sample per merged recommender turn and item) or standardized (ReDial "
+                        "test only: Kostric & Balog's one instance per recommender message, read from the raw test file)")
     p.add_argument("--beam", type=int, default=50, help="beam width of the item search")
     p.add_argument("--eval-batch", type=int, default=8,
                    help="with --eval: turns per forward and beam search (memory: batch x block x vocab logits)")
@@ -197,6 +201,21 @@ def save_calibration(s: Session, ds: dict, res: dict, args):
     print(f"saved to {path}")
 
 
+def standardized_samples(ds: dict, args) -> list:
+    """--protocol standardized: the instances built from the raw ReDial test file the dataset was prepared from."""
+    info = ds["meta"].get("info", {})
+    if ds["meta"].get("name") != "redial" or args.eval != "test" or calibrating(args):
+        raise ValueError("--protocol standardized: ReDial's test split only (--eval test, no calibration)")
+    raw = os.path.join(info.get("source", ""), info.get("test_file", ""))
+    if not os.path.isfile(raw):
+        raise DataError(f"{raw}: the raw ReDial test file data_prep.py read is not there (--protocol standardized reads it)")
+    return standardized_redial(raw, ds["test"])
+
+
+def calibrating(args) -> bool:
+    return args.calibrate or args.calibrate_copy or args.calibrate_just_named or args.calibrate_text
+
+
 def main(argv=None):
     args = get_args(argv)
     device = init_device(args.device, args.threads)
@@ -224,9 +243,8 @@ def main(argv=None):
         data_dir = args.data or s.config["data"]
         ds = load_dataset(data_dir)
         checkpoint.check_data(s.config, data_dir)
-    calibrating = args.calibrate or args.calibrate_copy or args.calibrate_just_named or args.calibrate_text
     if args.eval:
-        if (calibrating) and args.eval != "val":
+        if calibrating(args) and args.eval != "val":
             raise ValueError("--calibrate: thresholds are chosen on the validation split (--eval val), never on test")
         if args.eval not in ("train", "val", "test"):
             raise DataError(f"--eval must be train, val or test, got {args.eval!r}")
@@ -239,12 +257,14 @@ def main(argv=None):
         if args.beam < 50:
             print(f"note: beam {args.beam} < 50, so recall@50 counts only the {args.beam} items returned")
         t0 = time.time()
+        samples = standardized_samples(ds, args) if args.protocol == "standardized" else None
         res = evaluate(s, ds, args.eval, args.beam, args.max_samples, args.max_gen, args.max_new_tokens,
-                       args.eval_batch, args.rankings)
+                       args.eval_batch, args.rankings, samples)
+        res["protocol"] = args.protocol
         res["seconds"] = round(time.time() - t0, 1)
         print_eval(res)
         print(f"eval took {res['seconds']} s")
-        if calibrating:
+        if calibrating(args):
             save_calibration(s, ds, res, args)
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -22,6 +22,7 @@ evaluate() is three steps over the assistant turns:
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -29,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from nanocrs.common import atomic_path
-from nanocrs.data import DataError, Renderer, rec_samples, training_dialogs, write_jsonl
+from nanocrs.data import DataError, Renderer, read_jsonl, rec_samples, training_dialogs, write_jsonl
 from nanocrs.encoder import TEXT_PRIOR_FILE
 from nanocrs.generate import beam_search_batch, sample
 from nanocrs.metrics import (COPY_BIASES, RECENCY_DECAYS, TEXT_PRIORS, CoOccurrence, Popularity, calibrate_intent, choose_copy_bias,
@@ -42,7 +43,7 @@ from nanocrs.tokenizer import MODE_CHAT, MODE_REC
 
 @torch.no_grad()
 def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, max_gen: int = 200,
-             max_new_tokens: int = 64, batch: int = 8, rankings: str | None = None) -> dict:
+             max_new_tokens: int = 64, batch: int = 8, rankings: str | None = None, samples=None) -> dict:
     """The recommendation eval (paper protocol, both protocols, baselines) and the dialog metrics.
 
     Per assistant turn, ONE forward of  context + "Assistant:" + the gold structured turn  gives:
@@ -59,8 +60,12 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
     item the model writes after <BOI>) and faithfulness (the response mentions that same item)."""
     dialogs = ds[split][:max_dialogs] if max_dialogs else ds[split]
     turns = [(d, t) for d in dialogs for t, turn in enumerate(d["turns"]) if turn["role"] == "assistant" and t > 0]
+    if samples is not None:  # another protocol's samples (standardized_redial): their turns, even a first one
+        keep = {d["id"] for d in dialogs}
+        samples = [x for x in samples if x[0]["id"] in keep]
+        turns = list({(d["id"], t): (d, t) for d, t, _, _ in samples}.values())
     scored = score_all(s, turns, beam, batch, split)
-    res = {"split": split, **rank_pass(s, ds, dialogs, turns, scored, beam, rankings)}
+    res = {"split": split, **rank_pass(s, ds, dialogs, turns, scored, beam, rankings, samples)}
     if s.model.pointer is not None:
         res["copy_bias"] = s.model.pointer.copy_bias
         res["just_named_bias"] = s.model.pointer.just_named_bias
@@ -156,7 +161,7 @@ def score_all(s: Session, turns: list, beam: int, batch: int, split: str) -> dic
 
 
 def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, beam: int,
-              rankings: str | None = None) -> dict:
+              rankings: str | None = None, samples=None) -> dict:
     """The ranking metrics of the model's beam lists and of the baselines, on the same samples: the
     standard and the fresh protocol, and diagnostics (cold items, distinct top-1s, coverage)."""
     catalogue = [it["id"] for it in ds["items"]]
@@ -170,7 +175,7 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
     methods = ["model", "popularity", "repeat", "repeat+pop", "cooc", "repeat+cooc", "cooc-recency",
                "repeat+cooc-recency"] + (["oracle"] if has_oracle else [])
     golds_by_turn = {}
-    for d, t, gold, fresh in rec_samples(dialogs):
+    for d, t, gold, fresh in (rec_samples(dialogs) if samples is None else samples):
         golds_by_turn.setdefault((d["id"], t), []).append((gold, fresh))
     ranks = {m: [] for m in methods}
     fresh_flags, cold_flags, top_lists, ranking_rows = [], [], {m: [] for m in methods}, []
@@ -219,6 +224,45 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
         "top1_in_context": {m: sum(v) / max(len(v), 1) for m, v in top1_in_context.items()},
         "copy_gate_mean": sum(gates) / len(gates) if gates else None}
     return res
+
+
+def standardized_redial(raw_test: str, dialogs: list[dict]) -> list[tuple]:
+    """The standardized ReDial protocol (Kostric & Balog, SIGIR 2026) as eval samples (dialog, turn, gold,
+    fresh): one instance per recommender *message* (consecutive messages not merged) that names a movie
+    (an @ID of its conversation's movieMentions) and has an earlier message; its targets are the distinct
+    movies it names, fresh = named in no earlier message. nanocrs merges consecutive messages into turns,
+    so each target is ranked with the list of the merged turn that holds its message, from that turn's
+    context: never more than the instance's own context, and so never a look at its own targets."""
+    from nanocrs.datasets import Skip, clean
+    by_id = {d["id"]: d for d in dialogs}
+    samples = []
+    for n, rec in read_jsonl(raw_test):
+        where = f"{raw_test}:{n}"
+        try:
+            cid, msgs, recommender = str(rec["conversationId"]), rec["messages"], rec["respondentWorkerId"]
+            mentions = rec.get("movieMentions") or {}
+            mentions = mentions if isinstance(mentions, dict) else {}
+            senders = [m["senderWorkerId"] for m in msgs]
+            texts = [m["text"] for m in msgs]
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{where}: not a raw ReDial record ({e})") from None
+        d, named, turn, role = by_id.get(f"redial-{cid}"), set(), -1, None
+        for k, (sender, text) in enumerate(zip(senders, texts)):
+            movies = list(dict.fromkeys(i for i in re.findall(r"@(\d+)", text or "") if i in mentions))
+            try:
+                empty = not clean(text)
+            except Skip:
+                empty = True
+            if not empty and sender != role:  # a new merged turn, counted as data_prep merges them
+                turn, role = turn + 1, sender
+            if sender == recommender and k > 0 and movies:
+                if d is None or empty or d["turns"][turn]["role"] != "assistant" or \
+                        not set(movies) <= set(d["turns"][turn]["items"]):
+                    raise DataError(f"{where}: message {k} of conversation {cid} has no recommender turn in the "
+                                    "prepared test split (prepare it again from this file)")
+                samples += [(d, turn, m, m not in named) for m in movies]
+            named.update(movies)
+    return samples
 
 
 def recency_decay(ds: dict, seen: list[dict], catalogue: list[str]) -> float:
@@ -346,7 +390,9 @@ def print_eval(res: dict):
     keys = ["recall@1", "recall@5", "recall@10", "recall@20", "recall@50", "ndcg@10", "mrr@10"]
     methods = [m for m in ("model", "popularity", "repeat", "repeat+pop", "cooc", "repeat+cooc", "cooc-recency",
                            "repeat+cooc-recency", "oracle") if m in res]
-    print(f"\nstandard protocol: {res['n_samples']} samples ({res['split']}), beam {res['beam']}")
+    name = "standardized protocol (one instance per recommender message)" if res.get("protocol") == "standardized" \
+        else "standard protocol"
+    print(f"\n{name}: {res['n_samples']} samples ({res['split']}), beam {res['beam']}")
     print(format_table({m: res[m] for m in methods}, keys))
     print(f"\nfresh protocol (gold not mentioned earlier): {res['n_fresh']} samples")
     print(format_table({m: res["fresh"][m] for m in methods}, keys))

@@ -45,7 +45,7 @@ def load(paths: list[str]) -> list[dict]:
         runs.append(r)
     first = runs[0]
     for p, r in zip(paths, runs):  # a mean over runs means something only on the same samples
-        for key in ("split", "n_samples", "n_fresh", "beam"):
+        for key in ("split", "protocol", "n_samples", "n_fresh", "beam"):
             if r.get(key) != first.get(key):
                 sys.exit(f"{p}: {key} {r.get(key)} differs from {paths[0]}'s {first.get(key)}")
     return runs

@@ -285,3 +285,36 @@ def test_link_titles_numeric_title_never_matches_a_placeholder():
     text, n = link_titles("I loved Glass Orchard, Moonlight Circus and Paper Lanterns",
                           [("Glass Orchard", "g"), ("Moonlight Circus", "m"), ("Paper Lanterns", "p"), ("2", "two")])
     assert (text, n) == ("I loved @{g}, @{m} and @{p}", 3)
+
+
+def test_standardized_redial_instances(tmp_path):
+    """--protocol standardized: one instance per recommender message that names a movie of its
+    conversation's movieMentions and has an earlier message; its targets the distinct movies named, fresh =
+    named in no earlier message; each mapped to the merged turn that holds the message."""
+    from nanocrs.evaluate import standardized_redial
+    mentions = {"1001": "The Crimson Harbor (1987)", "1002": "Moonlight Circus (2003)", "1004": "Iron Orchard (1995)"}
+    msgs = [(2, "Try @1001"),                 # the first message: no context, no instance
+            (1, "I liked @1002"),             # the seeker's: no instance
+            (2, "Then @1004 and @1004"),      # one instance, one target (distinct), fresh
+            (2, ""),                          # empty: data_prep drops it, it merges nothing
+            (2, "or @1002 again, @9999"),     # the same merged turn; @9999 is not in movieMentions
+            (1, "ok")]
+    rec = {"conversationId": 7, "initiatorWorkerId": 1, "respondentWorkerId": 2, "movieMentions": mentions,
+           "messages": [{"senderWorkerId": s, "text": t, "messageId": k} for k, (s, t) in enumerate(msgs)]}
+    raw = tmp_path / "test_data.jsonl"
+    raw.write_text(json.dumps(rec) + "\n")
+    d = {"id": "redial-7", "turns": [{"role": "assistant", "text": "Try @{1001}", "items": ["1001"]},
+                                     {"role": "user", "text": "I liked @{1002}", "items": ["1002"]},
+                                     {"role": "assistant", "text": "Then @{1004} and @{1004} or @{1002} again",
+                                      "items": ["1004", "1002"]},
+                                     {"role": "user", "text": "ok", "items": []}]}
+    got = [(dd["id"], t, gold, fresh) for dd, t, gold, fresh in standardized_redial(str(raw), [d])]
+    assert got == [("redial-7", 2, "1004", True), ("redial-7", 2, "1002", False)]
+    # a prepared split without that conversation is refused in one line, naming the file and line
+    with pytest.raises(DataError, match=r"test_data.jsonl:1: message 2 of conversation 7"):
+        standardized_redial(str(raw), [])
+    # the fixture's own test file, prepared by build_redial: every target lands in its merged REC turn
+    _, splits, _ = build_redial(REDIAL, seed=0)
+    samples = standardized_redial(os.path.join(REDIAL, "test_data.jsonl"), splits["test"])
+    assert samples and all(gold in d["turns"][t]["items"] and d["turns"][t]["role"] == "assistant"
+                           for d, t, gold, _ in samples)
