@@ -11,15 +11,23 @@ Checkpoints: a folder a user can read, with no pickle anywhere.
       sids.json             the item <-> semantic-ID table
       items.jsonl           the catalogue (titles for printing)
       log.jsonl             one line per optimizer step: step, lr, loss, val_loss (appended)
+      train.lock            held by the train.py writing here (one at a time); says train.py made the folder
+
+config.json also keeps the sha256 of tokenizer.json, sids.json and items.jsonl ("parts"): load() refuses
+a checkpoint whose parts were swapped or edited (the weights would read another item table or
+tokenizer without any error), naming the file.
 
 A save is atomic as a whole. The tensors of step N go to files named after N (each written to a
 temporary name, flushed to disk and renamed), and only then is config.json replaced: that one rename
 is the commit. A crash at any moment before it leaves config.json naming the previous step's files,
-which are untouched; the files of the step that did not finish are deleted by the next save. The
+which are untouched; the files of the step that did not finish are deleted at once if the save
+failed with an error (a full disk), or else by the next save, before it writes anything. The
 tensor files also carry their step in their metadata, which load() checks against config.json.
 """
 
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -28,14 +36,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file, load_file
 
-from nanocrs.common import atomic_path
-from nanocrs.data import DataError, check_catalogue, fingerprint, load_items
+from nanocrs.common import TMP_NAME, atomic_path, lock_folder, out_of_range
+from nanocrs.data import BOUND_FILES, DataError, check_catalogue, fingerprint, load_items
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import Tokenizer, added_tokens
 
 REQUIRED = ("config.json", "tokenizer.json", "sids.json", "items.jsonl")  # + the files config.json names
 _STEP_FILE = re.compile(r"^(model|optimizer)-\d+\.safetensors$")
+LOCK_FILE = "train.lock"
 
 
 class CheckpointError(ValueError):
@@ -44,7 +53,19 @@ class CheckpointError(ValueError):
 
 def _save_tensors(tensors: dict, path: str, metadata: dict):
     with atomic_path(path, fsync=True) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except Exception as e:  # safetensors reports a full disk as its own error type: one line, as an OSError
+            raise OSError(f"{path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+
+
+def part_hashes(folder: str) -> dict:
+    """sha256 of each of the files a checkpoint's weights only work with (data.BOUND_FILES)."""
+    out = {}
+    for name in BOUND_FILES:
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = hashlib.sha256(f.read()).hexdigest()
+    return out
 
 
 def model_state(model: GPT, trainable_only: bool = False) -> dict:
@@ -85,21 +106,68 @@ def save_static(out_dir: str, tokenizer, sids, items_path: str):
 
 def save(out_dir: str, model: GPT, config: dict, optimizer=None):
     """Write the weights (and optimizer state) of config["step"] and then config.json, atomically as a
-    whole (see the top of this file). The static files come from save_static."""
+    whole (see the top of this file). The static files come from save_static. A save that fails (a
+    full disk) removes what it wrote, so the last checkpoint stays and the space is free again."""
     os.makedirs(out_dir, exist_ok=True)
     step = config["step"]
     meta = {"step": str(step)}
     files = {"model": f"model-{step:06d}.safetensors"}
-    _save_tensors(model_state(model, _adapter_only(config)), os.path.join(out_dir, files["model"]), meta)
     if optimizer is not None:
         files["optimizer"] = f"optimizer-{step:06d}.safetensors"
-        tensors, hyper = optimizer_state(optimizer)
-        _save_tensors(tensors, os.path.join(out_dir, files["optimizer"]), {**meta, "hyper": json.dumps(hyper)})
-    _commit(out_dir, {**config, "files": files})
+    committed = _committed_files(out_dir)
+    _remove_leftovers(out_dir, keep=committed)  # a killed save's files: first, for the room they take
+    try:
+        _save_tensors(model_state(model, _adapter_only(config)), os.path.join(out_dir, files["model"]), meta)
+        if optimizer is not None:
+            tensors, hyper = optimizer_state(optimizer)
+            _save_tensors(tensors, os.path.join(out_dir, files["optimizer"]), {**meta, "hyper": json.dumps(hyper)})
+        _commit(out_dir, {**config, "files": files, "parts": part_hashes(out_dir)})
+    except OSError as e:
+        committed = _committed_files(out_dir)  # config.json may have been replaced before the error
+        _remove_leftovers(out_dir, keep=committed)
+        last = f"step {read_config(out_dir)['step']}" if committed else "none"
+        raise CheckpointError(f"{out_dir}: could not save step {step} ({e.strerror or e}); its files are removed, "
+                              f"the last checkpoint stays ({last})") from None
     # the previous step's tensors, and those of a save that crashed before its commit
+    _remove_leftovers(out_dir, keep=set(files.values()))
+
+
+def _committed_files(out_dir: str) -> set:
+    """The tensor files the current config.json names (none before the first save)."""
+    try:
+        with open(os.path.join(out_dir, "config.json")) as f:
+            files = json.load(f).get("files", {})
+        return {v for v in files.values() if isinstance(v, str)}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def _remove_leftovers(out_dir: str, keep: set):
+    """Delete the step files not in keep and the temporary files of train.py's interrupted writes
+    (those of other writers, such as sample.py --calibrate, may still be in use)."""
     for name in os.listdir(out_dir):
-        if (_STEP_FILE.match(name) and name not in files.values()) or name.endswith(".safetensors.tmp"):
+        tmp = TMP_NAME.match(name) or re.match(r"^(.+)\.tmp$", name)  # and the fixed FILE.tmp of older versions
+        if (_STEP_FILE.match(name) and name not in keep) or (
+                tmp and (_STEP_FILE.match(tmp.group(1)) or tmp.group(1) in ("config.json", "log.jsonl") + BOUND_FILES)):
             os.remove(os.path.join(out_dir, name))
+
+
+def claim(out: str, resume: bool):
+    """Take --out for one train.py: refuse a prepared dataset, and (without --resume) a folder that
+    holds files train.py did not make (a custom --raw folder's items.jsonl would be replaced); then
+    lock it (common.FolderLock), so a second training into it fails instead of interleaving."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"--out {out} is a file, not a folder")
+    if os.path.isfile(os.path.join(out, "dataset.json")):
+        raise CheckpointError(f"--out {out} is a prepared dataset (dataset.json): train.py never writes into one; "
+                              "choose another --out")
+    if not resume and os.path.isdir(out) and not os.path.exists(os.path.join(out, LOCK_FILE)):
+        others = sorted(os.listdir(out))
+        if others:
+            raise CheckpointError(f"--out {out} is not empty and train.py did not make it (it holds {', '.join(others[:3])}"
+                                  f"{', ...' if len(others) > 3 else ''}): choose a new or empty folder")
+    os.makedirs(out, exist_ok=True)
+    return lock_folder(out, LOCK_FILE, "train.py")
 
 
 def optimizer_state(opt: torch.optim.Optimizer):
@@ -152,13 +220,70 @@ def read_config(ckpt_dir: str) -> dict:
                 config = json.load(f)
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{ckpt_dir}/config.json: invalid JSON ({e.msg})") from None
-    if config is not None and not (isinstance(config.get("files"), dict) and "model" in config["files"]):
+    if config is not None and not (isinstance(config, dict) and isinstance(config.get("files"), dict)
+                                   and "model" in config["files"]):
         raise CheckpointError(f"{ckpt_dir}/config.json names no tensor files: not a checkpoint of this version")
+    if config is not None:
+        check_config(config, os.path.join(ckpt_dir, "config.json"))
     needed = REQUIRED + ((config["files"]["model"],) if config is not None else ())
     missing = [f for f in needed if not os.path.isfile(os.path.join(ckpt_dir, f))]
     if missing:
         raise CheckpointError(f"{ckpt_dir}: not a complete checkpoint, missing {', '.join(missing)}")
     return config
+
+
+_MODEL_RANGES = {"dropout": (0, 1, "[)"), "head_dim": (0, None, "[]"), "intermediate_size": (0, None, "[]"),
+                 "rope_theta": (0, None, "(]"), "rms_norm_eps": (0, None, "(]")}  # other numbers: >= 1
+
+
+def check_config(config: dict, path: str):
+    """Every value of config.json that load() and train.py --resume use, of the right type and range:
+    one line naming the file and the key (a null file name or n_head 0 would fail deep inside)."""
+    def bad(key, why):
+        raise CheckpointError(f"{path}: {key} {why}")
+    for kind, name in config["files"].items():
+        if kind not in ("model", "optimizer") or not isinstance(name, str) or not _STEP_FILE.match(name) \
+                or not name.startswith(kind):
+            bad(f"files.{kind}", f"must name a {kind}-NNNNNN.safetensors file in the folder, got {name!r}")
+    why = out_of_range(config.get("step"), 0, None, integer=True)
+    if why:
+        bad("step", why)
+    for key, kind in (("model", dict), ("train", dict), ("lora", dict), ("init_from", str), ("data", str),
+                      ("fingerprint", str), ("parts", dict)):
+        if key in config and not isinstance(config[key], kind):
+            bad(key, f"must be a JSON {'object' if kind is dict else 'string'}, got {config[key]!r}")
+    if "model" not in config:
+        bad("model", "is missing")
+    why = out_of_range(config.get("world", 1), 1, None, integer=True)
+    if why:
+        bad("world", why)
+    for key, value in config.get("parts", {}).items():
+        if key not in BOUND_FILES or not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
+            bad(f"parts.{key}", f"must be the sha256 of one of {', '.join(BOUND_FILES)}, got {value!r}")
+    lora = config.get("lora", {})
+    for key, lo, hi, bounds, integer in (("rank", 0, None, "[]", True), ("alpha", 0, None, "()", False),
+                                          ("dropout", 0, 1, "[)", False)):
+        why = out_of_range(lora[key], lo, hi, bounds, integer) if key in lora else None
+        if why:
+            bad(f"lora.{key}", why)
+    # the model's shape: each field of GPTConfig typed as its default; the sizes positive
+    model, defaults = config["model"], GPTConfig().to_dict()
+    for key, value in model.items():
+        default = defaults.get(key)
+        if key not in defaults:
+            bad(f"model.{key}", "is not a field of this version's GPTConfig")
+        elif isinstance(default, (bool, dict)):
+            if not isinstance(value, type(default)):
+                bad(f"model.{key}", f"must be {'true or false' if isinstance(default, bool) else 'a JSON object'}, got {value!r}")
+        else:
+            lo, hi, bounds = _MODEL_RANGES.get(key, (1, None, "[]"))
+            why = out_of_range(value, lo, hi, bounds, integer=isinstance(default, int))
+            if why:
+                bad(f"model.{key}", why)
+    try:
+        GPTConfig.from_dict(model)
+    except (AssertionError, TypeError, ValueError) as e:
+        bad("model", f"is not a valid model shape ({e})")
 
 
 def load(ckpt_dir: str, device="cpu", merge: bool = False, dtype: torch.dtype | None = None):
@@ -169,6 +294,7 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False, dtype: torch.dtype | 
     bf16 logits tie close items, so over a 16-bit base the fp32 adapters stay unmerged (they cost
     2r(in + out) FLOPs per token against the base's 2 in out) and the new tokens' logits are fp32."""
     config = read_config(ckpt_dir)
+    check_parts(ckpt_dir, config)
     cfg = GPTConfig.from_dict(config["model"])
     sids = SemanticIDs.load(os.path.join(ckpt_dir, "sids.json"))
     if config.get("init_from"):
@@ -184,6 +310,11 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False, dtype: torch.dtype | 
     step, sd = _read_tensors(path)
     if step != config["step"]:
         raise CheckpointError(f"{path}: weights of step {step}, config.json is at step {config['step']}")
+    # training never saves non-finite weights (train.save), so any here are damage, not a model
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {', '.join(broken[:3])}"
+                              f"{' and others' if len(broken) > 3 else ''}; the checkpoint is damaged")
     adapter = _adapter_only(config)
     expected = set(model_state(model, adapter))
     if set(sd) != expected:
@@ -201,6 +332,23 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False, dtype: torch.dtype | 
     except DataError as e:
         raise CheckpointError(str(e)) from None
     return model, config, tok, sids
+
+
+def check_parts(ckpt_dir: str, config: dict):
+    """The checkpoint's tokenizer.json, sids.json and items.jsonl are the files it was trained with:
+    each file's sha256 against config.json's "parts" (checkpoints from before them: the dataset
+    fingerprint, which a model trained from scratch shares with its data)."""
+    parts = config.get("parts")
+    if parts:
+        now = part_hashes(ckpt_dir)
+        for name in BOUND_FILES:
+            if name in parts and now[name] != parts[name]:
+                raise CheckpointError(f"{os.path.join(ckpt_dir, name)}: not the file this checkpoint was saved with "
+                                      f"(its sha256 differs from config.json's); {', '.join(BOUND_FILES)} and the "
+                                      "weights only work together: restore it, or train again")
+    elif config.get("fingerprint") and not config.get("init_from") and fingerprint(ckpt_dir) != config["fingerprint"]:
+        raise CheckpointError(f"{ckpt_dir}: its {', '.join(BOUND_FILES)} are not the files it was trained with "
+                              "(fingerprint in config.json differs): restore them, or train again")
 
 
 def check_data(config: dict, data_dir: str):
