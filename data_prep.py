@@ -13,6 +13,7 @@ The output folder layout is documented in nanocrs/data.py.
 import argparse
 import dataclasses
 import os
+import re
 import shutil
 import time
 
@@ -122,6 +123,22 @@ def build_dialogs(a):
     raise AssertionError(f"main() checks --dataset first, got {a.dataset!r}")
 
 
+def remove_dead_tmp(final: str):
+    """Delete the FINAL.tmp-PID folders of earlier runs that were killed (kill -9 skips main's clean-up);
+    those of a run still going (its PID alive) stay."""
+    parent, base = os.path.split(os.path.abspath(final))
+    for name in os.listdir(parent):
+        m = re.fullmatch(re.escape(base) + r"\.tmp-(\d+)", name)
+        if not m or int(m.group(1)) == os.getpid() or not os.path.isdir(os.path.join(parent, name)):
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 def main(argv=None):
     a = get_args(argv)
     final = (a.out or os.path.join("data", a.dataset)).rstrip("/") or "/"
@@ -129,6 +146,7 @@ def main(argv=None):
     # build in a temporary sibling folder and rename it at the end: a failure never leaves new files
     # beside old ones, and readers never see a half-made dataset
     os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+    remove_dead_tmp(final)
     out = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)

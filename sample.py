@@ -21,7 +21,7 @@ import time
 import torch
 
 from nanocrs import checkpoint
-from nanocrs.common import flag_error, init_device, run_script
+from nanocrs.common import check_flags, check_knobs, check_output, escape_terminal, flag_error, init_device, run_script
 from nanocrs.data import MENTION, DataError, Renderer, load_dataset, write_json
 from nanocrs.evaluate import (calibrate_copy, calibrate_just_named, calibrate_text, evaluate, print_eval, standardized_redial,
                               write_text_vectors)
@@ -87,6 +87,9 @@ def get_args(argv=None):
     for flag, low in (("top_k", 1), ("beam", 1), ("max_new_tokens", 1), ("max_samples", 0), ("max_gen", 0), ("num_samples", 0)):
         if getattr(a, flag) < low:
             flag_error(f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(a, flag)}")
+    # every float flag finite (a NaN copy bias empties every beam list: zeros, exit code 0), the rest in range
+    check_flags(a, {"temperature": (0, None, "(]"), "eval_batch": (1, None), "seed": (0, None), "threads": (0, None)})
+    check_knobs(vars(a), "", flags=True)
     return a
 
 
@@ -104,12 +107,12 @@ def show_samples(s: Session, ds: dict, n: int, args, generator):
         t = next((t for t in turns if d["turns"][t]["items"]), turns[0])
         print(f"=== {d['id']}, turn {t} " + "=" * 40)
         for turn in d["turns"][:t]:
-            print(f"{turn['role']:>9}: {s.show_text(turn['text'])}")
+            print(escape_terminal(f"{turn['role']:>9}: {s.show_text(turn['text'])}"))
         gold = d["turns"][t]
-        print(f"     gold: [{'REC' if gold['items'] else 'CHAT'}] {s.show_text(gold['text'])}")
+        print(escape_terminal(f"     gold: [{'REC' if gold['items'] else 'CHAT'}] {s.show_text(gold['text'])}"))
         mode, item, text = s.show(s.reply(d["turns"][:t], args, generator))
         rec = f" -> {s.title(item)}" if item else ""
-        print(f"    model: [{mode or '?'}{rec}] {text}\n")
+        print(escape_terminal(f"    model: [{mode or '?'}{rec}] {text}") + "\n")
         shown += 1
         if shown >= n:
             break
@@ -117,6 +120,8 @@ def show_samples(s: Session, ds: dict, n: int, args, generator):
 
 def chat(s: Session, args, generator):
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD, not an error ending the chat
+        sys.stdin.reconfigure(errors="replace")
     if interactive:
         print("nanocrs chat: tell it what you like. /reset starts over, /quit leaves.")
     context = []
@@ -136,15 +141,17 @@ def chat(s: Session, args, generator):
             print("(empty message: type something, /reset or /quit)")
             continue
         if not interactive:
-            print(f"you> {line}")
+            print(escape_terminal(f"you> {line}"))
+        if "\ufffd" in line:
+            print("(some of that was not UTF-8 text: shown as \ufffd)")
         text, linked = s.link(_escape(line))
         if linked:
-            print(f"(linked: {', '.join(s.title(i) for i in linked)})")
+            print(escape_terminal(f"(linked: {', '.join(s.title(i) for i in linked)})"))
         context.append({"role": "user", "text": text, "items": linked})
         ids = s.reply(context, args, generator)
         mode, item, text = s.show(ids)
         rec = f" recommends {s.title(item)}" if item else ""
-        print(f"bot> ({mode or '?'}{rec}) {text}")
+        print(escape_terminal(f"bot> ({mode or '?'}{rec}) {text}"))
         # keep the reply in the context as a schema turn: its slot item first, then the items its text mentions,
         # so that it renders back into exactly the structured form the model wrote
         text = _reply_text(s, ids)
@@ -218,6 +225,11 @@ def calibrating(args) -> bool:
 
 def main(argv=None):
     args = get_args(argv)
+    for flag, path in (("--json", args.json), ("--rankings", args.rankings)):  # before any work is done
+        if path:
+            check_output(path, flag)
+    if args.json and args.rankings and os.path.abspath(args.json) == os.path.abspath(args.rankings):
+        raise ValueError(f"--json and --rankings both name {args.json}: one would overwrite the other")
     device = init_device(args.device, args.threads)
     if args.init_from:
         from nanocrs.backbone import load_base

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from nanocrs import checkpoint
 from nanocrs.checkpoint import CheckpointError
-from nanocrs.common import Compute, atomic_path, cleanup, init_training, print0, run_script
+from nanocrs.common import Compute, atomic_path, check_flags, cleanup, flag_error, init_training, print0, run_script
 from nanocrs.data import (TARGETS, DataError, Renderer, check_catalogue, collate, epoch_batches, fingerprint, load_dataset,
                           reorder_items_only, training_dialogs)
 from nanocrs.encoder import cooc_counts, ppmi_factors
@@ -69,6 +69,16 @@ PRESETS = {
                           grad_checkpoint=True),
 }
 MFU_WINDOW = 20  # tokens/s and MFU over the last this many optimizer steps (compile, eval and saves excluded)
+# what each numeric flag may be, (lowest, highest[, bounds]); every float flag must also be finite. A block
+# shorter than 32 tokens holds no assistant turn with its item and context (Renderer.prompt keeps 16 free)
+RANGES = {"n_layer": (1, None), "n_embd": (1, None), "n_head": (1, None), "n_kv_head": (1, None),
+          "block_size": (32, None), "dropout": (0, 1, "[)"), "lora_rank": (0, None), "lora_alpha": (0, None, "(]"),
+          "lora_dropout": (0, 1, "[)"), "item_sequences": (0, 1), "shuffle_item_sequences": (0, 1),
+          "item_loss_weight": (0, None, "(]"), "item_text": (0, 1), "pointer": (0, None), "assoc": (0, 2),
+          "assoc_fresh": (0, 1), "distinct_sequences": (0, 1), "copy_turns": (0, 1), "batch_size": (1, None),
+          "grad_accum": (1, None), "max_steps": (1, None), "lr": (0, None, "(]"), "min_lr": (0, None), "warmup": (0, None),
+          "weight_decay": (0, None), "grad_clip": (0, None), "eval_interval": (0, None), "save_interval": (0, None),
+          "seed": (0, None), "threads": (0, None)}
 
 
 def get_args(argv=None, given: set | None = None):
@@ -162,6 +172,10 @@ def get_args(argv=None, given: set | None = None):
     if preset:
         p.set_defaults(**PRESETS[preset])  # defaults only: flags given on the command line win
     a = p.parse_args(argv)
+    check_flags(a, RANGES)
+    if a.n_embd % a.n_head or a.n_head % a.n_kv_head or (a.n_embd // a.n_head) % 2:
+        flag_error(f"--n-head {a.n_head}: must divide --n-embd {a.n_embd} into heads of even size, and be a "
+                   f"multiple of --n-kv-head {a.n_kv_head}")
     if given is not None:  # parse again with no defaults at all: what remains was typed
         p._defaults.clear()
         for action in p._actions:
@@ -529,6 +543,8 @@ def main(argv=None):
     if a.resume:
         resume_flags(a, given, checkpoint.read_config(a.out))
     c = init_training(a.device, a.threads, a.dtype, a.deterministic)  # device, torchrun's DDP, autocast dtype
+    if c.master:  # --out: new, empty or train.py's own, and one training at a time
+        checkpoint.claim(a.out, a.resume)
 
     # data and model: the dataset folder has the tokenizer and the semantic-ID table
     ds = load_dataset(a.data)

@@ -161,6 +161,8 @@ def claim(out: str, resume: bool):
     if os.path.isfile(os.path.join(out, "dataset.json")):
         raise CheckpointError(f"--out {out} is a prepared dataset (dataset.json): train.py never writes into one; "
                               "choose another --out")
+    if not resume and os.path.isfile(os.path.join(out, "config.json")):
+        raise CheckpointError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if not resume and os.path.isdir(out) and not os.path.exists(os.path.join(out, LOCK_FILE)):
         others = sorted(os.listdir(out))
         if others:

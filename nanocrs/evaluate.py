@@ -126,9 +126,15 @@ def write_text_vectors(s: Session, ds: dict, data_dir: str):
     if encoder.startswith("tfidf"):
         raise DataError(f"{meta_path}: items embedded by tfidf, which can not embed a dialog; the text prior needs "
                         "a sentence encoder (data_prep.py --encoder minilm or a BERT folder)")
-    emb = np.load(os.path.join(data_dir, "item_embeddings.npy"), allow_pickle=False)
+    path = os.path.join(data_dir, "item_embeddings.npy")
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except Exception as e:  # damaged or not an array file
+        raise DataError(f"{path}: not a readable .npy file ({type(e).__name__}: {e})") from None
     row = {it["id"]: n for n, it in enumerate(ds["items"])}
-    assert emb.shape[0] == len(row), "one embedding per item"
+    if emb.ndim != 2 or emb.shape[0] != len(row) or emb.dtype.kind != "f" or not np.isfinite(emb).all():
+        raise DataError(f"{path}: expected one finite float vector per item ({len(row)}), got {emb.dtype} {emb.shape}"
+                        f"{'' if emb.dtype.kind != 'f' or np.isfinite(emb).all() else ' with NaN or inf'}")
     vecs = emb[[row[i] for i in s.trie.item_ids]]
     with atomic_path(os.path.join(s.ckpt, TEXT_PRIOR_FILE)) as tmp:
         with open(tmp, "wb") as f:

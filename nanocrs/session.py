@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from nanocrs import checkpoint
+from nanocrs.common import check_knobs
 from nanocrs.data import MENTION, DataError, Renderer, load_items
 from nanocrs.encoder import TEXT_PRIOR_FILE, TextPrior
 from nanocrs.generate import SIDTrie, sample
@@ -32,6 +33,7 @@ def read_calibration(ckpt: str) -> dict:
                 raise DataError(f"{path}: not a JSON object ({e})") from None
             if not isinstance(saved, dict):
                 raise DataError(f"{path}: not a JSON object")
+            check_knobs(saved, path)
             return saved
     return {}
 
@@ -74,10 +76,20 @@ class Session:
                 raise ValueError("--text-prior: this checkpoint has no association head (train.py --assoc)")
             if not os.path.isfile(path):
                 raise DataError(f"{path}: not found; sample.py --eval val --calibrate-text writes it")
-            with np.load(path, allow_pickle=False) as f:
-                vecs, encoder = f["items"], str(f["encoder"])
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    vecs, encoder = f["items"], f["encoder"]
+            except Exception as e:  # a damaged zip, a missing array, an object array: the library's many errors
+                raise DataError(f"{path}: not a readable text-prior file ({type(e).__name__}: {e}); "
+                                "sample.py --eval val --calibrate-text writes it again") from None
+            if encoder.ndim != 0 or encoder.dtype.kind != "U":
+                raise DataError(f"{path}: encoder must be one string, got {encoder.dtype} {encoder.shape}")
             if vecs.ndim != 2 or vecs.shape[0] != len(self.trie.item_ids):
                 raise DataError(f"{path}: {vecs.shape} item vectors for a catalogue of {len(self.trie.item_ids)}")
+            if vecs.dtype.kind != "f" or not np.isfinite(vecs).all():  # one NaN row empties every beam list
+                raise DataError(f"{path}: items must be finite floats ({vecs.dtype}, "
+                                f"{int((~np.isfinite(vecs)).sum()) if vecs.dtype.kind == 'f' else 'not float'} non-finite)")
+            encoder = str(encoder)
             self.text_prior = TextPrior(encoder, vecs, tau, lambda i: self.items[i]["title"], self.device)
 
     def prior(self, contexts: list[list[dict]]):
