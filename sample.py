@@ -21,7 +21,7 @@ import time
 import torch
 
 from nanocrs import checkpoint
-from nanocrs.common import check_flags, check_knobs, check_output, escape_terminal, flag_error, init_device, run_script
+from nanocrs.common import KNOBS, check_flags, check_knobs, check_output, escape_terminal, flag_error, init_device, run_script
 from nanocrs.data import MENTION, DataError, Renderer, load_dataset, write_json
 from nanocrs.evaluate import (calibrate_copy, calibrate_just_named, calibrate_text, evaluate, print_eval, standardized_redial,
                               write_text_vectors)
@@ -278,6 +278,10 @@ def main(argv=None):
         print(f"eval took {res['seconds']} s")
         if calibrating(args):
             save_calibration(s, ds, res, args)
+        # where each decoding knob came from, so runs/table.py can tell one recipe's seeds from other settings
+        saved = read_calibration(args.ckpt)
+        res["knob_sources"] = {k: "flag" if getattr(args, k, None) is not None else
+                               "calibration.json" if k in saved else "default" for k in KNOBS}
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             write_json(args.json, res)

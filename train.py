@@ -543,8 +543,8 @@ def main(argv=None):
     if a.resume:
         resume_flags(a, given, checkpoint.read_config(a.out))
     c = init_training(a.device, a.threads, a.dtype, a.deterministic)  # device, torchrun's DDP, autocast dtype
-    if c.master:  # --out: new, empty or train.py's own, and one training at a time
-        checkpoint.claim(a.out, a.resume)
+    # --out: new, empty or train.py's own, and one training at a time (held until main returns)
+    lock = checkpoint.claim(a.out, a.resume) if c.master else None
 
     # data and model: the dataset folder has the tokenizer and the semantic-ID table
     ds = load_dataset(a.data)
@@ -612,6 +612,8 @@ def main(argv=None):
                 sys.exit(128 + stop[0])  # 130 Ctrl-C, 143 SIGTERM
         finally:
             cleanup(c)
+            if lock is not None:
+                lock.release()
     pbar.close()
     elapsed = time.time() - t0
     print0(f"done: {step} steps, {tokens_seen * c.world:,} tokens in {elapsed:.0f} s "

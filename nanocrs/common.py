@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import sys
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -156,16 +157,20 @@ def atomic_path(path, fsync: bool = False, suffix: str = ".tmp"):
         raise
 
 
-_HELD = {}  # folder -> its FolderLock in this process (a script's main() can run again in one process: tests)
+_HELD = {}  # folder -> weak reference to this process' FolderLock on it
 
 
 def lock_folder(folder: str, name: str, what: str) -> "FolderLock":
-    """FolderLock(folder, name, what), first releasing this process' own earlier lock on that folder."""
+    """FolderLock(folder, name, what). A script's main() can run again in one process (tests): a lock
+    its earlier run still holds (kept alive by a traceback) is released first. The caller keeps the
+    returned lock for as long as it writes; dropping it releases the folder."""
     key = os.path.realpath(folder)
-    if key in _HELD:
-        _HELD.pop(key).release()
-    _HELD[key] = FolderLock(folder, name, what)
-    return _HELD[key]
+    old = _HELD.pop(key, lambda: None)()
+    if old is not None:
+        old.release()
+    lock = FolderLock(folder, name, what)
+    _HELD[key] = weakref.ref(lock)
+    return lock
 
 
 class FolderLock:
@@ -175,12 +180,14 @@ class FolderLock:
 
     def __init__(self, folder: str, name: str, what: str):
         path = os.path.join(folder, name)
+        self.fd = None
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(self.fd)
+            self.fd = None
             raise ValueError(f"{folder}: another {what} (pid {holder}) is writing into it; wait for it to end, "
                              "or choose another folder") from None
         os.ftruncate(self.fd, 0)
@@ -191,6 +198,8 @@ class FolderLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+    __del__ = release
 
 
 # the files a checkpoint (train.py, sample.py --calibrate) or a dataset (data_prep.py) is made of: an

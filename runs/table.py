@@ -17,7 +17,9 @@ read from the per-sample rankings that sample.py --rankings writes beside each e
 the whole interval above zero.
 """
 import argparse
+import hashlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -38,17 +40,66 @@ def load(paths: list[str]) -> list[dict]:
         try:
             with open(p) as f:
                 r = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             sys.exit(f"{p}: not a readable eval JSON ({e})")
-        if "model" not in r or "n_samples" not in r:
-            sys.exit(f"{p}: not a sample.py --eval JSON (no 'model' or 'n_samples')")
         runs.append(r)
-    first = runs[0]
+    check_runs(paths, runs)
+    return runs
+
+
+KNOB_KEYS = ("copy_bias", "just_named_bias", "text_prior")  # what the eval JSON records of decoding knobs
+
+
+def check_runs(paths: list[str], runs: list[dict]):
+    """Exit with one line naming the file unless the runs are distinct files (one seed given twice would
+    count twice, with std 0), well formed (every method's metrics finite numbers in [0, 1]), of the same
+    methods, scored on the same samples, and decoded with the same knob settings: the same flags, or
+    each run's own calibration on val (values differ from seed to seed; their sources may not)."""
+    seen = {}
+    for p in paths:
+        with open(p, "rb") as f:
+            key = hashlib.sha256(f.read()).hexdigest()
+        for k in (os.path.realpath(p), key):
+            if k in seen:
+                sys.exit(f"{p}: the same eval as {seen[k]} (given twice, it would count as two seeds)")
+            seen[k] = p
+    for p, r in zip(paths, runs):
+        if not isinstance(r, dict) or "model" not in r or "n_samples" not in r:
+            sys.exit(f"{p}: not a sample.py --eval JSON (no 'model' or 'n_samples')")
+        if not isinstance(r.get("fresh"), dict):
+            sys.exit(f"{p}: not a sample.py --eval JSON (no 'fresh' metrics)")
+    first, methods = runs[0], {}
     for p, r in zip(paths, runs):  # a mean over runs means something only on the same samples
         for key in ("split", "protocol", "n_samples", "n_fresh", "beam"):
             if r.get(key) != first.get(key):
                 sys.exit(f"{p}: {key} {r.get(key)} differs from {paths[0]}'s {first.get(key)}")
-    return runs
+        for m, v in r.items():
+            if isinstance(v, dict) and "recall@1" in v:
+                methods.setdefault(m, p)
+    for p, r in zip(paths, runs):
+        for m, where in methods.items():
+            for part in (r, r["fresh"]):
+                if m not in part:
+                    sys.exit(f"{p}: method {m!r} is missing{' from fresh' if part is not r else ''} ({where} has it)")
+                for _, _, key in COLUMNS:
+                    v = part[m].get(key) if isinstance(part[m], dict) else None
+                    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:  # NaN fails too
+                        sys.exit(f"{p}: {'fresh.' if part is not r else ''}{m}.{key} must be a number in [0, 1], got {v!r}")
+        if ("intent_calibrated" in r) != ("intent_calibrated" in first):
+            sys.exit(f"{p}: {'has' if 'intent_calibrated' in r else 'lacks'} a calibrated REC threshold, "
+                     f"{paths[0]} {'does not' if 'intent_calibrated' in r else 'does'}: different knob settings")
+        for key in ("rec_precision", "rec_recall"):
+            v = r.get("intent_calibrated", {}).get(key, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                sys.exit(f"{p}: intent_calibrated.{key} must be a number, got {v!r}")
+    for k in KNOB_KEYS:
+        sources = [r.get("knob_sources", {}).get(k) for r in runs]
+        for p, r, src in zip(paths, runs, sources):
+            if src != sources[0]:
+                sys.exit(f"{p}: {k} from {src}, {paths[0]}'s from {sources[0]}: different knob settings")
+            if r.get(k) != first.get(k) and src != "calibration.json":
+                sys.exit(f"{p}: {k} {r.get(k)} differs from {paths[0]}'s {first.get(k)}: different knob settings "
+                         "(runs calibrated on val each record it, from sample.py's eval JSON)")
 
 
 def rows(runs: list[dict]) -> list[tuple[str, list[str]]]:
