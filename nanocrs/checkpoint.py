@@ -33,7 +33,7 @@ import re
 import shutil
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file, load_file
 
 from nanocrs.common import TMP_NAME, atomic_path, lock_folder, out_of_range
@@ -55,7 +55,7 @@ def _save_tensors(tensors: dict, path: str, metadata: dict):
     with atomic_path(path, fsync=True) as tmp:
         try:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        except Exception as e:  # safetensors reports a full disk as its own error type: one line, as an OSError
+        except SafetensorError as e:  # safetensors reports a full disk as its own error type: one line, as an OSError
             raise OSError(f"{path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
 
 

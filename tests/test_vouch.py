@@ -191,13 +191,14 @@ def test_train_never_writes_into_a_dataset_or_foreign_folder(dataset_dir, tmp_pa
 
 def test_failed_save_on_full_disk_then_resume(dataset_dir, trained_ckpt, tmp_path, monkeypatch, capsys):
     import train
+    from safetensors import SafetensorError
     from nanocrs import checkpoint
     from test_boundaries import same_weights
     real = checkpoint.save_file
 
     def full_disk(tensors, path, metadata=None):
         if "optimizer-000006" in path:  # the weights of step 6 are written, then the disk is full
-            raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
         return real(tensors, path, metadata=metadata)
     monkeypatch.setattr(checkpoint, "save_file", full_disk)
     out = str(tmp_path / "o")
