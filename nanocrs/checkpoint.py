@@ -27,7 +27,6 @@ tensor files also carry their step in their metadata, which load() checks agains
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
