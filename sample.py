@@ -75,6 +75,9 @@ def get_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default; 1 is faster on a busy machine)")
     p.add_argument("--init-from", default=None, help='plain text generation from an unmodified pretrained model ("smollm2" or a folder)')
     p.add_argument("--prompt", default=None, help="with --init-from: the prompt (raw text, no chat template added)")
+    p.add_argument("--quantize", choices=["none", "nf4"], default=None,
+                   help="nf4: the backbone's block linears in 4 bits (nanocrs/nf4.py); default: the checkpoint's "
+                        "setting, none with --init-from")
     a = p.parse_args(argv)
     if a.calibrate_copy and a.copy_bias is not None:
         flag_error("--copy-bias: --calibrate-copy chooses the copy bias itself; give one or the other")
@@ -235,7 +238,7 @@ def main(argv=None):
         from nanocrs.backbone import load_base
         if args.prompt is None:
             raise ValueError("--init-from needs --prompt")
-        model, tok = load_base(args.init_from, device)
+        model, tok = load_base(args.init_from, device, quantize=args.quantize or "none")
         ids = tok.encode(args.prompt)
         stop = {i for i in (tok.tk.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")) if i is not None}
         g = torch.Generator(device=device).manual_seed(args.seed)
@@ -245,7 +248,7 @@ def main(argv=None):
         return
     s = Session(args.ckpt, device, copy_bias=0.0 if args.calibrate_copy else args.copy_bias,  # calibration starts at 0
                 text_prior=0.0 if args.calibrate_text else args.text_prior,
-                just_named_bias=0.0 if args.calibrate_just_named else args.just_named_bias)
+                just_named_bias=0.0 if args.calibrate_just_named else args.just_named_bias, quantize=args.quantize)
     check_heads(s, args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if not (args.eval or args.num_samples or args.chat):

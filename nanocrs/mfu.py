@@ -44,7 +44,8 @@ def _linear_flops(m: nn.Module, tokens: int) -> float:
     """Forward + backward FLOPs of one (possibly LoRA-wrapped) linear layer over `tokens` tokens."""
     base = m.base if isinstance(m, LoRALinear) else m
     P = base.in_features * base.out_features
-    f = (6 if base.weight.requires_grad else 4) * P * tokens
+    trains = isinstance(base, nn.Linear) and base.weight.requires_grad  # a 4-bit base (NF4Linear) never does
+    f = (6 if trains else 4) * P * tokens
     if isinstance(m, LoRALinear):
         f += 6 * m.rank * (base.in_features + base.out_features) * tokens
     return f

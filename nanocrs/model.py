@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from nanocrs.nf4 import NF4Linear
 from nanocrs.pointer import Pointer
 
 
@@ -339,7 +340,9 @@ class GPT(nn.Module):
         self.pointer.apply(self._init_weights)
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        # tied weights are counted once; a 4-bit linear (nanocrs/nf4.py) holds its weights in buffers
+        return (sum(p.numel() for p in self.parameters())
+                + sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, NF4Linear)))
 
     def rope(self, start: int, T: int, device, pad: torch.Tensor | None = None):
         """cos, sin of positions start..start+T-1: (T, hd/2), or (B, 1, T, hd/2) with a left padding

@@ -42,8 +42,9 @@ class Session:
     """Everything loaded from a checkpoint, plus the helpers that turn tokens into readable text."""
 
     def __init__(self, ckpt: str, device: str, copy_bias: float | None = None, text_prior: float | None = None,
-                 just_named_bias: float | None = None):
-        self.model, self.config, self.tok, self.sids = checkpoint.load(ckpt, device, merge=True)
+                 just_named_bias: float | None = None, quantize: str | None = None):
+        # quantize: the backbone's storage ("nf4", "none"); None = what the checkpoint was trained with
+        self.model, self.config, self.tok, self.sids = checkpoint.load(ckpt, device, merge=True, quantize=quantize)
         self.model.eval()
         self.items = {it["id"]: it for it in load_items(os.path.join(ckpt, "items.jsonl"))}
         self.rd = Renderer(self.tok, self.sids, self.model.config.block_size)
