@@ -5,7 +5,7 @@ random Hugging Face-shaped backbones (no weights are downloaded).
 
     python dev/gpu_check.py                      # on the GPU, about 5-8 minutes on an H100/H200
     python dev/gpu_check.py --cpu-dry-run        # the same sections at toy sizes on the CPU (< 2 min)
-    python dev/gpu_check.py --only beam,load_1b  # some sections (fp32_master brings cli, which writes its backbone)
+    python dev/gpu_check.py --only beam,load_1b  # some sections (fp32_master, qlora bring cli: it writes the backbone)
 
 Sections, in order; the first that fails stops the run (exit status 1):
   env          torch, CUDA, the GPU, bf16 support
@@ -15,6 +15,9 @@ Sections, in order; the first that fails stops the run (exit status 1):
   cli          data_prep.py, train.py (bf16 from scratch, resumed, --init-from + LoRA),
                sample.py --eval and python -m nanocrs.hf export, as subprocesses on the GPU
   fp32_master  trainable parameters are fp32 over a bf16 base; one step at lr=1e-5 moves them
+  qlora        train.py --quantize nf4 (4-bit base, nanocrs/nf4.py) trains, resumes and exports on the GPU;
+               Llama-3.1-8B's shapes as QLoRA at micro-batch 4 x 768 with checkpointing: peak memory vs
+               nanocrs.memplan's 4-bit plan (it must fit a 24 GB card) and tokens/s
   big_shapes   Qwen2.5-7B and Llama-3.1-8B shapes, random bf16 weights + LoRA r16 + new rows, the
                presets' micro-batch (8 x 768, turn format) with and without activation checkpointing:
                peak memory vs nanocrs.memplan, tokens/s, MFU
@@ -49,9 +52,10 @@ from nanocrs.hf import export_hf  # noqa: E402
 from nanocrs.lora import LoRALinear  # noqa: E402
 from nanocrs.mfu import peak_flops, train_flops  # noqa: E402
 from nanocrs.model import GPT, GPTConfig, rope_frequencies  # noqa: E402
+from nanocrs.nf4 import NF4Linear  # noqa: E402
 from nanocrs.tokenizer import CONTROL_TOKENS, Tokenizer  # noqa: E402
 
-SECTIONS = ["env", "flash", "parity", "cli", "fp32_master", "big_shapes", "beam", "load_1b"]
+SECTIONS = ["env", "flash", "parity", "cli", "fp32_master", "qlora", "big_shapes", "beam", "load_1b"]
 SYNTH = ["--dataset", "synthetic", "--n-items", "160", "--n-train", "200", "--n-val", "30", "--n-test", "30",
          "--levels", "2", "--codebook-size", "8", "--vocab-size", "400", "--kmeans-iters", "20"]
 
@@ -354,6 +358,66 @@ def random_lora_model(hf, tok_len, device, dropout=0.05, seed=0):
     return model, first_new
 
 
+def sec_qlora(ctx):
+    w, dev, dry = ctx["work"], ctx["device"], ctx["dry"]
+    common = ["--data", ctx["data"], "--device", dev.type, "--dtype", "bfloat16", "--eval-interval", "0",
+              "--save-interval", "2", "--batch-size", "8", "--init-from", ctx["backbone"], "--quantize", "nf4",
+              "--lora-rank", "4", "--lr", "1e-3"] + (["--threads", "1"] if dry else [])
+    fig = {}
+    a, b = os.path.join(w, "qlora"), os.path.join(w, "qlora_resumed")
+    fig["train_s"] = run(["train.py", "--out", a, "--max-steps", "4"] + common, "train.py --quantize nf4")
+    run(["train.py", "--out", b, "--max-steps", "2"] + common, "train.py --quantize nf4 to step 2")
+    run(["train.py", "--out", b, "--max-steps", "4", "--resume"] + common, "train.py --quantize nf4 --resume")
+    la, lb = losses(a), losses(b)
+    fig["losses"], fig["losses_resumed"] = la, lb
+    fig["resume_max_rel_diff"] = max(abs(x - y) / abs(x) for x, y in zip(la, lb))
+    check(len(la) == len(lb) == 4 and all(math.isfinite(x) for x in la), f"QLoRA training did not run: {la}")
+    check(fig["resume_max_rel_diff"] <= (0 if dev.type == "cpu" else 1e-3), f"QLoRA resume diverged: {la} vs {lb}")
+    exp = os.path.join(w, "qlora_export")
+    run(["-m", "nanocrs.hf", "export", "--ckpt", a, "--out", exp, "--device", dev.type], "export of a QLoRA checkpoint")
+    check(os.path.isfile(os.path.join(exp, "config.json")), "QLoRA export wrote no config.json")
+
+    # Llama-3.1-8B's shapes: bf16 random weights, each block linear then swapped for its NF4 version
+    name, (hf, tok_len) = ("toy-qwen2", (TOY_HF, 2000)) if dry else ("Llama-3.1-8B-Instruct", memplan.MODELS["Llama-3.1-8B-Instruct"])
+    B, T = (2, 64) if dry else (4, memplan.SEQ_LEN)
+    model, _ = random_lora_model(hf, tok_len, dev)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.base = NF4Linear.from_linear(m.base)
+    model.grad_checkpointing = True
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    plan = memplan.plan(name, hf, tok_len, 0.05, quantize="nf4")
+    fig["planned_gib"] = round(memplan.total_bytes(plan, "ckpt", B) / 2 ** 30, 2)  # every token with a loss
+    opt = model.configure_optimizer(1e-4, 0.0, device_type=dev.type)
+    x = torch.randint(0, model.config.vocab_size, (B, T), device=dev)
+    times = []
+    for step in range(2 if dry else 4):  # the first is warmup
+        sync(dev)
+        t = time.time()
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            _, loss = model.train()(x, torch.roll(x, -1, 1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(dev)
+        times.append(time.time() - t)
+    step_s = sum(times[1:]) / len(times[1:])
+    fig.update(model=name, micro_batch=f"{B} x {T}", step_s=round(step_s, 3), tokens_per_s=round(B * T / step_s),
+               loss=loss.item())
+    check(math.isfinite(fig["loss"]), f"QLoRA {name}: loss {fig['loss']}")
+    if dev.type == "cuda":
+        fig["peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 2)
+        fig["peak_over_plan"] = round(fig["peak_gib"] / fig["planned_gib"], 3)
+        check(fig["peak_gib"] <= memplan.card_budget(24) / 2 ** 30, f"QLoRA {name} {B} x {T}: {fig['peak_gib']} GiB "
+              "does not fit a 24 GB card")
+    del model, opt
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return fig
+
+
 TOY_HF = {"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 2000, "rms_norm_eps": 1e-6,
           "tie_word_embeddings": False, "max_position_embeddings": 1024}
@@ -514,8 +578,8 @@ def main(argv=None):
     unknown = set(only) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)} (known: {', '.join(SECTIONS)})")
-    # a section's inputs: fp32_master needs cli's backbone
-    todo = [s for s in SECTIONS if s in only or (s == "cli" and "fp32_master" in only)]
+    # a section's inputs: fp32_master and qlora need cli's backbone
+    todo = [s for s in SECTIONS if s in only or (s == "cli" and {"fp32_master", "qlora"} & set(only))]
     work = a.work or tempfile.mkdtemp(prefix="nanocrs_gpu_check_")
     ctx = {"device": device, "dry": a.cpu_dry_run, "work": work}
     report = {"mode": "cpu-dry-run" if a.cpu_dry_run else "gpu", "sections": {}}

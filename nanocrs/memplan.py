@@ -1,7 +1,8 @@
 """
-The memory plan for LoRA fine-tuning an 8B backbone on one 80 GB GPU, computed rather than guessed.
+The memory plan for LoRA and QLoRA fine-tuning an 8B backbone on one GPU, computed rather than guessed.
 
     python -m nanocrs.memplan                               # Llama-3.1-8B-Instruct and Qwen2.5-7B-Instruct
+    python -m nanocrs.memplan --quantize nf4                # QLoRA only (default: both bases)
     python -m nanocrs.memplan --config path/to/config.json  # any supported Hugging Face config.json
 
 The GPT is built on the meta device (shapes, no memory, no weights) from the real config.json via
@@ -10,7 +11,14 @@ LoRA (r16 on q/k/v/o/gate/up/down) and given trainable new-token rows, and the p
 counted, not derived. Memory = frozen weights (bf16) + trainable parameters with their gradients and
 AdamW moments (all fp32) + activations of one micro-batch of B x 768 tokens (bf16), with and without
 per-block activation checkpointing (train.py --grad-checkpoint). The activation formula is checked
-against what autograd really saves in tests/test_memplan.py.
+against what autograd really saves in tests/test_memplan.py, over a 16-bit and over a 4-bit base.
+
+QLoRA (--quantize nf4, nanocrs/nf4.py): the block linears are stored as 4-bit codes plus one fp32
+scale per 64 weights (4.5 bits a weight); the embedding, the head's old rows, norms and biases stay
+bf16. Activations are those of a 16-bit frozen base (the 4-bit matmul saves no input), plus one
+transient: the matrix being dequantized, about 4 bytes a weight at its peak (the int32 index of
+every byte and the bf16 result), for the largest matrix, one at a time. The last table gives the
+largest micro-batch on 24, 40 and 80 GB cards for both bases.
 """
 
 import argparse
@@ -21,7 +29,7 @@ import os
 import torch
 
 from nanocrs.hf import config_from_hf, resize_vocab
-from nanocrs.lora import apply_lora, train_new_token_rows
+from nanocrs.lora import LoRALinear, apply_lora, train_new_token_rows
 from nanocrs.model import GPT
 from nanocrs.tokenizer import CONTROL_TOKENS, Tokenizer
 
@@ -51,8 +59,11 @@ SEQ_LEN = 768                  # tokens per training sequence (the paper's block
 BATCHES = (1, 4, 8, 16)        # micro-batch sizes in the table
 PAPER_BATCH = 72               # the paper's batch size, reached by gradient accumulation
 GPU_GIB, HEADROOM = 80, 0.10   # an 80 GB card; keep 10% for the CUDA context, allocator slack, transients
+CARDS_GIB = (24, 40, 80)       # RTX 3090/4090, L4 and A10 (24; L4 and A10 expose a little less); A100 40/80, H100
 GiB = 2 ** 30
 BF16, FP32 = 2, 4
+NF4_BLOCK = 64                 # weights per fp32 scale (nanocrs/nf4.py)
+DEQUANT_BYTES = 4              # per weight of the matrix being dequantized: int32 index per 2 weights + bf16 out
 LOGIT_FP32_COPIES = 3          # see head_bytes_per_token
 TURN_SUPERVISED = 0.15         # share of tokens with a loss in the paper's turn format (ReDial 0.150, INSPIRED 0.097 here)
 
@@ -121,7 +132,23 @@ def head_bytes_per_token(cfg) -> int:
     return FP32 * D + FP32 + BF16 * D + LOGIT_FP32_COPIES * FP32 * V
 
 
-def plan(name: str, hf: dict, tokenizer_len: int, dropout: float) -> dict:
+def nf4_bytes(numel: int) -> int:
+    """Bytes of one matrix in NF4: two 4-bit codes a byte + an fp32 scale per block of 64."""
+    n_blocks = math.ceil(numel / NF4_BLOCK)
+    return n_blocks * NF4_BLOCK // 2 + FP32 * n_blocks
+
+
+def weight_bytes(model, quantize: str) -> tuple[int, int]:
+    """(frozen weight bytes, transient bytes of dequantizing) of a build_meta model: bf16, or with
+    quantize="nf4" the LoRA-wrapped block linears in NF4 and the rest of the frozen weights bf16."""
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    if quantize == "none":
+        return BF16 * frozen, 0
+    mats = [m.base.weight.numel() for m in model.modules() if isinstance(m, LoRALinear)]
+    return BF16 * (frozen - sum(mats)) + sum(nf4_bytes(n) for n in mats), DEQUANT_BYTES * max(mats)
+
+
+def plan(name: str, hf: dict, tokenizer_len: int, dropout: float, quantize: str = "none") -> dict:
     model, first_new = build_meta(hf, tokenizer_len)
     cfg = model.config
     frozen, trainable = count_params(model)
@@ -129,7 +156,8 @@ def plan(name: str, hf: dict, tokenizer_len: int, dropout: float) -> dict:
     layer = layer_bytes_per_token(cfg, LORA_RANK, dropout)
     head = head_bytes_per_token(cfg)
     logits = LOGIT_FP32_COPIES * FP32 * cfg.vocab_size  # the part of `head` a chunked loss removes
-    static = BF16 * frozen + (FP32 + FP32 + 2 * FP32) * trainable  # weights + (param, grad, Adam m, v)
+    weights, dequant = weight_bytes(model, quantize)
+    static = weights + dequant + (FP32 + FP32 + 2 * FP32) * trainable  # weights + (param, grad, Adam m, v)
     per_token = {
         "no ckpt": cfg.n_layer * layer + head,
         # per-block checkpointing keeps each block's input (the bf16 residual stream) and rebuilds one
@@ -141,7 +169,8 @@ def plan(name: str, hf: dict, tokenizer_len: int, dropout: float) -> dict:
     # the head on supervised tokens only (GPT.forward with targets), turn format
     per_token["ckpt, turn format"] = per_token["ckpt"] - round((1 - TURN_SUPERVISED) * logits)
     return dict(name=name, cfg=cfg, first_new=first_new, frozen=frozen, trainable=trainable, lora=lora,
-                layer=layer, head=head, static=static, per_token=per_token)
+                layer=layer, head=head, static=static, per_token=per_token, quantize=quantize,
+                weights=weights, dequant=dequant)
 
 
 def total_bytes(p: dict, mode: str, batch: int) -> int:
@@ -152,14 +181,23 @@ def largest_batch(p: dict, mode: str, budget: float) -> int:
     return max(0, int((budget - p["static"]) // (SEQ_LEN * p["per_token"][mode])))
 
 
+def card_budget(gib: float) -> float:
+    return gib * GiB * (1 - HEADROOM)
+
+
 def report(p: dict, dropout: float):
     cfg, budget = p["cfg"], GPU_GIB * GiB * (1 - HEADROOM)
-    print(f"== {p['name']}: {cfg.n_layer} layers, d {cfg.n_embd}, {cfg.n_head}/{cfg.n_kv_head} heads, "
+    base = "QLoRA, NF4 base" if p["quantize"] == "nf4" else "LoRA, bf16 base"
+    print(f"== {p['name']} ({base}): {cfg.n_layer} layers, d {cfg.n_embd}, {cfg.n_head}/{cfg.n_kv_head} heads, "
           f"mlp {cfg.intermediate_size}, vocab {cfg.vocab_size} (new ids >= {p['first_new']})")
     print(f"  params: frozen {p['frozen'] / 1e9:.3f} B, trainable {p['trainable'] / 1e6:.2f} M "
           f"(LoRA r{LORA_RANK} {p['lora'] / 1e6:.2f} M + new rows {(p['trainable'] - p['lora']) / 1e6:.2f} M)")
-    print(f"  weights bf16 {BF16 * p['frozen'] / GiB:.2f} GiB; trainable fp32 + grads + AdamW m, v "
-          f"{16 * p['trainable'] / GiB:.2f} GiB")
+    if p["quantize"] == "nf4":
+        print(f"  weights NF4 + bf16 embeddings {p['weights'] / GiB:.2f} GiB (+ {p['dequant'] / GiB:.2f} GiB dequantizing "
+              f"the largest matrix); trainable fp32 + grads + AdamW m, v {16 * p['trainable'] / GiB:.2f} GiB")
+    else:
+        print(f"  weights bf16 {BF16 * p['frozen'] / GiB:.2f} GiB; trainable fp32 + grads + AdamW m, v "
+              f"{16 * p['trainable'] / GiB:.2f} GiB")
     print(f"  activations: {p['layer']:,} bytes per token per layer (LoRA dropout {dropout}); "
           f"head + fp32 logits {p['head']:,} bytes per token")
     print(f"  {'micro-batch':>11} | {'no ckpt GiB':>11} {'fits':>4} | {'ckpt GiB':>8} {'fits':>4}")
@@ -177,6 +215,18 @@ def report(p: dict, dropout: float):
                                    else f"<= {math.ceil(PAPER_BATCH / steps)}")
         print(f"  {mode:>17}: largest micro-batch {b:3d} ({total_bytes(p, mode, b) / GiB:.1f} GiB); "
               f"batch {PAPER_BATCH}: {steps} accumulation step{'s' if steps > 1 else ''} of {micro}")
+
+
+def cards_table(plans: list[dict]):
+    """The largest micro-batch of SEQ_LEN tokens per card size (budget: the card less HEADROOM)."""
+    print(f"largest micro-batch of {SEQ_LEN} tokens, checkpointing on (turn format: head on "
+          f"{TURN_SUPERVISED:.0%} of the tokens), budget = card - {HEADROOM:.0%}")
+    print(f"  {'model':<24} {'base':<5} {'static GiB':>10} | " + " | ".join(f"{g} GB: ckpt / turn" for g in CARDS_GIB))
+    for p in plans:
+        cells = [f"{largest_batch(p, 'ckpt', card_budget(g)):>9} / {largest_batch(p, 'ckpt, turn format', card_budget(g)):<4}"
+                 for g in CARDS_GIB]
+        print(f"  {p['name']:<24} {'nf4' if p['quantize'] == 'nf4' else 'bf16':<5} {p['static'] / GiB:>10.2f} | "
+              + " | ".join(f"{c:>17}" for c in cells))
 
 def check_full_finetune(init_from: str, gpu_bytes: int, n_new: int = N_NEW_TOKENS):
     """Refuse (ValueError, before anything is loaded) a full fine-tune (--lora-rank 0) of a Hugging
@@ -199,6 +249,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="GPU memory plan for LoRA fine-tuning a backbone (meta device only)")
     ap.add_argument("--config", help="a Hugging Face config.json (default: Llama-3.1-8B and Qwen2.5-7B)")
     ap.add_argument("--lora-dropout", type=float, default=0.05, help="train.py's default; 0 saves activations")
+    ap.add_argument("--quantize", choices=["none", "nf4", "both"], default="both",
+                    help="the frozen base: bf16 (LoRA), nf4 (QLoRA, train.py --quantize nf4) or both")
     a = ap.parse_args(argv)
     if a.config:
         if not os.path.isfile(a.config):
@@ -212,8 +264,13 @@ def main(argv=None):
         models = MODELS
     print(f"LoRA r{LORA_RANK} on q/k/v/o/gate/up/down + {N_NEW_TOKENS} new token rows; sequences of "
           f"{SEQ_LEN} tokens; budget {GPU_GIB} GiB - {HEADROOM:.0%} = {GPU_GIB * (1 - HEADROOM):.0f} GiB")
-    for name, (hf, tok_len) in models.items():
-        report(plan(name, hf, tok_len, a.lora_dropout), a.lora_dropout)
+    bases = ["none", "nf4"] if a.quantize == "both" else [a.quantize]
+    plans = []
+    for quantize in bases:
+        for name, (hf, tok_len) in models.items():
+            plans.append(plan(name, hf, tok_len, a.lora_dropout, quantize))
+            report(plans[-1], a.lora_dropout)
+    cards_table(plans)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ def test_cpu_dry_run(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.load(open(out))
     sections = report["sections"]
-    assert list(sections) == ["env", "flash", "parity", "cli", "fp32_master", "big_shapes", "beam", "load_1b"]
+    assert list(sections) == ["env", "flash", "parity", "cli", "fp32_master", "qlora", "big_shapes", "beam", "load_1b"]
+    assert sections["qlora"]["resume_max_rel_diff"] == 0 and sections["qlora"]["loss"] > 0
     assert all(s["ok"] for s in sections.values())
     assert sections["fp32_master"]["moved_fraction"] >= 0.99
     assert sections["parity"]["beam_top50_identical"]

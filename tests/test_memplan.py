@@ -1,7 +1,9 @@
 """
 Tests for nanocrs/memplan.py: the meta-device model has exactly the parameters of a real one, the
 LoRA + new-row trainable count is the analytic r * (in + out) formula, and the per-layer activation
-formula equals the bytes autograd really saves (measured with saved-tensor hooks on a tiny bf16 block).
+formula equals the bytes autograd really saves (measured with saved-tensor hooks on a tiny bf16 block),
+over a 16-bit and over a 4-bit NF4 base; the NF4 weight bytes equal a quantized model's buffers; and
+Llama-3.1-8B with QLoRA fits a 24 GB card at micro-batch >= 4.
 
     python -m pytest tests/test_memplan.py -q
 """
@@ -13,8 +15,10 @@ import torch
 
 from nanocrs.hf import config_from_hf, resize_vocab
 from nanocrs.lora import apply_lora, train_new_token_rows
+from nanocrs import memplan
 from nanocrs.memplan import build_meta, count_params, layer_bytes_per_token, main
 from nanocrs.model import GPT
+from nanocrs.nf4 import quantize_model
 
 TOK_LEN, N_NEW, RANK = 200, 12, 4
 
@@ -57,11 +61,13 @@ def test_trainable_count_is_analytic(tie):
     assert count_params(model)[1] == lora + new_rows
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_activation_formula_matches_autograd(dropout):
+@pytest.mark.parametrize("dropout,quantize", [(0.0, "none"), (0.1, "none"), (0.0, "nf4"), (0.1, "nf4")])
+def test_activation_formula_matches_autograd(dropout, quantize):
     torch.manual_seed(0)
     hf = tiny_hf("llama")
     model = GPT(config_from_hf(hf)).to(torch.bfloat16)
+    if quantize == "nf4":  # the 4-bit matmul saves only its (per-layer) codes and scales, no activation
+        quantize_model(model)
     apply_lora(model, RANK, 8.0, dropout)
     model.train()
     B, T = 2, 24
@@ -69,7 +75,7 @@ def test_activation_formula_matches_autograd(dropout):
     x = torch.randn(B, T, hf["hidden_size"], dtype=torch.bfloat16, requires_grad=True)  # (B, T, D)
     cos, sin = model.rope(0, T, "cpu")
     # count every saved tensor's storage once, leaving out weights and the RoPE tables (not per token)
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    skip = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
     skip |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
     saved = {}
 
@@ -99,3 +105,32 @@ def test_main_with_config_file(tmp_path, capsys):
     assert "largest micro-batch" in out and "bytes per token per layer" in out
     with pytest.raises(ValueError, match="--config"):
         main(["--config", str(tmp_path / "missing.json")])
+
+
+def test_nf4_weight_bytes_equal_a_quantized_model():
+    hf = tiny_hf("llama")
+    meta, _ = build_meta(hf, TOK_LEN, n_new=N_NEW, rank=RANK)
+    weights, dequant = memplan.weight_bytes(meta, "nf4")
+    real = GPT(config_from_hf(hf))  # the same steps on real tensors, the base quantized first as load_base does
+    resize_vocab(real, TOK_LEN)
+    resize_vocab(real, TOK_LEN + N_NEW)
+    quantize_model(real)
+    apply_lora(real, RANK, 8.0)
+    train_new_token_rows(real, TOK_LEN)
+    frozen = sum(p.numel() for p in real.parameters() if not p.requires_grad)  # bf16 in a real run
+    codes = sum(t.numel() * t.element_size() for n, t in real.named_buffers() if n.endswith(("packed", "absmax")))
+    assert weights == 2 * frozen + codes
+    assert dequant == memplan.DEQUANT_BYTES * hf["intermediate_size"] * hf["hidden_size"]
+
+
+def test_llama_8b_qlora_fits_24gb_at_micro_batch_4():
+    """The issue's acceptance: Llama-3.1-8B, QLoRA r16, 768 tokens, activation checkpointing, within
+    24 GiB less the 10% headroom, at a micro-batch of at least 4 (every token carrying a loss)."""
+    hf, tok_len = memplan.MODELS["Llama-3.1-8B-Instruct"]
+    p = memplan.plan("Llama-3.1-8B-Instruct", hf, tok_len, dropout=0.05, quantize="nf4")
+    budget = memplan.card_budget(24)
+    assert memplan.total_bytes(p, "ckpt", 4) <= budget
+    assert memplan.largest_batch(p, "ckpt", budget) >= 4
+    # and the 4-bit weights are about a third of the bf16 ones
+    bf16 = memplan.plan("Llama-3.1-8B-Instruct", hf, tok_len, dropout=0.05)
+    assert 0.3 < p["weights"] / bf16["weights"] < 0.4
