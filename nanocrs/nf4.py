@@ -87,7 +87,7 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
     """The inverse of quantize(): a (shape) tensor in dtype, level * absmax per weight."""
     numel = math.prod(shape)
-    w = _pairs_on(packed.device, dtype)[packed.int()]       # (n_blocks * 32, 2): two weights a byte
+    w = _pairs_on(packed.device, dtype).index_select(0, packed.int())  # (n_blocks * 32, 2): two weights a byte
     w = w.view(-1, BLOCK).mul_(absmax.to(dtype)[:, None])   # (n_blocks, 64), in place: no second copy
     return w.view(-1)[:numel].view(shape)
 
