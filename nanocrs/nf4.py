@@ -177,7 +177,8 @@ def check_quantize(quantize: str, init_from: str, lora_rank: int):
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"--quantize {quantize}: one of {', '.join(QUANTIZE_CHOICES)}")
     if quantize == "nf4" and not init_from:
-        raise ValueError("--quantize nf4 stores a pretrained backbone in 4 bits: it needs --init-from")
+        raise ValueError("--quantize nf4 (the gcrs-* presets set it) stores a pretrained backbone in 4 bits: "
+                         "it needs --init-from")
     if quantize == "nf4" and lora_rank <= 0:
         raise ValueError("--quantize nf4 freezes the base in 4 bits, which can not train: it needs --lora-rank > 0")
 
