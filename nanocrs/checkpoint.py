@@ -299,11 +299,8 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False, dtype: torch.dtype | 
     adapters stay unmerged (they cost 2r(in + out) FLOPs per token against the base's 2 in out) and
     the new tokens' logits are fp32."""
     config = read_config(ckpt_dir)
-<<<<<<< HEAD
     check_parts(ckpt_dir, config)
-=======
     quantize = quantize or config.get("quantize", "none")
->>>>>>> f4aaf1f (nf4: QLoRA's 4-bit NormalFloat base (NF4Linear, streamed quantizing load, --quantize nf4 on train.py/sample.py, presets), tests)
     cfg = GPTConfig.from_dict(config["model"])
     sids = SemanticIDs.load(os.path.join(ckpt_dir, "sids.json"))
     if config.get("init_from"):
