@@ -152,7 +152,7 @@ def test_eval_rankings_file(trained_ckpt, tmp_path):
     res, rows = results[5], lines[5]
     assert len(rows) == res["n_samples"] > 0 and sum(r["fresh"] for r in rows) == res["n_fresh"]
     for r in rows:
-        assert set(r) == {"dialog", "turn", "gold", "fresh", "rank", "top"}
+        assert set(r) == {"dialog", "turn", "gold", "fresh", "rank", "top", "baselines"}
         items, scores = [i for i, _ in r["top"]], [lp for _, lp in r["top"]]
         assert len(items) == len(set(items)) == res["beam"]
         assert all(a >= b for a, b in zip(scores, scores[1:])) and all(lp <= 0 for lp in scores)
@@ -160,6 +160,8 @@ def test_eval_rankings_file(trained_ckpt, tmp_path):
     # the file reproduces the printed metrics, standard and fresh
     assert rank_metrics([r["rank"] for r in rows]) == res["model"]
     assert rank_metrics([r["rank"] for r in rows if r["fresh"]]) == res["fresh"]["model"]
+    for m in rows[0]["baselines"]:  # and the baselines', for runs/table.py's paired intervals
+        assert rank_metrics([r["baselines"][m] for r in rows]) == res[m]
     # one prompt at a time and five at once: the same samples, rankings and metrics
     one = lines[1]
     assert [(r["dialog"], r["turn"], r["gold"]) for r in one] == [(r["dialog"], r["turn"], r["gold"]) for r in rows]
