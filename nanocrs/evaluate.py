@@ -305,9 +305,11 @@ def dialog_pass(s: Session, turns: list, scored: dict, max_gen: int, max_new_tok
         nll_units += units
         nll_tokens += len(logps)
         if gen_every and j % gen_every == 0:
-            prompt = s.rd.prompt(context, forced=MODE_REC if turn["items"] else MODE_CHAT)
+            # the gold mode forced, where the training target has one (not under --target resp)
+            head = [] if s.rd.target == "resp" else [s.ctrl.mode_rec if turn["items"] else s.ctrl.mode_chat]
+            prompt = s.rd.prompt(context, forced=(MODE_REC if turn["items"] else MODE_CHAT) if head else "")
             out = sample(s.model, prompt, s.trie, s.ctrl, max_new_tokens=max_new_tokens, greedy=True)[0]
-            _, target, pieces = s.rd.parse([s.ctrl.mode_rec if turn["items"] else s.ctrl.mode_chat] + out)
+            _, target, pieces = s.rd.parse(head + out)
             hyps.append(Renderer.join(pieces, lambda i: " <movie> "))  # each item span one "<movie>" token
             refs.append(replace_spans(turn["text"]))
             if turn["items"]:
@@ -325,8 +327,9 @@ def dialog_pass(s: Session, turns: list, scored: dict, max_gen: int, max_new_tok
     res["n_intent_turns"] = len(turns)
     n_rec = max(gen["rec_turns"], 1)
     res["dialog"] = {
-        "perplexity": perplexity(nll_total, nll_units), "ppl_units": nll_units,
-        "perplexity_per_token": perplexity(nll_total, nll_tokens), "ppl_tokens": nll_tokens,
+        # None under --target sid: no response was trained, none is scored
+        "perplexity": perplexity(nll_total, nll_units) if nll_units else None, "ppl_units": nll_units,
+        "perplexity_per_token": perplexity(nll_total, nll_tokens) if nll_tokens else None, "ppl_tokens": nll_tokens,
         "bleu": corpus_bleu(hyps, refs) if hyps else 0.0, "n_generated": len(hyps),
         "distinct_ratio": {n: distinct_ratio(hyps, n) for n in (1, 2, 3, 4)},
         "distinct_per_sentence": {n: distinct_per_sentence(hyps, n) for n in (1, 2, 3, 4)},
@@ -364,7 +367,7 @@ def score_turns(s: Session, examples: list, beam: int = 0, prior=None) -> list:
     out = []
     for r, (p, (ids, P)) in enumerate(zip(pads, examples)):
         row = logits[r, p:p + len(ids)]               # (len(ids), V): this turn's own positions
-        k = ids.index(resp, P) + 1
+        k = ids.index(resp, P) + 1 if resp in ids[P:] else len(ids)  # --target sid: no response to score
         logps = torch.log_softmax(row[k - 1:-1].float(), -1).gather(
             1, torch.tensor(ids[k:], device=device)[:, None])[:, 0].tolist()
         units, in_span = 0, False
@@ -375,7 +378,10 @@ def score_turns(s: Session, examples: list, beam: int = 0, prior=None) -> list:
                 in_span = False
         two = row[P - 1, [s.ctrl.mode_rec, s.ctrl.mode_chat]].float().softmax(-1)  # free-mode intent
         out.append([two[0].item(), logps, units, None, None])
-    if beam:
+    if beam and s.rd.target in ("mode-resp", "resp"):  # no item slot: the first <BOI> the model writes
+        for o, top in zip(out, rank_from_text(s, [ids[:P] for ids, P in examples], beam)):
+            o[3] = top
+    elif beam:
         for ids, P in examples:
             assert ids[P:P + 2] == [s.ctrl.mode_rec, s.ctrl.boi]
         cache.pos = A + 1  # rewind to just after <MODE=REC><BOI>
@@ -390,6 +396,24 @@ def score_turns(s: Session, examples: list, beam: int = 0, prior=None) -> list:
             if copy is not None:
                 o[4] = float(copy[0][r].exp())  # the copy gate g at the slot (0: no item in the context)
     return out
+
+
+def rank_from_text(s: Session, prompts: list[list[int]], beam: int, max_text: int = 48) -> list:
+    """The ranked lists of a model trained without the item slot (train.py --target mode-resp or resp, the
+    paper's Table 4): after "Assistant:" and the head that target always writes (<MODE=REC><RESP>, or
+    <RESP>), the model writes its response greedily until it opens an item span, and the trie's beam
+    search ranks from that <BOI>. A response that ends, or runs max_text tokens, without one gets <BOI>
+    where it stopped, so every sample has a list."""
+    c = s.ctrl
+    head = [c.mode_rec, c.resp] if s.rd.target == "mode-resp" else [c.resp]
+    keep = s.model.config.block_size - max_text - 16  # room for the response and the item's tokens
+    starts = []
+    for p in prompts:
+        p = (p + head)[-keep:]
+        out = sample(s.model, p, s.trie, c, max_new_tokens=max_text, greedy=True, stop={c.boi, c.eot})[0]
+        out = out[:-1] if out and out[-1] in (c.boi, c.eot) else out
+        starts.append(p + out + [c.boi])
+    return beam_search_batch(s.model, starts, s.trie, c, beam)
 
 
 def print_eval(res: dict):
@@ -419,8 +443,9 @@ def print_eval(res: dict):
             print(f"\nfree-mode intent ({what}, p(REC) >= {im['threshold']:.3f}): accuracy {im['accuracy']:.4f}, "
                   f"REC precision {im['rec_precision']:.4f} recall {im['rec_recall']:.4f} "
                   f"over {im['n_turns']} assistant turns ({im['n_rec']} REC)")
-    print(f"dialog: perplexity {dm['perplexity']:.3f} with each item span as one unit ({dm['ppl_units']} units), "
-          f"{dm['perplexity_per_token']:.3f} per token ({dm['ppl_tokens']} tokens), gold responses")
+    if dm["perplexity"] is not None:
+        print(f"dialog: perplexity {dm['perplexity']:.3f} with each item span as one unit ({dm['ppl_units']} units), "
+              f"{dm['perplexity_per_token']:.3f} per token ({dm['ppl_tokens']} tokens), gold responses")
     print(f"BLEU {dm['bleu']:.2f} (SacreBLEU-compatible, {dm['n_generated']} generated responses, mode forced)")
     print(f"distinct-1..4 ratio (paper) on those {dm['n_generated']} responses: "
           + " ".join(f"{dm['distinct_ratio'][n]:.4f}" for n in (1, 2, 3, 4))

@@ -47,7 +47,7 @@ class Session:
         self.model, self.config, self.tok, self.sids = checkpoint.load(ckpt, device, merge=True, quantize=quantize)
         self.model.eval()
         self.items = {it["id"]: it for it in load_items(os.path.join(ckpt, "items.jsonl"))}
-        self.rd = Renderer(self.tok, self.sids, self.model.config.block_size)
+        self.rd = Renderer(self.tok, self.sids, self.model.config.block_size, self.config["train"].get("target", "full"))
         self.trie = SIDTrie.build(self.sids, self.tok)
         self.ctrl = self.rd.ctrl
         self.device = device

@@ -358,3 +358,28 @@ def test_epoch_batches_deterministic_and_complete():
         assert all(1 <= len(batch) <= 8 for batch in b)
     assert epoch_batches(examples, 8, seed=3, epoch=1) != a
     assert epoch_batches(examples, 8, seed=4, epoch=0) != a
+
+
+def test_training_targets_of_table_4(tok, sids, dataset):
+    """--target: the paper's Table 4 variants. sid supervises only each assistant turn's head (the rest of
+    the turn stays as context); mode-resp renders no item slot; resp no mode either. The dialog text, and
+    every mention as <BOI>SID<EOI>, is the same in all four."""
+    d = next(d for d in dataset["train"] if any(t["items"] and t["role"] == "assistant" for t in d["turns"][1:]))
+    k = next(k for k, t in enumerate(d["turns"]) if k and t["role"] == "assistant" and t["items"])
+    turn, item = d["turns"][k], d["turns"][k]["items"][0]
+    rds = {t: Renderer(tok, sids, 4096, t) for t in ("full", "sid", "mode-resp", "resp")}
+    text = rds["full"].text_ids(" ", turn["text"])
+    want = {"full": "<MODE=REC>" + rds["full"].item_span(item), "sid": "<MODE=REC>" + rds["full"].item_span(item),
+            "mode-resp": "<MODE=REC>", "resp": ""}
+    for name, rd in rds.items():
+        whole = rd.structured_ids(turn)
+        assert tok.decode(whole[:len(whole) - len(text) - 2]) == want[name]  # the head, then <RESP> text <EOT>
+        assert whole[-len(text) - 1:-1] == text
+        ids, targets = rd.example(d["turns"][:k], turn)
+        got = tok.decode([ids[p] for p in supervised(ids, targets)])
+        assert got == (want[name] if name == "sid" else tok.decode(whole))
+        (w_ids, w_targets), *_ = rd.dialog_windows(d)
+        sup = tok.decode([w_ids[p] for p in supervised(w_ids, w_targets)])
+        assert ("<RESP>" in sup) == (name != "sid") and ("<MODE=" in sup) == (name != "resp")
+    with pytest.raises(AssertionError):
+        Renderer(tok, sids, 256, "items")

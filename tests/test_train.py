@@ -358,3 +358,21 @@ def test_shuffled_item_sequences(dataset_dir, tmp_path):
     la, lb, lc = (_losses(tmp_path / n) for n in ("a", "b", "c"))
     assert la == lb and len(la) == 6
     assert la != lc  # the reordering reached the batches
+
+
+@pytest.mark.parametrize("target", ["sid", "mode-resp", "resp"])
+def test_table_4_targets_train_and_rank(dataset_dir, tmp_path, target):
+    """Each training target trains, resumes with its target, and is ranked: sid from the slot as usual;
+    mode-resp and resp from the first <BOI> the model writes (every sample still gets a full beam list)."""
+    from conftest import run_cli
+    out = run_train(dataset_dir, str(tmp_path / target), ["--target", target, "--max-steps", "3"])
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["train"]["target"] == target
+    rk = str(tmp_path / "rank.jsonl")
+    p = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "3", "--max-gen", "2", "--beam", "10",
+                "--rankings", rk, "--threads", "1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in open(rk)]
+    assert rows and all(len(r["top"]) == 10 for r in rows)
+    p = run_cli("train.py", "--data", dataset_dir, "--out", out, "--resume", "--target", "full", "--threads", "1")
+    assert p.returncode != 0 and "--target full" in p.stderr  # the weights were trained for another target
