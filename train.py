@@ -102,6 +102,12 @@ def get_args(argv=None, given: set | None = None):
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on q/k/v/o/gate/up/down (0: full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--embed-train", choices=["new", "all"], default="new",
+                   help="with --lora-rank: new (only the added tokens' rows train, the paper's default) or all (the "
+                        "whole embedding and output head: Table 4's full embedding fine-tuning)")
+    p.add_argument("--sid-init", choices=["codebook", "mean"], default="codebook",
+                   help="with --init-from: where the semantic-ID tokens' new rows start: codebook (the mean item "
+                        "embedding of each code, projected, at the embedding's row norm) or mean (the mean row)")
     p.add_argument("--quantize", choices=["none", "nf4"], default="none",
                    help="nf4: the frozen backbone's block linears in 4 bits (QLoRA, nanocrs/nf4.py; needs --lora-rank > 0)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -194,7 +200,7 @@ LOCAL_FLAGS = ("resume", "out", "device", "threads")
 # the model's shape: fixed by the checkpoint's weights
 MODEL_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "dropout", "init_from", "lora_rank",
                "lora_alpha", "lora_dropout", "quantize", "pointer", "assoc", "distinct_sequences", "assoc_fresh",
-               "copy_turns", "target")
+               "copy_turns", "target", "embed_train", "sid_init")
 
 
 def resume_flags(a, given: set, config: dict):
@@ -305,13 +311,30 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
         check_full_finetune(a.init_from, torch.cuda.get_device_properties(c.device).total_memory)
     torch.manual_seed(a.seed)  # LoRA's A init
     model, tok, first_new = prepare(a.init_from, added_tokens(sids), a.block_size, a.lora_rank, a.lora_alpha,
-                                    a.lora_dropout, c.device, c.base_dtype, a.quantize)
+                                    a.lora_dropout, c.device, c.base_dtype, a.quantize, a.embed_train,
+                                    sid_start_rows(a, ds, sids) if a.sid_init == "codebook" else None)
     if a.pointer:  # the backbone's own tokenizer: the control tokens' ids are its added ones
         model.add_pointer(head_spec(tok))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"backbone {a.init_from}: {len(tok) - first_new} tokens added at id {first_new}; "
           f"{n_train / 1e6:.2f}M of {model.num_params() / 1e6:.1f}M parameters train")
     return model, tok, sids, 0
+
+
+def sid_start_rows(a, ds: dict, sids: SemanticIDs) -> dict:
+    """--sid-init codebook: {ID token: direction} from the items' text embeddings (backbone.codebook_rows)."""
+    from nanocrs.backbone import codebook_rows
+    path = os.path.join(a.data, "item_embeddings.npy")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not found (--sid-init codebook reads the item embeddings data_prep.py wrote)")
+    emb = np.load(path, allow_pickle=False)
+    if emb.ndim != 2 or emb.shape[0] != len(ds["items"]) or not np.isfinite(emb).all():
+        raise DataError(f"{path}: expected finite ({len(ds['items'])}, dim) item embeddings, got shape {emb.shape}")
+    codes = np.array([sids.codes[k] for k in map({i: k for k, i in enumerate(sids.item_ids)}.get,
+                                                   (it["id"] for it in ds["items"]))])
+    levels = ds["meta"].get("quantizer", {}).get("levels", len(sids.level_sizes))  # the rest: collision suffixes
+    rows = codebook_rows(codes, sids.level_sizes, emb, levels)
+    return {SemanticIDs.token(level, code): v for (level, code), v in rows.items()}
 
 
 def bind_catalogue(model: GPT, a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):

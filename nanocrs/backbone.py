@@ -18,6 +18,7 @@ or with lora_rank = 0 the whole model, which is then loaded in fp32 whatever `dt
 fine-tune costs 16 bytes per parameter: see nanocrs.memplan.check_full_finetune).
 """
 
+import numpy as np
 import torch
 
 from nanocrs.hf import add_tokens, load_hf
@@ -38,18 +39,30 @@ def load_base(init_from: str, device="cpu", dtype=None, quantize: str = "none"):
 
 
 def prepare(init_from: str, new_tokens: list[str], block_size: int, lora_rank: int, lora_alpha: float,
-            lora_dropout: float, device="cpu", dtype=None, quantize: str = "none"):
+            lora_dropout: float, device="cpu", dtype=None, quantize: str = "none", embed_train: str = "new",
+            start_rows: dict | None = None):
     """(model, tokenizer, first_new_id). With lora_rank > 0 only LoRA matrices and the rows of the
-    added tokens have requires_grad=True; their names are what a checkpoint stores."""
+    added tokens have requires_grad=True (embed_train="all": the whole embedding and output head, the
+    paper's "full embedding fine-tuning" ablation); their names are what a checkpoint stores.
+    start_rows {token: (E,) vector}: where those added tokens' rows start (codebook_rows, set_rows)
+    instead of the mean row."""
+    assert embed_train in ("new", "all"), embed_train
     check_quantize(quantize, init_from, lora_rank)
     model, tok = load_base(init_from, device, torch.float32 if lora_rank == 0 else dtype, quantize)
     add_tokens(model, tok, [])  # trim or grow to the tokenizer first (Qwen pads its embedding)
     first_new = len(tok)
     add_tokens(model, tok, new_tokens)
+    if start_rows:
+        set_rows(model, tok, first_new, start_rows)
     model.config.block_size = block_size  # what we train on, not what the backbone supports
     if lora_rank > 0:
         apply_lora(model, lora_rank, lora_alpha, lora_dropout)
-        train_new_token_rows(model, first_new)
+        if embed_train == "new":
+            train_new_token_rows(model, first_new)
+        else:  # every row trains, in fp32 like everything that trains
+            for m in (model.embed_tokens, model.lm_head):
+                m.weight.data = m.weight.data.float()
+                m.weight.requires_grad_(True)
     else:
         model.requires_grad_(True)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad), "trainable = fp32"
@@ -61,3 +74,44 @@ def merged(model):
     merge_lora(model)
     merge_new_rows(model)
     return model
+
+
+def codebook_rows(sid_codes: np.ndarray, level_sizes: list[int], item_emb: np.ndarray,
+                  levels: int) -> dict[tuple[int, int], torch.Tensor]:
+    """{(level, code): (E,) code vector} for the semantic-ID tokens of a pretrained backbone: the mean
+    residual of the items that carry the code. At level 0 the mean embedding of its items (RQ-KMeans'
+    centroid when the IDs were made from these embeddings alone), at each deeper level the mean of what
+    the levels above left unexplained. Tokens of similar items so start near each other, where the mean
+    row starts every ID alike. Levels past `levels` are collision suffixes: they mean nothing and get
+    no vector (they keep the mean row). sid_codes: (N, L) codes of the items in item_emb's row order."""
+    x = torch.as_tensor(item_emb, dtype=torch.float32)                       # (N, E)
+    codes = torch.as_tensor(sid_codes, dtype=torch.long)                     # (N, L)
+    rows, residual = {}, x.clone()
+    for level in range(min(levels, codes.shape[1])):
+        K = level_sizes[level]
+        sums = torch.zeros(K, x.shape[1]).index_add_(0, codes[:, level], residual)
+        counts = torch.bincount(codes[:, level], minlength=K)
+        centroids = sums / counts.clamp(min=1)[:, None]                      # (K, E)
+        residual -= centroids[codes[:, level]]
+        rows.update({(level, k): centroids[k] for k in range(K) if counts[k] > 0})
+    return rows
+
+
+@torch.no_grad()
+def set_rows(model, tok, first_new: int, start_rows: dict, seed: int = 0):
+    """Put start_rows {token: (E,) vector} into the added tokens' embedding rows (and output-head rows
+    when untied): mapped to the model's width by one fixed random projection (seeded: it keeps the
+    vectors' angles roughly, which is all a start needs) and scaled to the mean norm of the backbone's
+    own rows, so they start on the scale the layers expect."""
+    emb = model.embed_tokens.weight                                          # (V, D)
+    E = len(next(iter(start_rows.values())))
+    proj = torch.randn(E, emb.shape[1], generator=torch.Generator().manual_seed(seed)) / E ** 0.5  # (E, D)
+    norm = emb[:first_new].float().norm(dim=1).mean()
+    for t, v in start_rows.items():
+        i = tok.id(t)
+        assert i >= first_new, f"{t} is not an added token"
+        row = v.float() @ proj
+        row = (row / row.norm().clamp(min=1e-12) * norm).to(emb.dtype)
+        emb[i] = row.to(emb.device)
+        if model.lm_head.weight is not emb:
+            model.lm_head.weight[i] = row.to(model.lm_head.weight.device, model.lm_head.weight.dtype)

@@ -308,7 +308,7 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False, dtype: torch.dtype | 
         lora = config.get("lora", {})
         model, _, _ = prepare(config["init_from"], added_tokens(sids), cfg.block_size,
                               lora.get("rank", 0), lora.get("alpha", 1.0), lora.get("dropout", 0.0), device, dtype,
-                              quantize)
+                              quantize, config.get("train", {}).get("embed_train", "new"))
         if cfg.pointer:
             model.add_pointer(cfg.pointer)
     else:

