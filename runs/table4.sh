@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The paper's Table 4 ablations on ReDial at this scale, the generative recommender alone, one seed per variant:
+#   bash runs/table4.sh [SEED] [RAW]      (about 40 minutes a variant on 2 CPU cores; 8 variants)
+# Training targets (train.py --target): full (runs/redial.sh's model itself), sid (no response supervised),
+# mode-resp (no item slot), resp (a plain LM on the dialogs, its item read from the first <BOI> it writes).
+# SID shapes (data_prep.py --levels L --codebook-size K): 3x64 is the recipe's, then 4x64 (the paper's), 5x64,
+# 4x32, 4x128. The embedding ablation (train.py --embed-train all) needs a pretrained backbone (--init-from, a GPU).
+# Each variant: val and test evals beside its checkpoint in out/t4-VARIANT-sSEED; then one line per variant.
+set -euo pipefail
+SEED=${1:-0}; RAW=${2:-../shared/data/redial}; THREADS=${THREADS:-2}
+TRAIN=(--seed $SEED --threads $THREADS --item-loss-weight 5 --block-size 512 --batch-size 16 --max-steps 3000
+       --warmup 40 --dropout 0.1 --eval-interval 500 --save-interval 500)
+variant() {  # NAME DATA [train.py flags...]
+    local name=$1 data=$2; shift 2
+    local out=out/t4-$name-s$SEED
+    [ -f $out/eval_test.json ] && return
+    python train.py --data $data --out $out "${TRAIN[@]}" "$@"
+    python sample.py --ckpt $out --eval val --calibrate --threads $THREADS --max-gen 0 --json $out/eval_val.json \
+        --rankings $out/rankings_val.jsonl
+    python sample.py --ckpt $out --eval test --threads $THREADS --json $out/eval_test.json --rankings $out/rankings_test.jsonl
+}
+mkdir -p out  # 3x64 with the full target is runs/redial.sh's own model: reuse it when that run is there
+if [ ! -e out/t4-sid-3x64-s$SEED ] && [ -f out/redial-s$SEED/eval_test.json ]; then ln -s redial-s$SEED out/t4-sid-3x64-s$SEED; fi
+for shape in 3x64 4x64 5x64 4x32 4x128; do
+    L=${shape%x*}; K=${shape#*x}; DATA=data/redial-$shape
+    [ "$shape" = 3x64 ] && DATA=data/redial  # the recipe's own data
+    [ -f $DATA/sids.json ] || python data_prep.py --dataset redial --raw "$RAW" --out $DATA \
+        --encoder minilm --levels $L --codebook-size $K --item-features text+cooc
+    variant sid-$shape $DATA
+done
+for target in sid mode-resp resp; do
+    variant target-$target data/redial --target $target
+done
+python - "$SEED" <<'PY'
+import json, os, sys
+seed = sys.argv[1]
+names = [f"sid-{s}" for s in ("3x64", "4x64", "5x64", "4x32", "4x128")] + [f"target-{t}" for t in ("sid", "mode-resp", "resp")]
+print("| variant | val R@1 | val R@10 | test R@1 | test R@10 | test NDCG@10 | test fresh R@10 | test PPL |")
+print("|---|---|---|---|---|---|---|---|")
+for n in names:
+    ev = {}
+    for split in ("val", "test"):
+        p = f"out/t4-{n}-s{seed}/eval_{split}.json"
+        ev[split] = json.load(open(p)) if os.path.isfile(p) else None
+    if not ev["test"]:
+        continue
+    v, t = ev["val"]["model"], ev["test"]
+    ppl = t["dialog"]["perplexity"]
+    print(f"| {n} | {v['recall@1']:.4f} | {v['recall@10']:.4f} | {t['model']['recall@1']:.4f} | {t['model']['recall@10']:.4f} | "
+          f"{t['model']['ndcg@10']:.4f} | {t['fresh']['model']['recall@10']:.4f} | {'–' if ppl is None else f'{ppl:.2f}'} |")
+PY
