@@ -332,7 +332,7 @@ class Pointer(nn.Module):
 
     def _mix(self, x, ids, nll, row_of, slots, T):
         S, dev = len(slots), x.device
-        J = max(len(ctx) for *_, ctx, _ in slots)
+        J = max(1, max(len(ctx) for *_, ctx, _ in slots))  # one padding column when no slot has a context span
         D = max(max(L for _, _, L, _, _ in slots), max((e - s - 1 for *_, ctx, _ in slots for s, e in ctx), default=0))  # longest ID
         key_pos = torch.zeros(S, J, dtype=torch.long)                 # flat positions of the <EOI>s
         valid = torch.zeros(S, J, dtype=torch.bool)
