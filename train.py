@@ -35,6 +35,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -47,13 +48,12 @@ from nanocrs.checkpoint import CheckpointError
 from nanocrs.common import Compute, atomic_path, check_flags, cleanup, flag_error, init_training, print0, run_script
 from nanocrs.data import (TARGETS, DataError, Renderer, check_catalogue, collate, epoch_batches, fingerprint, load_dataset,
                           reorder_items_only, training_dialogs)
-from nanocrs.encoder import cooc_counts, ppmi_factors
 from nanocrs.generate import SIDTrie
-from nanocrs.metrics import recommended_counts
+from nanocrs.heads import PRESETS as HEAD_PRESETS
+from nanocrs.heads import Heads, HeadsConfig, legacy_spec, prepare_training
 from nanocrs.mfu import peak_flops, train_flops
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.nf4 import check_quantize
-from nanocrs.pointer import pointer_spec
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import Control, Tokenizer, added_tokens
 
@@ -77,8 +77,7 @@ MFU_WINDOW = 20  # tokens/s and MFU over the last this many optimizer steps (com
 RANGES = {"n_layer": (1, None), "n_embd": (1, None), "n_head": (1, None), "n_kv_head": (1, None),
           "block_size": (32, None), "dropout": (0, 1, "[)"), "lora_rank": (0, None), "lora_alpha": (0, None, "(]"),
           "lora_dropout": (0, 1, "[)"), "item_sequences": (0, 1), "shuffle_item_sequences": (0, 1),
-          "item_loss_weight": (0, None, "(]"), "item_text": (0, 1), "pointer": (0, None), "assoc": (0, 2),
-          "assoc_fresh": (0, 1), "distinct_sequences": (0, 1), "copy_turns": (0, 1), "batch_size": (1, None),
+          "item_loss_weight": (0, None, "(]"), "item_text": (0, 1), "batch_size": (1, None),
           "grad_accum": (1, None), "max_steps": (1, None), "lr": (0, None, "(]"), "min_lr": (0, None), "warmup": (0, None),
           "weight_decay": (0, None), "grad_clip": (0, None), "eval_interval": (0, None), "save_interval": (0, None),
           "seed": (0, None), "threads": (0, None)}
@@ -127,27 +126,10 @@ def get_args(argv=None, given: set | None = None):
     p.add_argument("--item-text", type=int, default=0,
                    help="1: also train on item-text alignment (each item's ID <-> its title, year and genres, "
                         "both directions; Renderer.item_text_windows)")
-    p.add_argument("--pointer", type=int, default=0,
-                   help="size of the copy head's attention (0: none): the recommendation slot can point back at an "
-                        "item the dialog already mentioned (nanocrs/pointer.py)")
-    p.add_argument("--assoc", type=int, default=0,
-                   help="1: with --pointer, the recommendation slot also mixes in an association head, one learned "
-                        "row per catalogue item (nanocrs/pointer.py); 2: and the head's query adds one learned "
-                        "vector per item the dialog named before the slot (item-to-item association)")
-    p.add_argument("--assoc-init", choices=["zero", "counts"], default="zero",
-                   help="counts: with --assoc 2, start the association head from the training dialogs' "
-                        "co-occurrences (log popularity + the items' PMI, factorised; Pointer.init_from_counts) "
-                        "and keep its item rows out of weight decay")
-    p.add_argument("--assoc-fresh", type=int, default=0,
-                   help="1: with --assoc, the association head ranks only the items the dialog has not named yet "
-                        "(repeating is the copy head's, which knows which item came last)")
-    p.add_argument("--distinct-sequences", type=int, default=0,
-                   help="1: with --pointer, score the slots of item sequences (which name each item once) given "
-                        "'not an item of the context': no copy component there, the association head renormalised "
-                        "over the items not yet named, so those slots do not teach the gate that nobody repeats")
-    p.add_argument("--copy-turns", type=int, default=0,
-                   help="1: with --pointer, the copy head learns one bias per turn bucket of each context item (who "
-                        "named it, how many recommender turns ago) in its attention and, from the latest item, in its gate")
+    p.add_argument("--heads", default="",
+                   help="the recommendation slot's heads beside the generative path (nanocrs/heads.py; default none): "
+                        f"a preset ({', '.join(HEAD_PRESETS)}) or a spec such as pointer=64,assoc=2,assoc-init=counts,"
+                        "assoc-fresh=1,distinct-sequences=1,copy-turns=1")
     p.add_argument("--format", choices=["dialog", "turn"], default="dialog",
                    help="dialog: one sequence per dialog, all assistant turns supervised (O(turns) tokens); "
                         "turn: one example per (assistant turn, item), as in the paper (O(turns^2))")
@@ -187,6 +169,11 @@ def get_args(argv=None, given: set | None = None):
     if a.n_embd % a.n_head or a.n_head % a.n_kv_head or (a.n_embd // a.n_head) % 2:
         flag_error(f"--n-head {a.n_head}: must divide --n-embd {a.n_embd} into heads of even size, and be a "
                    f"multiple of --n-kv-head {a.n_kv_head}")
+    try:  # one form per set of heads, whatever was typed (a preset, dashes or underscores, any order)
+        heads = HeadsConfig.parse(a.heads)
+    except ValueError as e:
+        flag_error(str(e))
+    a.heads = heads.spec() if heads is not None else ""
     if given is not None:  # parse again with no defaults at all: what remains was typed
         p._defaults.clear()
         for action in p._actions:
@@ -199,8 +186,7 @@ def get_args(argv=None, given: set | None = None):
 LOCAL_FLAGS = ("resume", "out", "device", "threads")
 # the model's shape: fixed by the checkpoint's weights
 MODEL_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "dropout", "init_from", "lora_rank",
-               "lora_alpha", "lora_dropout", "quantize", "pointer", "assoc", "distinct_sequences", "assoc_fresh",
-               "copy_turns", "target", "embed_train", "sid_init")
+               "lora_alpha", "lora_dropout", "quantize", "heads", "target", "embed_train", "sid_init")
 
 
 def resume_flags(a, given: set, config: dict):
@@ -209,6 +195,8 @@ def resume_flags(a, given: set, config: dict):
     says so; a typed model flag that differs is refused, as the weights can not change shape."""
     # flags added since: the value that reproduces what a checkpoint written before them did
     saved = {"slot_items": "first", "target": "full", "quantize": "none", **config["train"]}
+    if "heads" not in saved:  # before issue 30 the heads were seven flags
+        saved["heads"] = legacy_spec(saved)
     saved["data"] = config.get("data", config["train"].get("data"))
     for k, v in saved.items():
         if k in LOCAL_FLAGS or not hasattr(a, k) or getattr(a, k) == v:
@@ -281,30 +269,17 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
         if config.get("world", 1) != c.world:
             print(f"note: {c.world} processes, the checkpoint was trained with {config.get('world', 1)}: the batches change")
         return model, tok, sids, config["step"]
-    if a.assoc not in (0, 1, 2):
-        raise TrainingError(f"--assoc {a.assoc}: 0 (none), 1 (the association head) or 2 (the head reading the context's items)")
-    if a.assoc and not a.pointer:
-        raise TrainingError("--assoc 1 mixes into the copy head's slot: it needs --pointer (e.g. --pointer 64)")
-    if a.assoc_init == "counts" and a.assoc != 2:
-        raise TrainingError("--assoc-init counts factorises item-to-item counts: it needs --assoc 2")
-    if a.assoc_fresh and not a.assoc:
-        raise TrainingError("--assoc-fresh 1 changes what the association head ranks: it needs --assoc 1 or 2")
-    if a.distinct_sequences and not a.pointer:
-        raise TrainingError("--distinct-sequences 1 changes how the copy head's slots are scored: it needs --pointer")
-    if a.copy_turns and not a.pointer:
-        raise TrainingError("--copy-turns 1 adds turn biases to the copy head: it needs --pointer")
-    n_items = len(sids.item_ids) if a.assoc else 0
+    heads = HeadsConfig.parse(a.heads)  # checked before anything is built; bound to the tokenizer below
 
-    def head_spec(tok):  # the copy head's spec from the flags, with the control token ids of `tok`
-        return pointer_spec(Control.of(tok), a.pointer, n_items, a.assoc == 2, bool(a.distinct_sequences), bool(a.assoc_fresh),
-                            bool(a.copy_turns))
-    spec = head_spec(tok) if a.pointer else {}
+    def make_heads(tok):
+        cfg = heads.bind(Control.of(tok), len(sids.item_ids))
+        return lambda n_embd: Heads(n_embd, cfg)
     check_quantize(a.quantize, a.init_from, a.lora_rank)
     if not a.init_from:
         torch.manual_seed(a.seed)
         cfg = GPTConfig(vocab_size=len(tok), block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
-                        n_kv_head=a.n_kv_head, n_embd=a.n_embd, dropout=a.dropout, pointer=spec)
-        return GPT(cfg).to(c.device), tok, sids, 0
+                        n_kv_head=a.n_kv_head, n_embd=a.n_embd, dropout=a.dropout)
+        return GPT(cfg, heads=make_heads(tok) if heads else None).to(c.device), tok, sids, 0
     from nanocrs.backbone import prepare
     if a.lora_rank == 0 and c.device_type == "cuda":  # before loading: fp32 weights + AdamW, 16 bytes a parameter
         from nanocrs.memplan import check_full_finetune
@@ -313,8 +288,8 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
     model, tok, first_new = prepare(a.init_from, added_tokens(sids), a.block_size, a.lora_rank, a.lora_alpha,
                                     a.lora_dropout, c.device, c.base_dtype, a.quantize, a.embed_train,
                                     sid_start_rows(a, ds, sids) if a.sid_init == "codebook" else None)
-    if a.pointer:  # the backbone's own tokenizer: the control tokens' ids are its added ones
-        model.add_pointer(head_spec(tok))
+    if heads:  # the backbone's own tokenizer: the control tokens' ids are its added ones
+        model.add_heads(make_heads(tok)(model.config.n_embd))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"backbone {a.init_from}: {len(tok) - first_new} tokens added at id {first_new}; "
           f"{n_train / 1e6:.2f}M of {model.num_params() / 1e6:.1f}M parameters train")
@@ -335,30 +310,6 @@ def sid_start_rows(a, ds: dict, sids: SemanticIDs) -> dict:
     levels = ds["meta"].get("quantizer", {}).get("levels", len(sids.level_sizes))  # the rest: collision suffixes
     rows = codebook_rows(codes, sids.level_sizes, emb, levels)
     return {SemanticIDs.token(level, code): v for (level, code), v in rows.items()}
-
-
-def bind_catalogue(model: GPT, a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
-    """The association head's rows are the trie's items: bind them and, with --assoc-init counts on a
-    new run, start the head from the training co-occurrences."""
-    trie = SIDTrie.build(sids, tok)
-    model.pointer.bind(trie, trie.tensors(Control.of(tok), model.config.vocab_size, c.device))
-    if a.assoc_init == "counts" and not a.resume:
-        count_init(model.pointer, training_dialogs(ds, a.train_splits, items_only=bool(a.item_sequences)),
-                   trie.item_ids, a.seed)
-
-
-def count_init(pointer, dialogs: list[dict], item_ids: list[str], seed: int):
-    """--assoc-init counts: the association head starts from the co-occurrences of the dialogs the model
-    trains on, in the head's row order (the trie's items)."""
-    counts = cooc_counts(dialogs, item_ids)
-    factors = ppmi_factors(counts, pointer.dim, seed)
-    if factors is None:
-        raise TrainingError(f"--assoc-init counts: no more than {pointer.dim} items co-occur in the training "
-                            f"dialogs, too few to factorise (train without it)")
-    recommended = recommended_counts(dialogs)
-    popularity = np.array([recommended[i] for i in item_ids], dtype=np.float32)
-    pointer.init_from_counts(*factors, popularity)
-    print0(f"association head: started from the counts of {len(dialogs)} dialogs ({len(factors[0])} items co-occur)")
 
 
 def fits_any_order(rd: Renderer, dialog: dict) -> bool:
@@ -416,7 +367,8 @@ def compile_blocks(model: GPT):
 
 def run_config(a, c: Compute, model: GPT, ds: dict) -> dict:
     """What config.json holds besides the step and the file names: the same at every save of a run."""
-    return {"model": model.config.to_dict(), "train": vars(a), "world": c.world, "data": os.path.abspath(a.data),
+    return {"model": model.config.to_dict(), "heads": asdict(model.heads.config) if model.heads is not None else None,
+            "train": vars(a), "world": c.world, "data": os.path.abspath(a.data),
             "init_from": a.init_from if a.init_from in ("", "smollm2") else os.path.abspath(a.init_from),
             "lora": {"rank": a.lora_rank, "alpha": a.lora_alpha, "dropout": a.lora_dropout}, "quantize": a.quantize,
             "fingerprint": fingerprint(a.data), "dataset": ds["meta"].get("name", os.path.basename(a.data.rstrip("/")))}
@@ -580,13 +532,15 @@ def main(argv=None):
     tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
     sids = SemanticIDs.load(os.path.join(a.data, "sids.json"))
     model, tok, sids, step = build_model(a, c, ds, tok, sids)
-    if model.pointer is not None and model.pointer.items:
-        bind_catalogue(model, a, c, ds, tok, sids)
+    if model.heads is not None and model.heads.items:  # the association head's rows are the catalogue's items
+        trie = SIDTrie.build(sids, tok)
+        prepare_training(model.heads, trie, trie.tensors(Control.of(tok), model.config.vocab_size, c.device),
+                         training_dialogs(ds, a.train_splits, items_only=bool(a.item_sequences)), a.seed, a.resume)
     examples_at, val_ex = build_data(a, ds, Renderer(tok, sids, model.config.block_size, a.target))
     item_tokens = torch.zeros(model.config.padded_vocab_size, dtype=torch.bool)  # the tokens that name items
     item_tokens[[tok.id(t) for t in sids.all_token_strings()]] = True
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(model.config.to_dict())}")
-    keep = model.pointer.count_rows() if a.assoc_init == "counts" else ()
+    keep = model.heads.count_rows() if model.heads is not None and model.heads.config.assoc_init == "counts" else ()
     opt = model.configure_optimizer(a.lr, a.weight_decay, device_type=c.device_type, keep=keep)
     if a.resume:
         checkpoint.load_optimizer(opt, a.out, step)

@@ -340,7 +340,6 @@ class StubLM:
         self.config = SimpleNamespace(vocab_size=vocab_size, block_size=4096)
         self.norm = SimpleNamespace(weight=torch.zeros(1))  # where the decoders find the device
         self.rows = torch.randn(4, vocab_size, generator=torch.Generator().manual_seed(seed))
-        self.pointer = None  # no copy head
 
     def eval(self):
         return self

@@ -1,16 +1,16 @@
 """
 What does each part of the recommendation slot rank on its own? For a checkpoint trained with the
-association head (train.py --assoc 1 or 2), on the fresh samples of a split (gold not named
+association head (train.py --heads assoc=1 or 2, or a preset), on the fresh samples of a split (gold not named
 before): the Recall@10 of the association head alone, of its two query terms alone (the slot
-state's a(h_slot) and, with --assoc 2, the context items' sum of input rows), and the mean shares
+state's a(h_slot) and, with assoc=2, the context items' sum of input rows), and the mean shares
 the gate gives the language model's SID path, the copy head and the association head
-(nanocrs/pointer.py), on the fresh samples and on the repeats (gold named before).
+(nanocrs/heads.py), on the fresh samples and on the repeats (gold named before).
 
-    python dev/heads.py --ckpt out/redial-s0 --data data/redial --split val
+    python dev/heads.py --ckpt out/redial-heads-s0 --data data/redial --split val
 
 A diagnostic, not an eval: the item scores are the head's logits (a(h) + sum_j u_j) . e_n / sqrt(d)
 + c_n, or one query term of them with the bias, ranked over the whole catalogue (context items
-included, as the eval does, unless the head was trained with --assoc-fresh, which leaves them out);
+included, as the eval does, unless the head was trained with assoc-fresh=1, which leaves them out);
 the eval's beam search ranks the whole mixture.
 """
 import argparse
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanocrs import checkpoint  # noqa: E402
 from nanocrs.data import Renderer, load_dataset, rec_samples  # noqa: E402
 from nanocrs.generate import SIDTrie  # noqa: E402
-from nanocrs.pointer import find_spans  # noqa: E402
+from nanocrs.heads import find_spans, turn_bucket  # noqa: E402
 from nanocrs.tokenizer import Control  # noqa: E402
 
 TOP = 10
@@ -34,9 +34,9 @@ TOP = 10
 def head_recalls(model, rd: Renderer, trie: SIDTrie, dialogs: list[dict]) -> tuple[dict, list, int]:
     """({query: Recall@10 on the fresh samples}, {"fresh", "repeat": mean gate shares [SID path, copy,
     association]}, {"fresh", "repeat": samples})."""
-    ptr, ctrl = model.pointer, rd.ctrl
-    assert ptr is not None and ptr.items, "needs a checkpoint trained with --pointer N --assoc 1 or 2"
-    queries = ("a(h) + sum u", "sum u", "a(h)") if ptr.item_context else ("a(h)",)  # --assoc 1: no context rows
+    ptr, ctrl = model.heads, rd.ctrl
+    assert ptr is not None and ptr.items, "needs a checkpoint trained with --heads assoc=1 or 2"
+    queries = ("a(h) + sum u", "sum u", "a(h)") if ptr.item_context else ("a(h)",)  # assoc=1: no context rows
     hits = dict.fromkeys(queries, 0)
     shares = {k: torch.zeros(3, dtype=torch.float64) for k in ("fresh", "repeat")}
     n = dict.fromkeys(shares, 0)
@@ -47,11 +47,14 @@ def head_recalls(model, rd: Renderer, trie: SIDTrie, dialogs: list[dict]) -> tup
         s0 = next(p for p in range(1, len(ids)) if ids[p] == ctrl.boi and ids[p - 1] == ctrl.mode_rec and targets[p] != -1)
         x = ids[:s0 + 1]
         _, h = model(torch.tensor([x]), return_hidden=True)                       # (1, T, C)
-        spans = [(e, i) for s, e in find_spans(x, ctrl.boi, ctrl.eoi, s0) if (i := trie.item_index(x[s + 1:e])) is not None]
-        item = torch.tensor([[i for _, i in spans] or [0]])                         # (1, J)
+        spans = [(s, e, i) for s, e in find_spans(x, ctrl.boi, ctrl.eoi, s0) if (i := trie.item_index(x[s + 1:e])) is not None]
+        item = torch.tensor([[i for *_, i in spans] or [0]])                        # (1, J)
         ok = torch.tensor([[True] * len(spans) or [False]])
+        # the spans' turn buckets, as decoding computes them (zero, unused, without copy-turns)
+        state = ptr.turn_state(x) if ptr.turns else None
+        turn = torch.tensor([[turn_bucket(state, s, s0) if state else 0 for s, *_ in spans] or [0]])
         h_slot = h[0, s0][None]                                                     # (1, C)
-        log_g, log_1mg, a, share = ptr.attend(h_slot, h[0, torch.tensor([e for e, _ in spans] or [0])][None], ok)
+        log_g, log_1mg, a, share = ptr.attend(h_slot, h[0, torch.tensor([e for _, e, _ in spans] or [0])][None], ok, turn=turn)
         g = math.exp(float(log_g))
         shares[kind] += torch.tensor([math.exp(float(log_1mg)), float(a.sum()) * g, float(share) * g], dtype=torch.float64)
         n[kind] += 1
@@ -63,7 +66,7 @@ def head_recalls(model, rd: Renderer, trie: SIDTrie, dialogs: list[dict]) -> tup
         for name, query in zip(queries, (q + u, u, q) if ptr.item_context else (q,)):
             s = (query @ ptr.item_emb.weight.float().T / math.sqrt(ptr.dim) + ptr.item_bias.float())[0]
             if ptr.assoc_fresh:  # the head ranks only the items not yet named
-                s[[i for _, i in spans]] = float("-inf")
+                s[[i for *_, i in spans]] = float("-inf")
             hits[name] += int((s > s[gold_row]).sum()) < TOP
     return ({k: v / max(n["fresh"], 1) for k, v in hits.items()},
             {k: (v / max(n[k], 1)).tolist() for k, v in shares.items()}, n)
@@ -79,8 +82,8 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     model, config, tok, sids = checkpoint.load(a.ckpt)
-    if model.pointer is None or not model.pointer.items:
-        sys.exit(f"error: {a.ckpt}: no association head (trained without --assoc); nothing to take apart")
+    if model.heads is None or not model.heads.items:
+        sys.exit(f"error: {a.ckpt}: no association head (trained without --heads assoc=1 or 2); nothing to take apart")
     model.eval()
     rd = Renderer(tok, sids, model.config.block_size)
     recalls, shares, n = head_recalls(model, rd, SIDTrie.build(sids, tok), load_dataset(a.data)[a.split])

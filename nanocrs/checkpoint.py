@@ -38,6 +38,7 @@ from safetensors.torch import save_file, load_file
 
 from nanocrs.common import TMP_NAME, atomic_path, lock_folder, out_of_range
 from nanocrs.data import BOUND_FILES, DataError, check_catalogue, fingerprint, load_items
+from nanocrs.heads import Heads, HeadsConfig
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import Tokenizer, added_tokens
@@ -301,7 +302,8 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False, dtype: torch.dtype | 
     config = read_config(ckpt_dir)
     check_parts(ckpt_dir, config)
     quantize = quantize or config.get("quantize", "none")
-    cfg = GPTConfig.from_dict(config["model"])
+    cfg = GPTConfig.from_dict({k: v for k, v in config["model"].items() if k != "pointer"})  # "pointer": the heads' old home
+    heads = HeadsConfig.from_config(config)
     sids = SemanticIDs.load(os.path.join(ckpt_dir, "sids.json"))
     if config.get("init_from"):
         from nanocrs.backbone import prepare
@@ -309,12 +311,13 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False, dtype: torch.dtype | 
         model, _, _ = prepare(config["init_from"], added_tokens(sids), cfg.block_size,
                               lora.get("rank", 0), lora.get("alpha", 1.0), lora.get("dropout", 0.0), device, dtype,
                               quantize, config.get("train", {}).get("embed_train", "new"))
-        if cfg.pointer:
-            model.add_pointer(cfg.pointer)
+        if heads is not None:
+            model.add_heads(Heads(cfg.n_embd, heads))
     else:
-        model = GPT(cfg)
+        model = GPT(cfg, heads=(lambda n: Heads(n, heads)) if heads is not None else None)
     path = os.path.join(ckpt_dir, config["files"]["model"])
     step, sd = _read_tensors(path)
+    sd = {"heads." + k[len("pointer."):] if k.startswith("pointer.") else k: v for k, v in sd.items()}  # before issue 30
     if step != config["step"]:
         raise CheckpointError(f"{path}: weights of step {step}, config.json is at step {config['step']}")
     # training never saves non-finite weights (train.save), so any here are damage, not a model

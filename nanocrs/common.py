@@ -258,7 +258,7 @@ def check_flags(a, ranges: dict):
                 flag_error(f"--{name.replace('_', '-')} {why}")
 
 
-# the decoding knobs (nanocrs/pointer.py, nanocrs/encoder.py, Session): from flags or calibration.json.
+# the decoding knobs (nanocrs/session.py Knobs, nanocrs/heads.py): from --knob or calibration.json.
 # A NaN or infinite one does not fail anywhere: it empties every beam list, and the eval reports zeros.
 KNOBS = {"copy_bias": (None, None, "[]"), "just_named_bias": (None, None, "[]"), "text_prior": (0, None, "[]"),
          "rec_threshold": (0, 1, "[]")}

@@ -34,8 +34,6 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
-from nanocrs.data import MENTION
-
 WORD = re.compile(r"[a-z]+(?:-[a-z]+)*|\d+")
 
 
@@ -351,39 +349,3 @@ def item_features(text_emb: np.ndarray, dialogs: list[dict], item_ids: list[str]
     if kind == "text+cooc":
         return (np.concatenate([text_emb, cooc], axis=1) / np.sqrt(2)).astype(np.float32)
     raise ValueError(f"--item-features: {kind!r} is not one of text, cooc, text+cooc")
-
-
-# -----------------------------------------------------------------------------
-# the text prior: the frozen encoder reads the dialog, at decoding (sample.py --calibrate-text)
-
-TEXT_PRIOR_FILE = "text_prior.npz"  # beside a checkpoint: "items" the encoder's item vectors (catalogue order), "encoder"
-LAST_TURNS = 2  # the turns the text prior reads: the request is in the latest ones, and older turns blur it
-
-
-class TextPrior:
-    """tau * cos(E(the dialog's last turns), E(item text)) for every catalogue item, with E the frozen
-    sentence encoder that embedded the items for their IDs (data_prep.py --encoder minilm or a BERT
-    folder). The association head adds it to its scores at decoding (Pointer.copy_mass's prior), a
-    product of experts: what the words of the request match, next to what the model learnt.
-    Why: a model trained from scratch on a few hundred dialogs can not read "a horror movie with Tom
-    Hanks" well enough to find an item it saw as a target once or never (INSPIRED: a third of the fresh
-    test golds never were), while the encoder that placed the items by their text can. tau is chosen on
-    val (evaluate.calibrate_text); training never sees it."""
-
-    def __init__(self, encoder: str, item_vecs: np.ndarray, tau: float, title, device: str = "cpu"):
-        self.model, self.tok = load_bert(find_minilm() if encoder == "minilm" else encoder, device)
-        if item_vecs.shape[1] != self.model.tok_emb.embedding_dim:
-            raise ValueError(f"text prior: {item_vecs.shape[1]}-dim item vectors, but {encoder} embeds in "
-                             f"{self.model.tok_emb.embedding_dim} dims")
-        self.items = torch.as_tensor(item_vecs, dtype=torch.float32, device=device)  # (N, H) unit rows
-        self.tau, self.title = tau, title  # title: item id -> its title, for the mentions in the text
-
-    def text(self, context: list[dict]) -> str:
-        return " ".join(f"{t['role']}: " + MENTION.sub(lambda m: self.title(m.group(1)), t["text"])
-                        for t in context[-LAST_TURNS:])
-
-    def __call__(self, contexts: list[list[dict]]) -> torch.Tensor:
-        """contexts: B dialogs so far -> (B, N) float32 logits to add to the association head's scores."""
-        e = torch.as_tensor(embed(self.model, self.tok, [self.text(c) for c in contexts], keep="left",
-                                  desc="text prior"), device=self.items.device)
-        return self.tau * e @ self.items.T

@@ -20,18 +20,15 @@ evaluate() is three steps over the assistant turns:
     dialog_pass   intent, perplexity, and responses generated on some turns (BLEU, Distinct-n, ...)
 """
 
-import json
 import os
 import re
 import sys
+from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanocrs.common import atomic_path
 from nanocrs.data import DataError, Renderer, read_jsonl, rec_samples, training_dialogs, write_jsonl
-from nanocrs.encoder import TEXT_PRIOR_FILE
 from nanocrs.generate import beam_search_batch, sample
 from nanocrs.metrics import (COPY_BIASES, RECENCY_DECAYS, TEXT_PRIORS, CoOccurrence, Popularity, calibrate_intent, choose_copy_bias,
                              choose_text_prior, corpus_bleu,
@@ -66,79 +63,71 @@ def evaluate(s: Session, ds: dict, split: str, beam: int, max_dialogs: int = 0, 
         turns = list({(d["id"], t): (d, t) for d, t, _, _ in samples}.values())
     scored = score_all(s, turns, beam, batch, split)
     res = {"split": split, **rank_pass(s, ds, dialogs, turns, scored, beam, rankings, samples)}
-    if s.model.pointer is not None:
-        res["copy_bias"] = s.model.pointer.copy_bias
-        res["just_named_bias"] = s.model.pointer.just_named_bias
-        res["text_prior"] = s.text_prior.tau if s.text_prior is not None else 0.0
+    if s.model.heads is not None:
+        res.update(copy_bias=s.knobs.copy_bias, just_named_bias=s.knobs.just_named_bias, text_prior=s.knobs.text_prior)
     return {**res, **dialog_pass(s, turns, scored, max_gen, max_new_tokens, split)}
 
 
-def calibrate_copy(s: Session, ds: dict, beam: int, max_dialogs: int = 0, batch: int = 8, base: dict | None = None):
-    """Choose the copy gate's bias on the validation split (choose_copy_bias over COPY_BIASES) and leave
-    it set on the model. Returns (bias, grid) as val_grid."""
-    ptr = s.model.pointer
-    assert ptr is not None, "a copy gate to calibrate needs the copy head (train.py --pointer)"
-    grid = val_grid(s, ds, "copy bias", COPY_BIASES, lambda b: setattr(ptr, "copy_bias", b), beam, max_dialogs, batch, base)
-    ptr.copy_bias = choose_copy_bias(grid)
-    return ptr.copy_bias, grid
+@dataclass(frozen=True)
+class Knob:
+    """A decoding knob sample.py --calibrate chooses on val: its Knobs field, what the checkpoint needs
+    for it, the values tried (one ranking pass on val each; the first is 0, the model as trained) and
+    the rule that picks one from the grid {value: {"recall@1", "recall@10", "fresh_recall@10"}}."""
+    field: str
+    needs: str      # "": any checkpoint; "heads", "copy-turns" or "assoc": that part of train.py --heads
+    grid: tuple     # () for the threshold: read off the val eval itself, no extra pass
+    choose: object
+    rule: str
 
 
-def calibrate_just_named(s: Session, ds: dict, beam: int, max_dialogs: int = 0, batch: int = 8, base: dict | None = None):
-    """Choose the copy gate's bias for the item the seeker just named (Pointer.just_named_bias) on the
-    validation split, over the same grid and with the same guard as calibrate_copy, and leave it set."""
-    ptr = s.model.pointer
-    assert ptr is not None and ptr.turns, "this bias needs the copy head's turn buckets (train.py --copy-turns 1)"
-    grid = val_grid(s, ds, "just-named bias", COPY_BIASES, lambda b: setattr(ptr, "just_named_bias", b), beam,
-                    max_dialogs, batch, base)
-    ptr.just_named_bias = choose_copy_bias(grid)
-    return ptr.just_named_bias, grid
+CALIBRATION = {  # in the order they are chosen: each choice stays set while the next is swept
+    "threshold": Knob("rec_threshold", "", (), None, "best REC F1 on val"),
+    "copy": Knob("copy_bias", "heads", COPY_BIASES, choose_copy_bias, "best R@1 on val, R@10 and fresh R@10 guarded"),
+    "just-named": Knob("just_named_bias", "copy-turns", COPY_BIASES, choose_copy_bias,
+                       "best R@1 on val, R@10 and fresh R@10 guarded"),
+    "text": Knob("text_prior", "assoc", TEXT_PRIORS, choose_text_prior, "best R@10 on val, fresh R@10 guarded"),
+}
 
 
-def calibrate_text(s: Session, ds: dict, beam: int, max_dialogs: int = 0, batch: int = 8, base: dict | None = None):
-    """Choose the text prior's weight tau on the validation split (choose_text_prior over TEXT_PRIORS),
-    the item vectors already beside the checkpoint (write_text_vectors), and leave it set on the
-    session. Returns (tau, grid) as val_grid."""
-    grid = val_grid(s, ds, "text prior", TEXT_PRIORS, s.set_text_prior, beam, max_dialogs, batch, base)
-    tau = choose_text_prior(grid)
-    s.set_text_prior(tau)
-    return tau, grid
+def missing_part(s: Session, needs: str) -> str | None:
+    """What this checkpoint lacks for a knob that needs `needs` (a Knob's), as a hint; None if nothing."""
+    heads = s.model.heads
+    if needs == "heads" and heads is None:
+        return "no heads (train.py --heads)"
+    if needs == "copy-turns" and not (heads is not None and heads.turns):
+        return "no turn buckets in its copy head (train.py --heads copy-turns=1)"
+    if needs == "assoc" and not (heads is not None and heads.items):
+        return "no association head (train.py --heads assoc=1)"
+    return None
 
 
-def val_grid(s: Session, ds: dict, name: str, values, apply, beam: int, max_dialogs: int, batch: int, base: dict | None):
-    """One ranking pass on val per value of a decoding knob (apply(value) sets it; base: the eval at
-    the first value, 0, if already run) -> {value: {"recall@1", "recall@10", "fresh_recall@10"}}."""
-    grid = {}
-    for v in values:
-        apply(v)
-        res = base if v == values[0] and base is not None else evaluate(s, ds, "val", beam, max_dialogs, 0, batch=batch)
-        grid[v] = {"recall@1": res["model"]["recall@1"], "recall@10": res["model"]["recall@10"],
-                   "fresh_recall@10": res["fresh"]["model"]["recall@10"]}
-        print(f"{name} {v}: val R@1 {grid[v]['recall@1']:.4f} R@10 {grid[v]['recall@10']:.4f} "
-              f"fresh R@10 {grid[v]['fresh_recall@10']:.4f}")
-    return grid
-
-
-def write_text_vectors(s: Session, ds: dict, data_dir: str):
-    """The dataset's item embeddings (data_prep.py's item_embeddings.npy), in the catalogue order of the
-    association head, and the encoder that made them, saved beside the checkpoint for the text prior."""
-    meta_path = os.path.join(data_dir, "dataset.json")
-    encoder = json.load(open(meta_path)).get("encoder", "tfidf")
-    if encoder.startswith("tfidf"):
-        raise DataError(f"{meta_path}: items embedded by tfidf, which can not embed a dialog; the text prior needs "
-                        "a sentence encoder (data_prep.py --encoder minilm or a BERT folder)")
-    path = os.path.join(data_dir, "item_embeddings.npy")
-    try:
-        emb = np.load(path, allow_pickle=False)
-    except Exception as e:  # damaged or not an array file
-        raise DataError(f"{path}: not a readable .npy file ({type(e).__name__}: {e})") from None
-    row = {it["id"]: n for n, it in enumerate(ds["items"])}
-    if emb.ndim != 2 or emb.shape[0] != len(row) or emb.dtype.kind != "f" or not np.isfinite(emb).all():
-        raise DataError(f"{path}: expected one finite float vector per item ({len(row)}), got {emb.dtype} {emb.shape}"
-                        f"{'' if emb.dtype.kind != 'f' or np.isfinite(emb).all() else ' with NaN or inf'}")
-    vecs = emb[[row[i] for i in s.trie.item_ids]]
-    with atomic_path(os.path.join(s.ckpt, TEXT_PRIOR_FILE)) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, items=vecs, encoder=np.array(encoder))
+def calibrate(s: Session, ds: dict, names: list[str], res: dict, beam: int, max_dialogs: int = 0, batch: int = 8) -> dict:
+    """Choose the knobs `names` (keys of CALIBRATION) on the validation split, res being the val eval
+    at the session's knobs: the threshold is read off res, the others take one ranking pass on val per
+    value of their grid. Each choice stays set on the session (s.use) for the next. Returns what
+    calibration.json saves: each field, its grid (FIELD_grid), and for the threshold the val intent."""
+    saved, base = {}, (s.knobs, res)  # base: an eval already run, and the knobs it ran with
+    for name, knob in CALIBRATION.items():
+        if name not in names:
+            continue
+        if not knob.grid:
+            saved["rec_threshold"], saved["val"] = res["intent_best_threshold"], res["intent_at_best_threshold"]
+            s.use(replace(s.knobs, rec_threshold=res["intent_best_threshold"]))
+        else:
+            grid = {}
+            for v in knob.grid:
+                knobs = replace(s.knobs, **{knob.field: v})
+                s.use(knobs)
+                r = base[1] if knobs == replace(base[0], rec_threshold=knobs.rec_threshold) else \
+                    evaluate(s, ds, "val", beam, max_dialogs, 0, batch=batch)
+                grid[v] = {"recall@1": r["model"]["recall@1"], "recall@10": r["model"]["recall@10"],
+                           "fresh_recall@10": r["fresh"]["model"]["recall@10"]}
+                print(f"{name} {v}: val R@1 {grid[v]['recall@1']:.4f} R@10 {grid[v]['recall@10']:.4f} "
+                      f"fresh R@10 {grid[v]['fresh_recall@10']:.4f}")
+            saved[knob.field], saved[knob.field + "_grid"] = knob.choose(grid), grid
+            s.use(replace(s.knobs, **{knob.field: saved[knob.field]}))
+        print(f"{knob.field} {saved[knob.field]} ({knob.rule})")
+    return saved
 
 
 def progress(it, desc: str):
@@ -161,8 +150,8 @@ def score_all(s: Session, turns: list, beam: int, batch: int, split: str) -> dic
                       key=lambda k: examples[k][1])
         for a in progress(range(0, len(keys), batch), f"eval {split} ({'REC' if rec_turns else 'CHAT'} turns)"):
             chunk = keys[a:a + batch]
-            prior = s.prior([contexts[k] for k in chunk]) if rec_turns else None
-            scored.update(zip(chunk, score_turns(s, [examples[k] for k in chunk], beam if rec_turns else 0, prior)))
+            mixture = s.mixture([contexts[k] for k in chunk]) if rec_turns else None
+            scored.update(zip(chunk, score_turns(s, [examples[k] for k in chunk], beam if rec_turns else 0, mixture)))
     return scored
 
 
@@ -308,7 +297,7 @@ def dialog_pass(s: Session, turns: list, scored: dict, max_gen: int, max_new_tok
             # the gold mode forced, where the training target has one (not under --target resp)
             head = [] if s.rd.target == "resp" else [s.ctrl.mode_rec if turn["items"] else s.ctrl.mode_chat]
             prompt = s.rd.prompt(context, forced=(MODE_REC if turn["items"] else MODE_CHAT) if head else "")
-            out = sample(s.model, prompt, s.trie, s.ctrl, max_new_tokens=max_new_tokens, greedy=True)[0]
+            out = sample(s.model, prompt, s.trie, s.ctrl, max_new_tokens=max_new_tokens, greedy=True, mixture=s.mixture())[0]
             _, target, pieces = s.rd.parse(head + out)
             hyps.append(Renderer.join(pieces, lambda i: " <movie> "))  # each item span one "<movie>" token
             refs.append(replace_spans(turn["text"]))
@@ -319,8 +308,8 @@ def dialog_pass(s: Session, turns: list, scored: dict, max_gen: int, max_new_tok
                 gen["top1_hits"] += int(top1 in turn["items"])
                 gen["faithful"] += int(target is not None and target in [p[1] for p in pieces if not isinstance(p, str)])
     res = {"intent": intent_metrics(p_rec, is_rec)}  # the plain argmax between the two modes
-    if s.rec_threshold is not None:
-        res["intent_calibrated"] = intent_metrics(p_rec, is_rec, s.rec_threshold)
+    if s.knobs.rec_threshold is not None:
+        res["intent_calibrated"] = intent_metrics(p_rec, is_rec, s.knobs.rec_threshold)
     res["intent_best_threshold"] = calibrate_intent(p_rec, is_rec)  # on THIS split: only --calibrate on val uses it
     res["intent_at_best_threshold"] = intent_metrics(p_rec, is_rec, res["intent_best_threshold"])
     res["intent_accuracy"] = res["intent"]["accuracy"]
@@ -341,13 +330,12 @@ def dialog_pass(s: Session, turns: list, scored: dict, max_gen: int, max_new_tok
 
 
 @torch.no_grad()
-def score_turns(s: Session, examples: list, beam: int = 0, prior=None) -> list:
+def score_turns(s: Session, examples: list, beam: int = 0, mixture=None) -> list:
     """One left-padded forward of several turns, each (ids of context + "Assistant:" + the gold turn,
     P = tokens up to and including "Assistant:") -> per turn (p(REC) / (p(REC) + p(CHAT)) after "Assistant:",
     log-probs of the response tokens after <RESP>, the response's units with each item span one
     unit, and with beam > 0, REC turns only, the ranked [(item, log-prob)] of the beam search and,
-    with a copy head, its gate g at the slot).
-    prior (B, items): the text prior's logits of these turns, or None.
+    with heads, their gate g at the slot). mixture: the slot mixture of these turns (Session.mixture), or None.
     The rows are padded so that every <BOI> (token P + 1) is at the same slot: rewound to just after
     it, the cache holds each row's prompt up to <MODE=REC><BOI>, exactly how the gold REC turn begins,
     and the beam search continues all rows at once. The gold tokens after that slot are simply
@@ -362,8 +350,7 @@ def score_turns(s: Session, examples: list, beam: int = 0, prior=None) -> list:
         x[r, p:p + len(ids)] = torch.tensor(ids)
     pad = torch.tensor(pads, device=device)
     cache = s.model.new_cache(len(examples), T, pad=pad if max(pads) else None)
-    ptr = s.model.pointer
-    logits, h = s.model(x.to(device), cache=cache, return_hidden=ptr is not None)  # (B, T, V), (B, T, C)
+    logits, h = s.model(x.to(device), cache=cache, return_hidden=mixture is not None)  # (B, T, V), (B, T, C)
     out = []
     for r, (p, (ids, P)) in enumerate(zip(pads, examples)):
         row = logits[r, p:p + len(ids)]               # (len(ids), V): this turn's own positions
@@ -385,16 +372,14 @@ def score_turns(s: Session, examples: list, beam: int = 0, prior=None) -> list:
         for ids, P in examples:
             assert ids[P:P + 2] == [s.ctrl.mode_rec, s.ctrl.boi]
         cache.pos = A + 1  # rewind to just after <MODE=REC><BOI>
-        copy = None
-        if ptr is not None:  # the copy head reads the states up to the slot, <BOI> at slot A of every row
-            copy = ptr.copy_mass(h, x.tolist(), [A] * len(examples), s.trie,
-                                 s.trie.tensors(s.ctrl, logits.shape[-1], device), prior)
+        # the mixture reads the states up to the slot, <BOI> at slot A of every row
+        mix = mixture(h, x.tolist(), [A] * len(examples)) if mixture is not None else None
         tops = beam_search_batch(s.model, [ids[:P + 2] for ids, P in examples], s.trie, s.ctrl, beam,
-                                 cache=cache, last_logits=logits[:, A], copy=copy)
+                                 prefilled=(cache, logits[:, A], mix))
         for r, (o, top) in enumerate(zip(out, tops)):
             o[3] = top
-            if copy is not None:
-                o[4] = float(copy[0][r].exp())  # the copy gate g at the slot (0: no item in the context)
+            if mix is not None:
+                o[4] = float(mix[0][r].exp())  # the heads' gate g at the slot (0: no item in the context)
     return out
 
 

@@ -182,36 +182,41 @@ def _state_index(ids, trie: SIDTrie, ctrl: Control, tt: TrieTensors) -> int:
     return n
 
 
+@dataclass
+class Sampling:
+    """How the sampler picks a token: temperature and top-k, or greedy; generator seeds it; it stops
+    after a token of `stop` (default: <EOT>)."""
+    temperature: float = 1.0
+    top_k: int | None = None
+    greedy: bool = False
+    generator: torch.Generator | None = None
+    stop: set[int] | None = None
+
+
 @torch.no_grad()
 def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control | None, n: int = 1, max_new_tokens: int = 64,
-           temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
-           generator: torch.Generator | None = None, stop: set[int] | None = None, prior=None) -> list[list[int]]:
-    """n continuations of one prompt (prefilled once, cache copied n times). Each stops after a token
-    of `stop` (default: <EOT>); a span open when max_new_tokens runs out is still completed, so no
-    output holds half an item. trie=None samples with no constraint at all: a base model's plain text
-    (sample.py --init-from, with ctrl=None and its own stop tokens) or bench.py's overhead baseline.
-    prior (1, items): the text prior's logits for this prompt (Pointer.copy_mass), or None."""
+           mixture=None, **how) -> list[list[int]]:
+    """n continuations of one prompt (prefilled once, cache copied n times); how: Sampling's fields.
+    A span open when max_new_tokens runs out is still completed, so no output holds half an item.
+    trie=None samples with no constraint at all: a base model's plain text (sample.py --init-from,
+    with ctrl=None and its own stop tokens) or bench.py's overhead baseline. mixture: None (the plain
+    generative path) or the slot mixture to draw a REC slot's ID from (see SlotMixture)."""
+    how = Sampling(**how)
     model.eval()
     device = model.norm.weight.device
     V = model.config.vocab_size
     max_len = min(len(prompt) + max_new_tokens + 8, model.config.block_size)
     assert len(prompt) < max_len, "prompt is too long for the model's block size: truncate it first"
-    ptr = model.pointer if trie is not None else None  # the copy head, at a <MODE=REC><BOI> slot
+    mixture = mixture if trie is not None else None
     cache = model.new_cache(1, max_len)
-    logits, h = model(torch.tensor([prompt], device=device), cache=cache, return_hidden=ptr is not None)
+    logits, h = model(torch.tensor([prompt], device=device), cache=cache, return_hidden=mixture is not None)
     cache = cache.expand(n)
     logits = logits[:, -1].expand(n, -1)  # (n, V)
     if trie is not None:
         tt = trie.tensors(ctrl, V, device)
         state = torch.full((n,), _state_index(prompt, trie, ctrl, tt), device=device)  # (n,) TrieTensors rows
-    if ptr is not None:
-        hid = torch.zeros(n, max_len, h.shape[-1], device=device, dtype=h.dtype)  # every position's state
-        hid[:, :len(prompt)] = h[0]
-        active = torch.zeros(n, dtype=torch.bool, device=device)  # (n,) inside a slot, mixing in the copy
-        gen = torch.zeros(n, dtype=torch.float64, device=device)  # (n,) log P_gen of the slot's prefix
-        log_g, log_1mg = torch.full_like(gen, float("-inf")), torch.zeros_like(gen)
-        mass = torch.zeros(n, tt.child_tok.shape[0], dtype=torch.float64, device=device)
-    stop = torch.tensor(sorted(stop if stop is not None else {ctrl.eot}), dtype=torch.long, device=device)
+    slots = SlotMixture(mixture, prompt, h, max_len, (tt, ctrl), n) if mixture is not None else None
+    stop = torch.tensor(sorted(how.stop if how.stop is not None else {ctrl.eot}), dtype=torch.long, device=device)
     out = torch.full((n, max_len), -1, dtype=torch.long, device=device)  # generated tokens, -1 = none
     length = torch.zeros(n, dtype=torch.long, device=device)               # (n,) tokens generated per row
     done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -221,65 +226,86 @@ def sample(model, prompt: list[int], trie: SIDTrie | None, ctrl: Control | None,
             # in a span: the node's children's logits scattered into -inf; outside: the fixed mask
             kids = tt.child_tok[state]                                   # (n, C)
             child = x.gather(1, kids)
-            if ptr is not None:
-                child, lp = _copy_step(ptr, prompt, out[:, :step], hid, cache.pos, state, x, kids, trie, tt, ctrl,
-                                       active, gen, log_g, log_1mg, mass, child, prior)
+            if slots is not None:  # inside a REC slot: the mixture's conditionals instead
+                child = slots.children(x, kids, child, state, out[:, :step], cache.pos)
             inside = torch.full_like(x, float("-inf")).scatter_(1, kids, child)
             banned = tt.banned if max_len - cache.pos > trie.depth + 2 else tt.banned_late
             x = torch.where((state == tt.OUT)[:, None], x.masked_fill(banned, float("-inf")), inside)
-        if greedy:
+        if how.greedy:
             nxt = x.argmax(-1)
         else:
-            x = x / max(temperature, 1e-5)
-            if top_k is not None:
-                kth = torch.topk(x, min(top_k, V), dim=-1).values[:, -1:]
+            x = x / max(how.temperature, 1e-5)
+            if how.top_k is not None:
+                kth = torch.topk(x, min(how.top_k, V), dim=-1).values[:, -1:]
                 x = x.masked_fill(x < kth, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(x, -1), 1, generator=generator).squeeze(-1)  # (n,)
+            nxt = torch.multinomial(torch.softmax(x, -1), 1, generator=how.generator).squeeze(-1)  # (n,)
         out[:, step] = torch.where(done, -1, nxt)
         length += ~done
         if trie is not None:
             hit = kids == nxt[:, None]  # (n, C): which child was taken, if any
             state = torch.where(hit.any(-1), tt.child_node[state].gather(1, hit.int().argmax(-1, keepdim=True))[:, 0], tt.OUT)
             closed = state == tt.OUT
-            if ptr is not None:
-                gen += torch.where(active, lp.gather(1, nxt[:, None])[:, 0].double(), 0.0)
-                active &= ~closed
+            if slots is not None:
+                slots.took(nxt, closed)
         else:
             closed = torch.ones_like(done)
         done |= torch.isin(nxt, stop) | ((length >= max_new_tokens) & closed)
         if bool(done.all()):  # one host sync per step, of one value
             break
-        logits, h = model(nxt.view(n, 1), cache=cache, return_hidden=ptr is not None)
-        if ptr is not None:
-            hid[:, cache.pos - 1] = h[:, 0]
+        logits, h = model(nxt.view(n, 1), cache=cache, return_hidden=slots is not None)
+        if slots is not None:
+            slots.hid[:, cache.pos - 1] = h[:, 0]
         logits = logits[:, -1]
     return [row[:k] for row, k in zip(out.tolist(), length.tolist())]
 
 
-def _copy_step(ptr, prompt, generated, hid, pos, state, x, kids, trie, tt, ctrl, active, gen, log_g, log_1mg, mass, child,
-               prior=None):
-    """The sampler's step with the copy head: a row whose last two tokens are <MODE=REC><BOI> opens a
-    slot (its gate and copy mass are computed once, from the states so far); inside a slot, before
-    the leaf, a child's logit becomes log P_mix(prefix + child), whose softmax over the children is
-    exactly the mixture's conditional (nanocrs/pointer.py). Updates active, gen, log_g, log_1mg and
-    mass in place; returns (the children's logits, the log-softmax of x)."""
-    lp = torch.log_softmax(x, -1)
-    rows = ((state == 0) & ~active).nonzero().flatten().tolist()  # rows just past a <BOI>: a slot?
-    if rows:
-        seqs = [prompt + [t for t in generated[r].tolist() if t >= 0] for r in rows]
-        opening = [r for r, q in zip(rows, seqs) if q[-2:] == [ctrl.mode_rec, ctrl.boi]]
-        if opening:
-            seqs = [q for r, q in zip(rows, seqs) if r in opening]
-            g, g1, m = ptr.copy_mass(hid[opening, :pos], seqs, [len(q) - 1 for q in seqs], trie, tt,
-                                     None if prior is None else prior.expand(len(opening), -1))
-            log_g[opening], log_1mg[opening], mass[opening] = g, g1, m
-            active[opening], gen[opening] = True, 0.0
-    mixing = active & (tt.leaf_item[state] < 0)  # at a leaf the only child is <EOI>
-    if bool(mixing.any()):
-        g_child = gen[:, None] + lp.gather(1, kids).double()                        # (n, C) log P_gen
-        mixed = torch.logaddexp(log_1mg[:, None] + g_child, log_g[:, None] + mass.gather(1, tt.child_node[state]).log())
-        child = torch.where(mixing[:, None], mixed.to(child.dtype), child)
-    return child, lp
+class SlotMixture:
+    """The sampler's side of a slot mixture. A mixture is a callable (h (B, T, C) hidden states, ids
+    (B lists), slot (B positions of the slot's <BOI>)) -> (log g (B,), log(1 - g) (B,), mass (B, N+1)):
+    at that slot the item distribution is  (1 - g) P_gen(item) + g P_aux(item),  P_gen the model's own
+    product of SID-token probabilities and mass[b, node] the P_aux of the items under each trie node
+    (nanocrs/heads.py makes one). Written as exact per-token conditionals,
+        P(s_l | s_<l) = P_mix(s_1..s_l) / P_mix(s_1..s_l-1),   P_mix(prefix) = (1 - g) P_gen(prefix) + g mass(prefix),
+    so a child's logit log P_mix(prefix + child) has exactly the mixture's conditional as its softmax.
+    A row whose last two tokens are <MODE=REC><BOI> opens a slot (the mixture is asked once, from the
+    states so far); the slot closes with its <EOI>."""
+
+    def __init__(self, mixture, prompt: list[int], h, max_len: int, tables, n: int):
+        self.mixture, self.prompt, (self.tt, self.ctrl) = mixture, prompt, tables
+        device = h.device
+        self.hid = torch.zeros(n, max_len, h.shape[-1], device=device, dtype=h.dtype)  # every position's state
+        self.hid[:, :len(prompt)] = h[0]
+        self.active = torch.zeros(n, dtype=torch.bool, device=device)  # (n,) inside a slot
+        self.gen = torch.zeros(n, dtype=torch.float64, device=device)  # (n,) log P_gen of the slot's prefix
+        self.log_g, self.log_1mg = torch.full_like(self.gen, float("-inf")), torch.zeros_like(self.gen)
+        self.mass = torch.zeros(n, self.tt.child_tok.shape[0], dtype=torch.float64, device=device)
+        self.lp = None
+
+    def children(self, x, kids, child, state, generated, pos: int):
+        """The children's logits (n, C) of this step: log P_mix(prefix + child) inside a slot, else `child`."""
+        tt = self.tt
+        self.lp = torch.log_softmax(x, -1)
+        rows = ((state == 0) & ~self.active).nonzero().flatten().tolist()  # rows just past a <BOI>: a slot?
+        if rows:
+            seqs = {r: self.prompt + [t for t in generated[r].tolist() if t >= 0] for r in rows}
+            opening = [r for r in rows if seqs[r][-2:] == [self.ctrl.mode_rec, self.ctrl.boi]]
+            if opening:
+                g, g1, m = self.mixture(self.hid[opening, :pos], [seqs[r] for r in opening],
+                                        [len(seqs[r]) - 1 for r in opening])
+                self.log_g[opening], self.log_1mg[opening], self.mass[opening] = g, g1, m
+                self.active[opening], self.gen[opening] = True, 0.0
+        mixing = self.active & (tt.leaf_item[state] < 0)  # at a leaf the only child is <EOI>
+        if bool(mixing.any()):
+            g_child = self.gen[:, None] + self.lp.gather(1, kids).double()                  # (n, C) log P_gen
+            mixed = torch.logaddexp(self.log_1mg[:, None] + g_child,
+                                    self.log_g[:, None] + self.mass.gather(1, tt.child_node[state]).log())
+            child = torch.where(mixing[:, None], mixed.to(child.dtype), child)
+        return child
+
+    def took(self, nxt, closed):
+        """The tokens nxt (n,) were drawn: a slot's prefix grows by them, and ends where its span closed."""
+        self.gen += torch.where(self.active, self.lp.gather(1, nxt[:, None])[:, 0].double(), 0.0)
+        self.active &= ~closed
 
 
 # -----------------------------------------------------------------------------
@@ -287,43 +313,42 @@ def _copy_step(ptr, prompt, generated, hid, pos, state, x, kids, trie, tt, ctrl,
 
 @torch.no_grad()
 def beam_search(model, prompt: list[int], trie: SIDTrie, ctrl: Control, beam_width: int = 50,
-                cache=None, last_logits=None, copy=None) -> list[tuple[str, float]]:
+                mixture=None, prefilled=None) -> list[tuple[str, float]]:
     """Top items after a prompt that ends with <BOI>, best first: [(item_id, log P(SID | prompt))].
-    Returns up to beam_width items. Pass (cache, last_logits, and with a copy head its copy_mass) of
-    an already-prefilled batch-1 prompt to skip the prefill."""
+    Returns up to beam_width items. mixture: None (the plain generative path) or, at a REC slot, the
+    slot mixture to rank by (SlotMixture says what it is). prefilled: (cache, last_logits, the
+    mixture's value or None) of an already-prefilled batch-1 prompt, to skip the prefill."""
     assert prompt[-1] == ctrl.boi, "beam search starts right after <BOI>"
-    if cache is None:
-        return beam_search_batch(model, [prompt], trie, ctrl, beam_width)[0]
-    return _search(model, cache, last_logits, trie, ctrl, beam_width, copy)[0]
+    return beam_search_batch(model, [prompt], trie, ctrl, beam_width, mixture, prefilled)[0]
 
 
 @torch.no_grad()
 def beam_search_batch(model, prompts: list[list[int]], trie: SIDTrie, ctrl: Control, beam_width: int = 50,
-                      cache=None, last_logits=None, copy=None) -> list[list[tuple[str, float]]]:
+                      mixture=None, prefilled=None) -> list[list[tuple[str, float]]]:
     """beam_search for many prompts at once: left-padded into one prefill and one cache, each prompt
     with its own beam_width beams. The same lists as one prompt at a time (up to float rounding).
-    Pass (cache, last_logits (B, V), copy) of the already-prefilled prompts to skip the prefill; copy
-    is the copy head's Pointer.copy_mass at the slot (None: no copy head)."""
+    prefilled: (cache, last_logits (B, V), the mixture's value at the slot or None) of the
+    already-prefilled prompts, to skip the prefill."""
     assert all(p[-1] == ctrl.boi for p in prompts), "beam search starts right after <BOI>"
-    if cache is not None:
-        return _search(model, cache, last_logits, trie, ctrl, beam_width, copy)
+    if prefilled is not None:
+        return _search(model, trie, ctrl, beam_width, *prefilled)
     model.eval()
     device = model.norm.weight.device
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)  # (B,)
     ids = torch.tensor([[ctrl.eot] * (L - len(p)) + p for p in prompts], device=device)  # (B, L); pads are masked
     cache = model.new_cache(len(prompts), L, pad=pad if int(pad.max()) > 0 else None)  # the beams' tokens go elsewhere
-    logits, h = model(ids, cache=cache, return_hidden=model.pointer is not None)
-    copy = None
-    if model.pointer is not None and all(p[-2:] == [ctrl.mode_rec, ctrl.boi] for p in prompts):  # a REC slot
-        copy = model.pointer.copy_mass(h, ids.tolist(), [L - 1] * len(prompts), trie, trie.tensors(ctrl, logits.shape[-1], device))
-    return _search(model, cache, logits[:, -1], trie, ctrl, beam_width, copy)
+    logits, h = model(ids, cache=cache, return_hidden=mixture is not None)
+    mix = None
+    if mixture is not None and all(p[-2:] == [ctrl.mode_rec, ctrl.boi] for p in prompts):  # a REC slot
+        mix = mixture(h, ids.tolist(), [L - 1] * len(prompts))
+    return _search(model, trie, ctrl, beam_width, cache, logits[:, -1], mix)
 
 
-def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int, copy=None):
+def _search(model, trie: SIDTrie, ctrl: Control, W: int, cache, last_logits, mix=None):
     """The beam search proper, on a prefilled cache of B prompts (B rows) and their last logits (B, V).
     Every tensor below stays on the model's device; the host sees only the final (B, W) lists.
-    With copy = (log g, log(1 - g), mass) a beam is ranked by log P_mix of its prefix (nanocrs/pointer.py)
+    With mix = (log g, log(1 - g), mass) a beam is ranked by log P_mix of its prefix (SlotMixture)
     and `gen` carries its plain log P_gen; without, the two are the same."""
     model.eval()
     B, V = last_logits.shape
@@ -335,8 +360,8 @@ def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int, cop
     # (B, K) summed log-prob, -inf = no beam; float64 like the reference's Python floats (MPS has none)
     score = torch.zeros(B, 1, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
     gen = score                                                   # (B, K) log P_gen of each beam's prefix
-    if copy is not None:
-        log_g, log_1mg, mass = (c.to(score.dtype) for c in copy)
+    if mix is not None:
+        log_g, log_1mg, mass = (c.to(score.dtype) for c in mix)
         log_mass = mass.log()                                     # (B, N+1), -inf off the context's items
     fin_score, fin_item = [], []
     # the beams' own cache holds only the SID tokens; they read their prompt from `cache`, uncopied
@@ -347,7 +372,7 @@ def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int, cop
         kids = tt.child_tok[node]                                           # (B, K, C)
         cand_gen = gen[..., None] + logp.view(B, K, V).gather(2, kids).to(score.dtype)
         cand = cand_gen
-        if copy is not None:  # log P_mix = log((1 - g) P_gen + g P_copy) of each child prefix
+        if mix is not None:  # log P_mix = log((1 - g) P_gen + g P_aux) of each child prefix
             cm = log_mass.gather(1, tt.child_node[node].view(B, K * C)).view(B, K, C)
             cand = torch.logaddexp(log_1mg[:, None, None] + cand_gen, log_g[:, None, None] + cm)
         cand = cand.masked_fill(~tt.child_ok[node], float("-inf")).view(B, K * C)
@@ -381,7 +406,7 @@ def _search(model, cache, last_logits, trie: SIDTrie, ctrl: Control, W: int, cop
 
 @torch.no_grad()
 def beam_search_reference(model, prompt: list[int], trie: SIDTrie, ctrl: Control,
-                          beam_width: int = 50) -> list[tuple[str, float]]:
+                          beam_width: int = 50, mixture=None) -> list[tuple[str, float]]:
     """beam_search on the nested-dict trie, one Python tuple per (beam, child) candidate: slow, but
     the algorithm in plain sight. The tests check the tensor version against it, ties included."""
     assert prompt[-1] == ctrl.boi, "beam search starts right after <BOI>"
@@ -390,18 +415,18 @@ def beam_search_reference(model, prompt: list[int], trie: SIDTrie, ctrl: Control
     cache = model.new_cache(1, len(prompt) + trie.depth + 1)
     logits, h = model(torch.tensor([prompt], device=device), cache=cache, return_hidden=True)
     logp = torch.log_softmax(logits[:, -1].float(), -1)  # (1, V)
-    # the copy head (if any): log g, log(1 - g) and P_copy of every prefix of the context's items
+    # the slot mixture (if any): log g, log(1 - g) and P_aux of every prefix of the catalogue's items
     log_g, log_1mg, prefix_mass = float("-inf"), 0.0, {}
-    if model.pointer is not None and prompt[-2:] == [ctrl.mode_rec, ctrl.boi]:
+    if mixture is not None and prompt[-2:] == [ctrl.mode_rec, ctrl.boi]:
         tt = trie.tensors(ctrl, logits.shape[-1], device)
-        g, g1, mass = model.pointer.copy_mass(h, [prompt], [len(prompt) - 1], trie, tt)
+        g, g1, mass = mixture(h, [prompt], [len(prompt) - 1])
         log_g, log_1mg = float(g[0]), float(g1[0])
         for ids, item in trie.items():
             p = float(mass[0, tt.item_path[trie.item_index(ids), len(ids) - 1]])
             for k in range(1, len(ids) + 1):
                 prefix_mass[tuple(ids[:k])] = prefix_mass.get(tuple(ids[:k]), 0.0) + p
 
-    def mix(gen: float, prefix: tuple) -> float:  # log((1 - g) exp(gen) + g P_copy(prefix))
+    def mix(gen: float, prefix: tuple) -> float:  # log((1 - g) exp(gen) + g P_aux(prefix))
         a, b = log_1mg + gen, log_g + math.log(prefix_mass[prefix]) if prefix_mass.get(prefix) else float("-inf")
         return a if b == float("-inf") else max(a, b) + math.log1p(math.exp(-abs(a - b)))
 

@@ -329,8 +329,8 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str, model_type: str | 
 
     tensors = {}
     for name, t in model.state_dict().items():  # the live module, never a compiled wrapper's "_orig_mod."
-        if (name == "lm_head.weight" and cfg.tie_embeddings) or name.startswith("pointer."):
-            continue  # the copy head (nanocrs/pointer.py) has no Hugging Face counterpart
+        if (name == "lm_head.weight" and cfg.tie_embeddings) or name.startswith("heads."):
+            continue  # the recommendation slot's heads (nanocrs/heads.py) have no Hugging Face counterpart
         template, layer = _template(name, "")
         if template not in TO_HF:
             raise ValueError(f"parameter {name!r} has no Hugging Face name (not in nanocrs.hf.WEIGHT_MAP)")
@@ -368,8 +368,8 @@ def main(argv=None):
     model, _, tok, _ = checkpoint.load(a.ckpt, init_device(a.device, a.threads), merge=True)
     export_hf(model, tok, a.out)
     print(f"wrote {a.out} (config.json, model.safetensors, tokenizer.json)")
-    if model.pointer is not None:
-        print("note: the copy head (--pointer) is not exported: transformers runs the plain language model")
+    if model.heads is not None:
+        print("note: the heads (train.py --heads) are not exported: transformers runs the plain language model")
 
 
 if __name__ == "__main__":

@@ -173,11 +173,11 @@ def calibrate_intent(p_rec: list[float], is_rec: list[bool]) -> float:
     return -best[2]
 
 
-COPY_BIASES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)  # the copy gate biases sample.py --calibrate-copy tries on val
+COPY_BIASES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)  # the copy gate biases sample.py --calibrate copy tries on val
 
 
 def choose_copy_bias(grid: dict, r10_slack: float = 0.0, fresh_slack: float = 0.002) -> float:
-    """The copy gate's bias (nanocrs/pointer.py) with the best R@1 on these samples (meant for the
+    """The copy gate's bias (nanocrs/heads.py) with the best R@1 on these samples (meant for the
     validation split), among the biases that keep R@10 and fresh R@10 within the slacks of bias 0
     (R@10 not below it; fresh R@10, which a larger bias can only lower, at most fresh_slack below).
     grid: bias -> {"recall@1", "recall@10", "fresh_recall@10"}; ties go to the smaller bias.
@@ -189,11 +189,11 @@ def choose_copy_bias(grid: dict, r10_slack: float = 0.0, fresh_slack: float = 0.
     return max(sorted(ok), key=lambda b: grid[b]["recall@1"])  # max keeps the first (smallest) of equals
 
 
-TEXT_PRIORS = (0.0, 2.0, 5.0, 10.0, 20.0)  # the text prior's weights tau sample.py --calibrate-text tries on val
+TEXT_PRIORS = (0.0, 2.0, 5.0, 10.0, 20.0)  # the text prior's weights tau sample.py --calibrate text tries on val
 
 
 def choose_text_prior(grid: dict) -> float:
-    """The text prior's weight (nanocrs/encoder.py TextPrior) with the best R@10 on these samples (meant
+    """The text prior's weight (nanocrs/heads.py TextPrior) with the best R@10 on these samples (meant
     for the validation split), among those whose fresh R@10 is not below tau = 0's; ties go to the
     smaller tau. grid: tau -> {"recall@1", "recall@10", "fresh_recall@10"}."""
     ok = [t for t, m in grid.items() if m["fresh_recall@10"] >= grid[0.0]["fresh_recall@10"]]

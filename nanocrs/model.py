@@ -8,8 +8,8 @@ The same code runs the small from-scratch model of the quickstart and, filled fr
 config.json, the Llama-3.x / Qwen2.5 / Qwen3 / Mistral families: every architectural switch those
 families need (explicit head_dim, q/k/v biases, q/k norm, tied or untied embeddings, llama3 RoPE
 scaling) is a field of GPTConfig. The semantic-ID and control tokens are ordinary rows at the end of
-the vocabulary: nothing in this file knows about items, except that an optional copy head
-(nanocrs/pointer.py, config.pointer) may take over the loss of the recommendation slot.
+the vocabulary: nothing in this file knows about items. An optional module of heads (GPT(cfg, heads=...))
+may take over the loss from the final hidden states; the plain model is the generative recommender.
 
 Attention goes through F.scaled_dot_product_attention, which picks flash attention on CUDA and a
 fused math kernel on the CPU. Decoding uses KVCache, a pre-allocated cache with an explicit write
@@ -31,7 +31,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from nanocrs.nf4 import NF4Linear
-from nanocrs.pointer import Pointer
 
 
 @dataclass
@@ -52,7 +51,6 @@ class GPTConfig:
     qkv_bias: bool = False          # Qwen2.5
     qk_norm: bool = False           # Qwen3: RMSNorm over each head's q and k before RoPE
     dropout: float = 0.0
-    pointer: dict = field(default_factory=dict)  # {} or the copy head's spec (nanocrs/pointer.py)
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -195,7 +193,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, heads=None):
+        """heads: None, or n_embd -> an nn.Module with loss(x, idx, targets, logits_fn, reduction), built
+        here, after the output head, so that a seed gives the same weights whatever the heads are."""
         super().__init__()
         self.n_head, self.n_kv_head, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
@@ -269,7 +269,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, heads=None):
+        """heads: None, or n_embd -> an nn.Module with loss(x, idx, targets, logits_fn, reduction), built
+        here, after the output head, so that a seed gives the same weights whatever the heads are."""
         super().__init__()
         self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
@@ -280,7 +282,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, heads=None):
+        """heads: None, or n_embd -> an nn.Module with loss(x, idx, targets, logits_fn, reduction), built
+        here, after the output head, so that a seed gives the same weights whatever the heads are."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
@@ -303,7 +307,9 @@ class GPT(nn.Module):
     # Module names follow Hugging Face's LlamaForCausalLM minus the "model." prefix, so the
     # weight-name map for pretrained checkpoints is short and obvious.
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, heads=None):
+        """heads: None, or n_embd -> an nn.Module with loss(x, idx, targets, logits_fn, reduction), built
+        here, after the output head, so that a seed gives the same weights whatever the heads are."""
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
@@ -312,7 +318,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.pointer = Pointer(cfg.n_embd, cfg.pointer) if cfg.pointer else None
+        self.heads = heads(cfg.n_embd) if heads is not None else None
         # RoPE tables are buffers, not weights: rebuilt from the config, never saved
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         # activation checkpointing: keep only each block's input, recompute the rest in backward
@@ -333,11 +339,10 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def add_pointer(self, spec: dict):
-        """Give a model built elsewhere (a pretrained backbone) the copy head; it trains in fp32."""
-        self.config.pointer = spec
-        self.pointer = Pointer(self.config.n_embd, spec).to(self.norm.weight.device)
-        self.pointer.apply(self._init_weights)
+    def add_heads(self, heads: nn.Module):
+        """Give a model built elsewhere (a pretrained backbone) its heads; they train in fp32."""
+        self.heads = heads.to(self.norm.weight.device)
+        self.heads.apply(self._init_weights)
 
     def num_params(self) -> int:
         # tied weights are counted once; a 4-bit linear (nanocrs/nf4.py) holds its weights in buffers
@@ -364,14 +369,14 @@ class GPT(nn.Module):
         (B, T, vocab) logits tensor, for an 8B model with a 152k vocabulary the largest activation),
         and so do the last block's output projection and MLP: after the last attention, a position's
         state feeds nothing but its own output.
-        With a cache, the block is placed at cache.pos and the cache advances by T. With the copy head
-        (config.pointer) the loss of a recommendation slot is the mixture's (nanocrs/pointer.py), which
-        needs every position's state. return_hidden (no targets): (logits, final hidden states (B, T, C))."""
+        With a cache, the block is placed at cache.pos and the cache advances by T. With heads, the loss
+        is theirs (self.heads.loss), which reads every position's state. return_hidden (no targets):
+        (logits, final hidden states (B, T, C))."""
         B, T = idx.shape
         start = cache.pos + cache.offset if cache is not None else 0
         cos, sin = self.rope(start, T, idx.device, cache.pad if cache is not None else None)
         rows = None  # (N,) flat indices of the positions with a loss; None = all B*T positions
-        if targets is not None and self.pointer is None and not torch.compiler.is_compiling():  # (a data-dependent shape
+        if targets is not None and self.heads is None and not torch.compiler.is_compiling():  # (a data-dependent shape
             rows = (targets.view(-1) != -1).nonzero().squeeze(1)          # would split a compiled graph)
             rows = None if len(rows) == B * T else rows                     # every position: no gather
         x = self.embed_tokens(idx)  # (B, T, C)
@@ -387,8 +392,8 @@ class GPT(nn.Module):
         if targets is None:
             logits = self.lm_head(x)[..., :self.config.vocab_size]  # drop the padding rows
             return logits, (x if return_hidden else None)
-        if self.pointer is not None:
-            return None, self.pointer.loss(x, idx, targets, lambda h: self.lm_head(h)[:, :self.config.vocab_size], reduction)
+        if self.heads is not None:
+            return None, self.heads.loss(x, idx, targets, lambda h: self.lm_head(h)[:, :self.config.vocab_size], reduction)
         t = targets.view(-1) if rows is None else targets.view(-1)[rows]  # (N,)
         logits = self.lm_head(x.view(-1, x.shape[-1]))[:, :self.config.vocab_size]  # (N, V)
         # fp32 softmax even under bf16 autocast

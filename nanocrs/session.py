@@ -9,21 +9,67 @@ and generated ids shown as text for people. sample.py (samples, chat) and nanocr
 
 import json
 import os
+from dataclasses import dataclass, fields, replace
 
-import numpy as np
 import torch
 
 from nanocrs import checkpoint
-from nanocrs.common import check_knobs
+from nanocrs.common import KNOBS, check_knobs, out_of_range
 from nanocrs.data import MENTION, DataError, Renderer, load_items
-from nanocrs.encoder import TEXT_PRIOR_FILE, TextPrior
+from nanocrs.heads import TextPrior
 from nanocrs.generate import SIDTrie, sample
 
-CALIBRATION_FILE = "calibration.json"  # chosen on val, beside the checkpoint: REC threshold, copy bias, text prior
+CALIBRATION_FILE = "calibration.json"  # chosen on val, beside the checkpoint: the decoding knobs (Knobs)
 
 
-def read_calibration(ckpt: str) -> dict:
-    """What sample.py --calibrate saved beside a checkpoint ({} if nothing); intent.json is its older name."""
+@dataclass(frozen=True)
+class Knobs:
+    """The decoding knobs, one value: read from calibration.json (sample.py --eval val --calibrate chose
+    them), or set on the command line (sample.py --knob NAME=VALUE), validated once, and handed to the
+    decoders explicitly. rec_threshold: the free-mode REC threshold on p(REC) / (p(REC) + p(CHAT))
+    (None: the plain argmax); the other three only move the heads (nanocrs/heads.py): the copy gate's
+    bias, its bias where the seeker just named an item, and the text prior's weight. Zero: as trained."""
+    rec_threshold: float | None = None
+    copy_bias: float = 0.0
+    just_named_bias: float = 0.0
+    text_prior: float = 0.0
+
+    # command-line name -> field
+    NAMES = {"threshold": "rec_threshold", "copy": "copy_bias", "just-named": "just_named_bias", "text": "text_prior"}
+
+    def __post_init__(self):
+        for f in fields(self):  # the ranges are common.KNOBS's, which also checks calibration.json as it is read
+            v = getattr(self, f.name)
+            why = None if v is None and f.name == "rec_threshold" else out_of_range(v, *KNOBS[f.name])
+            if why:
+                raise ValueError(f"{f.name} {why}")
+            if v is not None:
+                object.__setattr__(self, f.name, float(v))
+
+    @classmethod
+    def read(cls, ckpt: str) -> "Knobs":
+        """The knobs saved beside a checkpoint (all zero, no threshold, if none); one line if one is wrong."""
+        saved, _ = read_calibration(ckpt)
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if saved.get(f.name) is not None})
+
+    def set(self, assignments: list[str]) -> "Knobs":
+        """These knobs with NAME=VALUE assignments (the command line's) applied; one line naming the
+        assignment if one is wrong."""
+        knobs = self
+        for a in assignments:
+            name, _, value = a.partition("=")
+            if name not in self.NAMES:
+                raise ValueError(f"--knob {a}: NAME is one of {', '.join(self.NAMES)}")
+            try:
+                knobs = replace(knobs, **{self.NAMES[name]: float(value)})
+            except ValueError as e:  # not a number, or out of its range
+                raise ValueError(f"--knob {a}: {e}") from None
+        return knobs
+
+
+def read_calibration(ckpt: str) -> tuple[dict, str]:
+    """(what sample.py --calibrate saved beside a checkpoint ({} if nothing), its path); intent.json is
+    its older name."""
     for name in (CALIBRATION_FILE, "intent.json"):
         path = os.path.join(ckpt, name)
         if os.path.isfile(path):
@@ -33,16 +79,15 @@ def read_calibration(ckpt: str) -> dict:
                 raise DataError(f"{path}: not a JSON object ({e})") from None
             if not isinstance(saved, dict):
                 raise DataError(f"{path}: not a JSON object")
-            check_knobs(saved, path)
-            return saved
-    return {}
+            check_knobs(saved, path)  # each knob it holds a finite number in its range, or one line naming it
+            return saved, path
+    return {}, os.path.join(ckpt, CALIBRATION_FILE)
 
 
 class Session:
     """Everything loaded from a checkpoint, plus the helpers that turn tokens into readable text."""
 
-    def __init__(self, ckpt: str, device: str, copy_bias: float | None = None, text_prior: float | None = None,
-                 just_named_bias: float | None = None, quantize: str | None = None):
+    def __init__(self, ckpt: str, device: str, knobs: Knobs | None = None, quantize: str | None = None):
         # quantize: the backbone's storage ("nf4", "none"); None = what the checkpoint was trained with
         self.model, self.config, self.tok, self.sids = checkpoint.load(ckpt, device, merge=True, quantize=quantize)
         self.model.eval()
@@ -51,51 +96,29 @@ class Session:
         self.trie = SIDTrie.build(self.sids, self.tok)
         self.ctrl = self.rd.ctrl
         self.device = device
-        # what sample.py --eval val --calibrate chose on the validation split: the free-mode REC threshold
-        # and, with --calibrate-copy, the copy gate's bias (nanocrs/pointer.py); copy_bias here overrides it
-        saved = read_calibration(ckpt)
-        self.rec_threshold = saved.get("rec_threshold")
-        if self.model.pointer is not None:
-            self.model.pointer.copy_bias = saved.get("copy_bias", 0.0) if copy_bias is None else copy_bias
-            # with --calibrate-just-named, the same for the item the seeker just named; just_named_bias overrides it
-            self.model.pointer.just_named_bias = (saved.get("just_named_bias", 0.0) if just_named_bias is None
-                                                  else just_named_bias)
-        # and, with --calibrate-text, the text prior's weight tau (nanocrs/encoder.py); text_prior overrides it
         self.ckpt, self.text_prior = ckpt, None
-        self.set_text_prior(saved.get("text_prior", 0.0) if text_prior is None else text_prior)
+        self.use(Knobs.read(ckpt) if knobs is None else knobs)
 
-    def set_text_prior(self, tau: float):
-        """Use the text prior with weight tau at the REC slot (0: none). Its item vectors and encoder name
-        are in text_prior.npz beside the checkpoint, written by sample.py --calibrate-text."""
-        if not tau:
-            self.text_prior = None
-        elif self.text_prior is not None:
-            self.text_prior.tau = tau
-        else:
-            path = os.path.join(self.ckpt, TEXT_PRIOR_FILE)
-            if self.model.pointer is None or not self.model.pointer.items:
-                raise ValueError("--text-prior: this checkpoint has no association head (train.py --assoc)")
-            if not os.path.isfile(path):
-                raise DataError(f"{path}: not found; sample.py --eval val --calibrate-text writes it")
-            try:
-                with np.load(path, allow_pickle=False) as f:
-                    vecs, encoder = f["items"], f["encoder"]
-            except Exception as e:  # a damaged zip, a missing array, an object array: the library's many errors
-                raise DataError(f"{path}: not a readable text-prior file ({type(e).__name__}: {e}); "
-                                "sample.py --eval val --calibrate-text writes it again") from None
-            if encoder.ndim != 0 or encoder.dtype.kind != "U":
-                raise DataError(f"{path}: encoder must be one string, got {encoder.dtype} {encoder.shape}")
-            if vecs.ndim != 2 or vecs.shape[0] != len(self.trie.item_ids):
-                raise DataError(f"{path}: {vecs.shape} item vectors for a catalogue of {len(self.trie.item_ids)}")
-            if vecs.dtype.kind != "f" or not np.isfinite(vecs).all():  # one NaN row empties every beam list
-                raise DataError(f"{path}: items must be finite floats ({vecs.dtype}, "
-                                f"{int((~np.isfinite(vecs)).sum()) if vecs.dtype.kind == 'f' else 'not float'} non-finite)")
-            encoder = str(encoder)
-            self.text_prior = TextPrior(encoder, vecs, tau, lambda i: self.items[i]["title"], self.device)
+    def use(self, knobs: Knobs):
+        """Decode with these knobs from now on (the text prior's encoder is loaded once, when first needed)."""
+        heads = self.model.heads
+        if knobs.text_prior and not (heads is not None and heads.items):
+            raise ValueError("text_prior: this checkpoint has no association head (train.py --heads assoc=1)")
+        if knobs.text_prior and self.text_prior is None:
+            self.text_prior = TextPrior.load(self.ckpt, len(self.trie.item_ids), knobs.text_prior,
+                                             lambda i: self.items[i]["title"], self.device)
+        if self.text_prior is not None:
+            self.text_prior.tau = knobs.text_prior
+        self.knobs = knobs
 
-    def prior(self, contexts: list[list[dict]]):
-        """(B, items) text prior logits for B dialogs so far, or None without a text prior."""
-        return None if self.text_prior is None else self.text_prior(contexts)
+    def mixture(self, contexts: list[list[dict]] | None = None):
+        """The slot mixture the decoders ask for at a REC slot, with this session's knobs and, given the
+        B dialogs so far, their text prior; None without heads: the plain generative path."""
+        if self.model.heads is None:
+            return None
+        prior = self.text_prior(contexts) if self.knobs.text_prior and contexts is not None else None
+        tt = self.trie.tensors(self.ctrl, self.model.config.vocab_size, self.device)
+        return self.model.heads.mixture(self.trie, tt, self.knobs, prior)
 
     def link(self, text: str) -> tuple[str, list[str]]:
         """Typed text with every catalogue title found in it written as an @{id} mention, the way the
@@ -124,12 +147,12 @@ class Session:
         """The ids the model writes after "Assistant:"; args: max_new_tokens, temperature, top_k, greedy."""
         prompt = self.rd.prompt(context)
         kw = dict(n=1, temperature=args.temperature, top_k=args.top_k, greedy=args.greedy, generator=generator,
-                  prior=self.prior([context]))
-        if self.rec_threshold is not None:  # choose the mode with the calibrated threshold, then go on
+                  mixture=self.mixture([context]))
+        if self.knobs.rec_threshold is not None:  # choose the mode with the calibrated threshold, then go on
             logits, _ = self.model(torch.tensor([prompt], device=self.device))
             rec, chat = self.ctrl.mode_rec, self.ctrl.mode_chat
             p = logits[0, -1, [rec, chat]].float().softmax(-1)[0].item()
-            mode = rec if p >= self.rec_threshold else chat
+            mode = rec if p >= self.knobs.rec_threshold else chat
             return [mode] + sample(self.model, prompt + [mode], self.trie, self.ctrl,
                                    max_new_tokens=args.max_new_tokens - 1, **kw)[0]
         return sample(self.model, prompt, self.trie, self.ctrl, max_new_tokens=args.max_new_tokens, **kw)[0]

@@ -197,8 +197,8 @@ def test_calibrate_on_val_only(trained_ckpt, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     saved = json.load(open(os.path.join(ckpt, "calibration.json")))
     assert 0 <= saved["rec_threshold"] <= 1 and saved["chosen_on"] == "val"
-    p = run("sample.py", "--ckpt", ckpt, "--eval", "val", "--max-samples", "2", "--max-gen", "0", "--calibrate-copy")
-    assert p.returncode == 1 and "no copy head" in p.stderr.strip().splitlines()[-1]  # this checkpoint has none
+    p = run("sample.py", "--ckpt", ckpt, "--eval", "val", "--max-samples", "2", "--max-gen", "0", "--calibrate", "copy")
+    assert p.returncode == 1 and "no heads" in p.stderr.strip().splitlines()[-1]  # this checkpoint has none
     # later evals report the calibrated decision beside the argmax, and chat uses it
     p = run("sample.py", "--ckpt", ckpt, "--eval", "test", "--max-samples", "2", "--max-gen", "0")
     assert "threshold from val" in p.stdout

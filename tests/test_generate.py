@@ -211,7 +211,7 @@ def test_beam_search_with_prefilled_cache(tok, sids, dataset):
     cache = model.new_cache(1, len(prompt) + len(forced) + trie.depth + 1)
     model(torch.tensor([prompt]), cache=cache)
     logits, _ = model(torch.tensor([forced]), cache=cache)
-    top = beam_search(model, prompt + forced, trie, ctrl, 30, cache=cache, last_logits=logits[:, -1])
+    top = beam_search(model, prompt + forced, trie, ctrl, 30, prefilled=(cache, logits[:, -1], None))
     ref = beam_search(model, prompt + forced, trie, ctrl, 30)
     assert [i for i, _ in top] == [i for i, _ in ref]
     assert max(abs(a - b) for (_, a), (_, b) in zip(top, ref)) < 1e-4
@@ -302,7 +302,6 @@ class Bigram:
         self.config = SimpleNamespace(vocab_size=vocab_size, block_size=block_size)
         self.norm = SimpleNamespace(weight=torch.zeros(1))  # where the decoders find the device
         self.fn = fn
-        self.pointer = None  # no copy head
 
     def eval(self):
         return self

@@ -62,7 +62,7 @@ def ck(trained_ckpt, tmp_path):
 def assoc_ckpt(dataset_dir, tmp_path_factory):
     """A tiny checkpoint with a copy head, an association head and turn buckets (all three knobs apply)."""
     out = str(tmp_path_factory.mktemp("assoc") / "A")
-    return run_train(dataset_dir, out, ["--pointer", "16", "--assoc", "1", "--copy-turns", "1", "--max-steps", "2",
+    return run_train(dataset_dir, out, ["--heads", "pointer=16,assoc=1,copy-turns=1", "--max-steps", "2",
                                         "--save-interval", "2"])
 
 
@@ -74,9 +74,8 @@ def test_non_finite_knobs_are_refused(assoc_ckpt, tmp_path, capsys):
     before = hashes(assoc_ckpt)
     out = str(tmp_path / "e.json")
     base = ["--ckpt", assoc_ckpt, "--eval", "test", "--json", out, "--threads", "1", "--max-gen", "0"]
-    for flag, value in (("--copy-bias", "nan"), ("--copy-bias", "inf"), ("--just-named-bias", "nan"),
-                        ("--text-prior", "nan"), ("--text-prior", "inf"), ("--text-prior", "-1")):
-        refused(sample_py.main, base + [f"{flag}={value}"], capsys, 2, flag)
+    for knob in ("copy=nan", "copy=inf", "just-named=nan", "text=nan", "text=inf", "text=-1", "threshold=2"):
+        refused(sample_py.main, base + ["--knob", knob], capsys, 2, f"--knob {knob}")
     cal = os.path.join(assoc_ckpt, "calibration.json")
     for saved, key in (({"copy_bias": float("nan")}, "copy_bias"), ({"just_named_bias": float("inf")}, "just_named_bias"),
                        ({"text_prior": float("nan")}, "text_prior"), ({"rec_threshold": 5}, "rec_threshold"),
@@ -87,18 +86,18 @@ def test_non_finite_knobs_are_refused(assoc_ckpt, tmp_path, capsys):
         refused(sample_py.main, base, capsys, 1, cal, key)
     os.remove(cal)
     # the text prior's vectors: one NaN, or a damaged file
-    from nanocrs.encoder import TEXT_PRIOR_FILE
-    from nanocrs.session import Session
+    from nanocrs.heads import TEXT_PRIOR_FILE
+    from nanocrs.session import Knobs, Session
     s = Session(assoc_ckpt, "cpu")
     npz = os.path.join(assoc_ckpt, TEXT_PRIOR_FILE)
     vecs = np.ones((len(s.trie.item_ids), 4), dtype=np.float32)
     vecs[3, 1] = np.nan
     np.savez(npz, items=vecs, encoder=np.array("minilm"))
     with pytest.raises(ValueError, match="items must be finite"):
-        s.set_text_prior(2.0)
+        s.use(Knobs(text_prior=2.0))
     with open(npz, "wb") as f:
         f.write(b"PK\x03\x04 not a zip")
-    refused(sample_py.main, base + ["--text-prior", "2"], capsys, 1, npz, "not a readable text-prior file")
+    refused(sample_py.main, base + ["--knob", "text=2"], capsys, 1, npz, "not a readable text-prior file")
     os.remove(npz)
     assert not os.path.exists(out) and hashes(assoc_ckpt) == before
 

@@ -30,12 +30,11 @@ REDIAL_DATA = ["--dataset", "redial", "--raw", os.path.join(REPO, "tests", "fixt
 TINY = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--n-kv-head", "2", "--batch-size", "8",
         "--eval-interval", "10", "--save-interval", "30", "--max-steps", "30", "--device", "cpu", "--threads", "1"]
 def heads(dim):  # every head on
-    return ["--pointer", str(dim), "--assoc", "2", "--assoc-init", "counts", "--assoc-fresh", "1", "--distinct-sequences", "1",
-            "--copy-turns", "1"]
+    return ["--heads", f"pointer={dim},assoc=2,assoc-init=counts,assoc-fresh=1,distinct-sequences=1,copy-turns=1"]
 
 
-CALIBRATE = ["--calibrate", "--calibrate-copy", "--calibrate-just-named"]
-CALIBRATE_TEXT = ["--calibrate-text"]
+def calibrate(text):
+    return ["--calibrate", "threshold,copy,just-named" + (",text" if text else "")]
 KNOBS = {"rec_threshold": 0.4, "copy_bias": 0.5, "just_named_bias": 1.5, "text_prior": 5.0}
 EVAL = ["--device", "cpu", "--threads", "1", "--beam", "50"]
 
@@ -84,7 +83,7 @@ def record_all(tmp: str) -> dict:
 def heads_run(data: str, out: str, tmp: str, dim: int, text: bool, chat: str) -> dict:
     """Train with every head, calibrate the knobs on val, then evaluate and sample with non-zero knobs."""
     run("train.py", "--data", data, "--out", out, *TINY, *heads(dim))
-    run("sample.py", "--ckpt", out, "--eval", "val", "--max-gen", "0", *CALIBRATE, *(CALIBRATE_TEXT if text else []), *EVAL)
+    run("sample.py", "--ckpt", out, "--eval", "val", "--max-gen", "0", *calibrate(text), *EVAL)
     calibrated = json.load(open(os.path.join(out, "calibration.json")))
     with open(os.path.join(out, "calibration.json"), "w") as f:
         json.dump(KNOBS if text else {**KNOBS, "text_prior": 0.0}, f)
