@@ -676,3 +676,41 @@ def test_backbone_with_copy_and_association_heads(dataset_dir, tmp_path):
     r = run_cli("sample.py", "--ckpt", out, "--eval", "test", "--max-samples", "6", "--max-gen", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "standard protocol" in r.stdout and "copy head: mean gate" in r.stdout
+
+
+def test_checkpoint_from_before_the_socket_loads_evaluates_and_resumes(dataset_dir, tmp_path):
+    """A checkpoint written before issue 30 (the heads as the model config's "pointer" spec, their
+    weights as pointer.*, seven train.py flags) ranks exactly as the same checkpoint in today's form,
+    and --resume continues it, writing today's form."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    spec = "pointer=8,assoc=2,assoc-init=counts,assoc-fresh=1,distinct-sequences=1,copy-turns=1"
+    new = run_train(dataset_dir, str(tmp_path / "new"), ["--heads", spec, "--max-steps", "3"])
+    old = str(tmp_path / "old")
+    shutil.copytree(new, old)
+    config = json.load(open(os.path.join(old, "config.json")))
+    h = config.pop("heads")
+    config["model"]["pointer"] = {"dim": 8, "boi": h["boi"], "eoi": h["eoi"], "mode_rec": h["mode_rec"], "item_context": True,
+                                  "distinct_sequences": h["resp"], "assoc_fresh": True,
+                                  "turns": [h["mode_rec"], h["mode_chat"], h["eot"]], "items": h["items"]}
+    train = config["train"]
+    del train["heads"]
+    train.update(pointer=8, assoc=2, assoc_init="counts", assoc_fresh=1, distinct_sequences=1, copy_turns=1)
+    json.dump(config, open(os.path.join(old, "config.json"), "w"))
+    path = os.path.join(old, config["files"]["model"])
+    sd = {k.replace("heads.", "pointer.", 1): v for k, v in load_file(path).items()}
+    save_file(sd, path, metadata={"step": str(config["step"])})
+    for ckpt in (new, old):
+        r = run_cli("sample.py", "--ckpt", ckpt, "--eval", "test", "--max-samples", "6", "--max-gen", "0",
+                    "--rankings", os.path.join(ckpt, "r.jsonl"))
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert open(os.path.join(new, "r.jsonl")).read() == open(os.path.join(old, "r.jsonl")).read()
+    r = run_cli("train.py", "--data", dataset_dir, "--out", old, "--resume", "--heads", "pointer=4", "--max-steps", "4")
+    assert r.returncode != 0 and "--heads" in r.stderr.strip().splitlines()[-1]  # the saved flags say pointer=8
+    for ckpt in (new, old):
+        r = run_cli("train.py", "--data", dataset_dir, "--out", ckpt, "--resume", "--max-steps", "4")
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(line) for line in open(os.path.join(new, "log.jsonl"))] == \
+        [json.loads(line) for line in open(os.path.join(old, "log.jsonl"))]
+    config = json.load(open(os.path.join(old, "config.json")))
+    assert config["heads"]["copy_turns"] and config["train"]["heads"] == spec and "pointer" not in config["model"]
