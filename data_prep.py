@@ -34,7 +34,7 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default: data/DATASET); must be empty or new")
     p.add_argument("--force", action="store_true", help="replace --out if it holds an earlier data_prep.py output")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic world, of k-means and of ReDial's val split")
-    # real datasets (nanocrs/datasets.py)
+    # real datasets (nanocrs/datasets.py, nanocrs/inspired.py)
     p.add_argument("--raw", default=None, help="folder with the raw redial/inspired files, or the schema files for "
                                                 "custom (redial/inspired without it: download the official files)")
     p.add_argument("--cache-dir", default=None, help="download cache (default: $NANOCRS_CACHE or ~/.cache/nanocrs)")
@@ -109,7 +109,7 @@ def build_dialogs(a):
         items, splits = make_world(seed=a.seed, n_items=a.n_items, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test)
         print(describe_world(items, splits))
         return items, splits, {}
-    from nanocrs import datasets
+    from nanocrs import datasets, inspired
     if a.dataset == "custom":
         if not a.raw:
             raise DataError("--dataset custom needs --raw DIR (items.jsonl + train/val/test.jsonl)")
@@ -119,7 +119,7 @@ def build_dialogs(a):
         raw = a.raw or download(a.dataset, cache_dir=a.cache_dir)
         if a.dataset == "redial":
             return datasets.build_redial(raw, seed=a.seed, item_sequences=bool(a.item_sequences))
-        return datasets.build_inspired(raw, seed=a.seed)
+        return inspired.build_inspired(raw, seed=a.seed)
     raise AssertionError(f"main() checks --dataset first, got {a.dataset!r}")
 
 

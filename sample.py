@@ -10,7 +10,7 @@ Use a trained nanocrs checkpoint: evaluate it, print sample replies, or chat wit
     python sample.py --init-from smollm2 --prompt "The capital of France is" --greedy --max-new-tokens 20
 
 The evaluation (paper protocol, baselines, dialog metrics) is nanocrs/evaluate.py; a checkpoint as a
-Hugging Face folder: python -m nanocrs.hf export --ckpt out/smol --out out/smol-hf
+Hugging Face folder: python -m nanocrs.checkpoint export --ckpt out/smol --out out/smol-hf
 """
 
 import argparse

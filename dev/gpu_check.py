@@ -13,7 +13,7 @@ Sections, in order; the first that fails stops the run (exit status 1):
                prefill and one-token decoding
   parity       CPU vs GPU: logits, KV-cache greedy decoding, beam-search top-50 lists
   cli          data_prep.py, train.py (bf16 from scratch, resumed, --init-from + LoRA),
-               sample.py --eval and python -m nanocrs.hf export, as subprocesses on the GPU
+               sample.py --eval and python -m nanocrs.checkpoint export, as subprocesses on the GPU
   fp32_master  trainable parameters are fp32 over a bf16 base; one step at lr=1e-5 moves them
   qlora        train.py --quantize nf4 (4-bit base, nanocrs/nf4.py) trains, resumes and exports on the GPU;
                Llama-3.1-8B's shapes as QLoRA at micro-batch 4 x 768 with checkpointing: peak memory vs
@@ -296,8 +296,8 @@ def sec_cli(ctx):
     with open(ev) as f:
         fig["eval"] = {k: v for k, v in json.load(f).items() if isinstance(v, (int, float))}
     exp = os.path.join(w, "export")
-    fig["export_s"] = run(["-m", "nanocrs.hf", "export", "--ckpt", lora, "--out", exp, "--device", dev.type],
-                          "python -m nanocrs.hf export")
+    fig["export_s"] = run(["-m", "nanocrs.checkpoint", "export", "--ckpt", lora, "--out", exp, "--device", dev.type],
+                          "python -m nanocrs.checkpoint export")
     check(os.path.isfile(os.path.join(exp, "config.json")), "export wrote no config.json")
     return fig
 

@@ -2,9 +2,9 @@
 Checkpoints: a folder a user can read, with no pickle anywhere.
 
     out/synthetic/
-      config.json           {"model": GPTConfig, "train": train.py arguments, "step": N, "world": processes,
-                             "data": ..., "init_from": backbone or "", "lora": {...}, "quantize": "none" or "nf4",
-                             "dataset": name,
+      config.json           {"model": GPTConfig, "heads": HeadsConfig or null (nanocrs/heads.py), "train": train.py
+                             arguments, "step": N, "world": processes, "data": ..., "init_from": backbone or "",
+                             "lora": {...}, "quantize": "none" or "nf4", "dataset": name,
                              "files": {"model": "model-000800.safetensors", "optimizer": "optimizer-000800.safetensors"}}
       model-000800.safetensors      weights of step 800 (metadata: step)
       optimizer-000800.safetensors  AdamW moments (metadata: step, hyperparameters as JSON)
@@ -24,6 +24,8 @@ is the commit. A crash at any moment before it leaves config.json naming the pre
 which are untouched; the files of the step that did not finish are deleted at once if the save
 failed with an error (a full disk), or else by the next save, before it writes anything. The
 tensor files also carry their step in their metadata, which load() checks against config.json.
+
+    python -m nanocrs.checkpoint export --ckpt out/smol --out out/smol-hf   # a Hugging Face folder, LoRA merged
 """
 
 import hashlib
@@ -371,3 +373,31 @@ def check_data(config: dict, data_dir: str):
         raise CheckpointError(f"{data_dir}: not the dataset this checkpoint was trained on (its items, IDs or tokenizer "
                               f"differ from those of {config.get('data', 'the training data')}); "
                               "pass that --data, or train into a new --out")
+
+
+# -----------------------------------------------------------------------------
+# command line: a checkpoint as a Hugging Face folder (here, not in hf.py: hf.py knows no checkpoint)
+
+def main(argv=None):
+    import argparse
+    from nanocrs.common import init_device
+    from nanocrs.hf import export_hf
+    p = argparse.ArgumentParser(prog="python -m nanocrs.checkpoint", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd = p.add_subparsers(dest="command", required=True)
+    e = cmd.add_parser("export", help="write a checkpoint of train.py as a Hugging Face folder (LoRA merged)")
+    e.add_argument("--ckpt", required=True, help="checkpoint folder written by train.py")
+    e.add_argument("--out", required=True, help="folder to write: config.json, model.safetensors, tokenizer.json")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    a = p.parse_args(argv)
+    model, _, tok, _ = load(a.ckpt, init_device(a.device, a.threads), merge=True)
+    export_hf(model, tok, a.out)
+    print(f"wrote {a.out} (config.json, model.safetensors, tokenizer.json)")
+    if model.heads is not None:
+        print("note: the heads (train.py --heads) are not exported: transformers runs the plain language model")
+
+
+if __name__ == "__main__":
+    from nanocrs.common import run_script
+    run_script(main)

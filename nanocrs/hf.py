@@ -8,7 +8,7 @@ GPT, grow its vocabulary by nanocrs' tokens, and export the result back to a Hug
     ...fine-tune...
     export_hf(model, tok, "out/export")   # config.json + model.safetensors + tokenizer.json
 
-    python -m nanocrs.hf export --ckpt out/smol --out out/smol-hf   # a trained checkpoint, LoRA merged
+    python -m nanocrs.checkpoint export --ckpt out/smol --out out/smol-hf   # a trained checkpoint, LoRA merged
 
 The folder must hold config.json, tokenizer.json and model.safetensors (or the shards
 model-0000x-of-0000y.safetensors with model.safetensors.index.json). Nothing is downloaded.
@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanocrs import nf4
-from nanocrs.common import atomic_path, init_device, run_script
+from nanocrs.common import atomic_path
 from nanocrs.lora import merge_lora
 from nanocrs.model import GPT, GPTConfig, rope_frequencies
 from nanocrs.tokenizer import Tokenizer
@@ -348,29 +348,3 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str, model_type: str | 
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
     with open(os.path.join(out_dir, "config.json"), "w") as f:  # last: a folder without it is unfinished
         json.dump(hf, f, indent=2)
-
-
-# -----------------------------------------------------------------------------
-# command line
-
-def main(argv=None):
-    import argparse
-    from nanocrs import checkpoint  # only the command line reads the checkpoint format
-    p = argparse.ArgumentParser(prog="python -m nanocrs.hf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    cmd = p.add_subparsers(dest="command", required=True)
-    e = cmd.add_parser("export", help="write a checkpoint of train.py as a Hugging Face folder (LoRA merged)")
-    e.add_argument("--ckpt", required=True, help="checkpoint folder written by train.py")
-    e.add_argument("--out", required=True, help="folder to write: config.json, model.safetensors, tokenizer.json")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    a = p.parse_args(argv)
-    model, _, tok, _ = checkpoint.load(a.ckpt, init_device(a.device, a.threads), merge=True)
-    export_hf(model, tok, a.out)
-    print(f"wrote {a.out} (config.json, model.safetensors, tokenizer.json)")
-    if model.heads is not None:
-        print("note: the heads (train.py --heads) are not exported: transformers runs the plain language model")
-
-
-if __name__ == "__main__":
-    run_script(main)

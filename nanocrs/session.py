@@ -122,10 +122,10 @@ class Session:
 
     def link(self, text: str) -> tuple[str, list[str]]:
         """Typed text with every catalogue title found in it written as an @{id} mention, the way the
-        dataset readers link titles (nanocrs/datasets.py), so the model sees a typed title as the item
+        dataset readers link titles (nanocrs/inspired.py), so the model sees a typed title as the item
         it saw in training (a one-word title only with its capital, mid-sentence: link_titles' cased_words).
         Returns (text, linked item ids in order)."""
-        from nanocrs.datasets import link_titles
+        from nanocrs.inspired import link_titles
         text, _ = link_titles(text, [(it["title"], i) for i, it in self.items.items()], cased_words=True)
         return text, list(dict.fromkeys(MENTION.findall(text)))
 

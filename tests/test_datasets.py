@@ -20,7 +20,8 @@ import pytest
 from conftest import REPO, run_cli
 from nanocrs import download
 from nanocrs.data import DataError, load_dataset
-from nanocrs.datasets import build_custom, build_inspired, build_redial, link_titles
+from nanocrs.datasets import build_custom, build_redial
+from nanocrs.inspired import build_inspired, link_titles
 
 FIX = os.path.join(REPO, "tests", "fixtures")
 REDIAL, INSPIRED = os.path.join(FIX, "redial"), os.path.join(FIX, "inspired")

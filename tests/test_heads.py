@@ -525,7 +525,7 @@ def test_train_and_evaluate_with_pointer(dataset_dir, tmp_path):
     assert r.returncode != 0 and "calibration.json: copy_bias" in r.stderr.strip().splitlines()[-1]
     json.dump(saved, open(os.path.join(out, "calibration.json"), "w"))
     # the Hugging Face export is the plain language model: no copy head weights, and it says so
-    r = subprocess.run([sys.executable, "-m", "nanocrs.hf", "export", "--ckpt", out, "--out", str(tmp_path / "hf")],
+    r = subprocess.run([sys.executable, "-m", "nanocrs.checkpoint", "export", "--ckpt", out, "--out", str(tmp_path / "hf")],
                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "heads" in r.stdout

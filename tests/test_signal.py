@@ -15,7 +15,8 @@ import numpy as np
 
 from conftest import REPO
 from nanocrs.data import Renderer, load_dataset
-from nanocrs.datasets import build_inspired, build_redial
+from nanocrs.datasets import build_redial
+from nanocrs.inspired import build_inspired
 from nanocrs.encoder import cooc_counts, cooc_svd, item_features, ppmi_factors
 from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import BOI, EOI, MODE_REC, RESP, Tokenizer, added_tokens

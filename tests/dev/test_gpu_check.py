@@ -2,7 +2,7 @@
 Tests for dev/gpu_check.py: its --cpu-dry-run (every section at toy sizes on the CPU) passes and
 writes a figure per section, so the GPU script at least runs end to end before a GPU ever sees it.
 
-    python -m pytest tests/test_gpu_check.py -q
+    python -m pytest tests/dev/test_gpu_check.py -q
 """
 
 import json
@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_cpu_dry_run(tmp_path):

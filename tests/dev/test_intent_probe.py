@@ -2,13 +2,13 @@
 dev/intent_probe.py: its precision-at-recall helper on a hand-worked case, and the whole probe on the
 synthetic world, whose recommender turns follow a request the probe can read (so it must find them).
 
-    python -m pytest tests/test_intent_probe.py -q
+    python -m pytest tests/dev/test_intent_probe.py -q
 """
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "dev"))
 import intent_probe  # noqa: E402
 
 

@@ -1,12 +1,12 @@
 """
 dev/fresh_buckets.py: the per-bucket counts on a hand-worked case (two fresh samples, one repeat).
 
-    python -m pytest tests/test_fresh_buckets.py -q
+    python -m pytest tests/dev/test_fresh_buckets.py -q
 """
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "dev"))
 import fresh_buckets  # noqa: E402
 from nanocrs.metrics import CoOccurrence, Popularity  # noqa: E402
 

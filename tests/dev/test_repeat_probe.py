@@ -2,13 +2,13 @@
 dev/repeat_probe.py: the rates, the recommender's habit and the rankings check on a hand-worked
 dialog, and the text probe on a case its words decide.
 
-    python -m pytest tests/test_repeat_probe.py -q
+    python -m pytest tests/dev/test_repeat_probe.py -q
 """
 import math
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "dev"))
 import repeat_probe  # noqa: E402
 
 

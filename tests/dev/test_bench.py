@@ -3,7 +3,7 @@ The correctness half of dev/bench.py --quick: nanocrs' trie-constrained beam sea
 generate(num_beams=50, prefix_allowed_tokens_fn=...) on the same tiny random model and catalogue
 return the same top-50 item lists, after the two models' logits were checked equal. No timing.
 
-    python -m pytest tests/test_bench.py -q        # a few seconds; skipped without transformers
+    python -m pytest tests/dev/test_bench.py -q        # a few seconds; skipped without transformers
 """
 
 import os
@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "dev"))
 import bench  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """
 runs/table.py: mean ± std over seeds' eval JSONs, and refusing runs that did not score the same samples.
 
-    python -m pytest tests/test_table.py -q
+    python -m pytest tests/dev/test_table.py -q
 """
 import json
 import os
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "runs"))
 import table  # noqa: E402
 
