@@ -24,7 +24,7 @@ import torch
 from nanocrs import checkpoint
 from nanocrs.common import KNOBS, check_flags, check_output, escape_terminal, flag_error, init_device, run_script
 from nanocrs.data import MENTION, DataError, Renderer, load_dataset, write_json
-from nanocrs.evaluate import CALIBRATION, calibrate, evaluate, missing_part, print_eval, standardized_redial
+from nanocrs.evaluate import CALIBRATION, calibrate, check_knobs, evaluate, print_eval, standardized_redial
 from nanocrs.generate import sample
 from nanocrs.heads import write_text_vectors
 from nanocrs.session import CALIBRATION_FILE, Knobs, Session, read_calibration
@@ -166,23 +166,6 @@ def _escape(text: str) -> str:
     return text.replace("@{", "@ {")
 
 
-def session_knobs(args) -> Knobs:
-    """The checkpoint's knobs with the command line's applied; a knob being calibrated starts at 0."""
-    knobs = Knobs.read(args.ckpt).set(args.knob)
-    zero = {CALIBRATION[n].field: 0.0 for n in args.calibrate if n != "threshold"}
-    return replace(knobs, **zero)
-
-
-def check_knobs(s: Session, args):
-    """A knob set or calibrated that needs a part of the heads this checkpoint lacks: one line."""
-    for name, knob in CALIBRATION.items():
-        typed = [kv for kv in args.knob if kv.partition("=")[0] == name]
-        missing = missing_part(s, knob.needs)
-        if missing and (name in args.calibrate or typed):
-            raise ValueError(f"{'--calibrate ' + name if name in args.calibrate else '--knob ' + typed[0]}: "
-                             f"this checkpoint has {missing}")
-
-
 def standardized_samples(ds: dict, args) -> list:
     """--protocol standardized: the instances built from the raw ReDial test file the dataset was prepared from."""
     info = ds["meta"].get("info", {})
@@ -214,8 +197,10 @@ def main(argv=None):
                      top_k=args.top_k, greedy=args.greedy, generator=g, stop=stop)[0]  # no trie: plain text
         print(f"prompt ids: {ids}\ngenerated ids: {out}\n{args.prompt}{tok.decode(out)}")
         return
-    s = Session(args.ckpt, device, session_knobs(args), quantize=args.quantize)
-    check_knobs(s, args)
+    knobs = Knobs.read(args.ckpt).set(args.knob)  # a knob being calibrated starts at 0, the model as trained
+    s = Session(args.ckpt, device, replace(knobs, **{CALIBRATION[n].field: 0.0 for n in args.calibrate if n != "threshold"}),
+                quantize=args.quantize)
+    check_knobs(s, args.calibrate, args.knob)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if not (args.eval or args.num_samples or args.chat):
         args.num_samples = 3

@@ -4,6 +4,7 @@ target  Assistant:<MODE=REC><BOI>SID<EOI><RESP> text<EOT>  or  Assistant:<MODE=C
 
     python train.py --data data/synthetic --out out/synthetic               # CPU quickstart, ~5 min
     python train.py --data data/synthetic --out out/synthetic --resume      # continue where it stopped
+    python train.py --data data/redial --out out/redial-heads --heads redial   # the opt-in heads (nanocrs/heads.py)
     python train.py --data data/synthetic --out out/big --n-layer 8 --n-embd 512 --compile   # on a GPU
     torchrun --nproc_per_node=2 train.py --data data/synthetic --out out/ddp    # DDP: NCCL on GPUs, gloo on CPUs
     python train.py --data data/synthetic --out out/smol --init-from smollm2 --lora-rank 16   # pretrained + LoRA
@@ -86,81 +87,82 @@ RANGES = {"n_layer": (1, None), "n_embd": (1, None), "n_head": (1, None), "n_kv_
 def get_args(argv=None, given: set | None = None):
     """The arguments; `given` (if a set) receives the names of the flags typed on the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the essentials first; then the groups, as --help shows them
     p.add_argument("--data", default="data/synthetic", help="dataset folder written by data_prep.py")
     p.add_argument("--out", default="out/synthetic", help="checkpoint folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    # model
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=192)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-kv-head", type=int, default=2)
-    p.add_argument("--block-size", type=int, default=256, help="longest training sequence; contexts are left-truncated to it")
-    p.add_argument("--dropout", type=float, default=0.0)
-    # pretrained backbone
-    p.add_argument("--init-from", default="", help='"" (train from scratch), "smollm2", or a Hugging Face model folder')
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on q/k/v/o/gate/up/down (0: full fine-tuning)")
-    p.add_argument("--lora-alpha", type=float, default=32.0)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--embed-train", choices=["new", "all"], default="new",
-                   help="with --lora-rank: new (only the added tokens' rows train, the paper's default) or all (the "
-                        "whole embedding and output head: Table 4's full embedding fine-tuning)")
-    p.add_argument("--sid-init", choices=["codebook", "mean"], default="codebook",
-                   help="with --init-from: where the semantic-ID tokens' new rows start: codebook (the mean item "
-                        "embedding of each code, projected, at the embedding's row norm) or mean (the mean row)")
-    p.add_argument("--quantize", choices=["none", "nf4"], default="none",
-                   help="nf4: the frozen backbone's block linears in 4 bits (QLoRA, nanocrs/nf4.py; needs --lora-rank > 0)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="the paper's recipe; explicit flags still override it")
-    # data
-    p.add_argument("--train-splits", default="train",
-                   help='comma-separated splits to train on ("train,val" = train+dev, as the paper does for INSPIRED)')
-    p.add_argument("--item-sequences", type=int, default=1,
-                   help="0: leave out the dataset's items-only dialogs (item sequences without text), which "
-                        "the eval's baselines then do not count either")
-    p.add_argument("--shuffle-item-sequences", type=int, default=0,
-                   help="1: deal the items of every items-only dialog in a new order each epoch (seeded by --seed "
-                        "and the epoch): every co-occurring pair is seen in both directions, as the baseline counts it")
-    p.add_argument("--item-loss-weight", type=float, default=1.0,
-                   help="weight of a semantic-ID target token in the loss against 1 for text: a small model "
-                        "spends most of its loss on language otherwise (the logged loss is then weighted)")
-    p.add_argument("--item-text", type=int, default=0,
-                   help="1: also train on item-text alignment (each item's ID <-> its title, year and genres, "
-                        "both directions; Renderer.item_text_windows)")
+    p.add_argument("--max-steps", type=int, default=800)
     p.add_argument("--heads", default="",
                    help="the recommendation slot's heads beside the generative path (nanocrs/heads.py; default none): "
                         f"a preset ({', '.join(HEAD_PRESETS)}) or a spec such as pointer=64,assoc=2,assoc-init=counts,"
                         "assoc-fresh=1,distinct-sequences=1,copy-turns=1")
-    p.add_argument("--format", choices=["dialog", "turn"], default="dialog",
+    m = p.add_argument_group("model (from scratch)")
+    m.add_argument("--n-layer", type=int, default=4)
+    m.add_argument("--n-embd", type=int, default=192)
+    m.add_argument("--n-head", type=int, default=4)
+    m.add_argument("--n-kv-head", type=int, default=2)
+    m.add_argument("--block-size", type=int, default=256, help="longest training sequence; contexts are left-truncated to it")
+    m.add_argument("--dropout", type=float, default=0.0)
+    b = p.add_argument_group("pretrained backbone")
+    b.add_argument("--init-from", default="", help='"" (train from scratch), "smollm2", or a Hugging Face model folder')
+    b.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on q/k/v/o/gate/up/down (0: full fine-tuning)")
+    b.add_argument("--lora-alpha", type=float, default=32.0)
+    b.add_argument("--lora-dropout", type=float, default=0.05)
+    b.add_argument("--embed-train", choices=["new", "all"], default="new",
+                   help="with --lora-rank: new (only the added tokens' rows train, the paper's default) or all (the "
+                        "whole embedding and output head: Table 4's full embedding fine-tuning)")
+    b.add_argument("--sid-init", choices=["codebook", "mean"], default="codebook",
+                   help="with --init-from: where the semantic-ID tokens' new rows start: codebook (the mean item "
+                        "embedding of each code, projected, at the embedding's row norm) or mean (the mean row)")
+    b.add_argument("--quantize", choices=["none", "nf4"], default="none",
+                   help="nf4: the frozen backbone's block linears in 4 bits (QLoRA, nanocrs/nf4.py; needs --lora-rank > 0)")
+    b.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="the paper's recipe; explicit flags still override it")
+    d = p.add_argument_group("data and training targets")
+    d.add_argument("--train-splits", default="train",
+                   help='comma-separated splits to train on ("train,val" = train+dev, as the paper does for INSPIRED)')
+    d.add_argument("--item-sequences", type=int, default=1,
+                   help="0: leave out the dataset's items-only dialogs (item sequences without text), which "
+                        "the eval's baselines then do not count either")
+    d.add_argument("--shuffle-item-sequences", type=int, default=0,
+                   help="1: deal the items of every items-only dialog in a new order each epoch (seeded by --seed "
+                        "and the epoch): every co-occurring pair is seen in both directions, as the baseline counts it")
+    d.add_argument("--item-loss-weight", type=float, default=1.0,
+                   help="weight of a semantic-ID target token in the loss against 1 for text: a small model "
+                        "spends most of its loss on language otherwise (the logged loss is then weighted)")
+    d.add_argument("--item-text", type=int, default=0,
+                   help="1: also train on item-text alignment (each item's ID <-> its title, year and genres, "
+                        "both directions; Renderer.item_text_windows)")
+    d.add_argument("--format", choices=["dialog", "turn"], default="dialog",
                    help="dialog: one sequence per dialog, all assistant turns supervised (O(turns) tokens); "
                         "turn: one example per (assistant turn, item), as in the paper (O(turns^2))")
-    p.add_argument("--slot-items", choices=["all", "first"], default="all",
+    d.add_argument("--slot-items", choices=["all", "first"], default="all",
                    help="all: every item of a REC turn is a slot target, as the paper trains (--format dialog adds "
                         "one slot-only example per extra item); first: only each turn's first item")
-    p.add_argument("--target", choices=list(TARGETS), default="full",
+    d.add_argument("--target", choices=list(TARGETS), default="full",
                    help="the paper's Table 4 training targets: full (mode, item slot, response), sid (mode and slot, "
                         "no response), mode-resp (no item slot), resp (a plain LM on the dialogs, items as IDs)")
-    # optimisation
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-steps", type=int, default=800)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--min-lr", type=float, default=3e-4, help="cosine decays to this")
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-interval", type=int, default=200, help="validation loss every N steps (0: never)")
-    p.add_argument("--save-interval", type=int, default=200, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--seed", type=int, default=1337)
-    # system
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    o.add_argument("--lr", type=float, default=3e-3)
+    o.add_argument("--min-lr", type=float, default=3e-4, help="cosine decays to this")
+    o.add_argument("--warmup", type=int, default=30)
+    o.add_argument("--weight-decay", type=float, default=0.1)
+    o.add_argument("--grad-clip", type=float, default=1.0)
+    o.add_argument("--eval-interval", type=int, default=200, help="validation loss every N steps (0: never)")
+    o.add_argument("--save-interval", type=int, default=200, help="checkpoint every N steps (and at the end)")
+    o.add_argument("--seed", type=int, default=1337)
+    x = p.add_argument_group("system")
+    x.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    x.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="autocast dtype and a backbone's frozen weights' dtype (auto: bf16 on CUDA); trainable weights are fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start, faster to run)")
-    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+    x.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start, faster to run)")
+    x.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="activation checkpointing per block (less memory, ~1/3 more compute; on in the presets)")
-    p.add_argument("--deterministic", action="store_true",
+    x.add_argument("--deterministic", action="store_true",
                    help="deterministic CUDA kernels (no flash attention, slower): bitwise-repeatable runs and resumes")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    x.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     preset = p.parse_known_args(argv)[0].preset
     if preset:
         p.set_defaults(**PRESETS[preset])  # defaults only: flags given on the command line win
@@ -310,6 +312,30 @@ def sid_start_rows(a, ds: dict, sids: SemanticIDs) -> dict:
     levels = ds["meta"].get("quantizer", {}).get("levels", len(sids.level_sizes))  # the rest: collision suffixes
     rows = codebook_rows(codes, sids.level_sizes, emb, levels)
     return {SemanticIDs.token(level, code): v for (level, code), v in rows.items()}
+
+
+def load_run(a, c: Compute):
+    """(dataset, tokenizer, semantic IDs, model, step) of a new or resumed run; with an association
+    head, the head bound to the catalogue (and started from the counts on a new run)."""
+    ds = load_dataset(a.data)
+    tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
+    sids = SemanticIDs.load(os.path.join(a.data, "sids.json"))
+    model, tok, sids, step = build_model(a, c, ds, tok, sids)
+    if model.heads is not None and model.heads.items:  # the association head's rows are the catalogue's items
+        trie = SIDTrie.build(sids, tok)
+        prepare_training(model.heads, trie, trie.tensors(Control.of(tok), model.config.vocab_size, c.device),
+                         training_dialogs(ds, a.train_splits, items_only=bool(a.item_sequences)), a.seed, a.resume)
+    return ds, tok, sids, model, step
+
+
+def build_optimizer(a, c: Compute, model: GPT, step: int):
+    """AdamW over what trains (rows started from the counts kept out of weight decay); on --resume
+    with the checkpoint's moments."""
+    keep = model.heads.count_rows() if model.heads is not None and model.heads.config.assoc_init == "counts" else ()
+    opt = model.configure_optimizer(a.lr, a.weight_decay, device_type=c.device_type, keep=keep)
+    if a.resume:
+        checkpoint.load_optimizer(opt, a.out, step)
+    return opt
 
 
 def fits_any_order(rd: Renderer, dialog: dict) -> bool:
@@ -475,6 +501,17 @@ def train_step(fwd, model: GPT, opt, examples: list, idx: list[int], step: int, 
     return loss, padded, real, flops
 
 
+def log_step(log, a, c: Compute, model: GPT, val_ex: list, step: int, loss: float):
+    """One line of log.jsonl: the step's lr and loss and, every eval_interval steps and at the end, the
+    validation loss (no val examples: no figure)."""
+    rec = {"step": step, "lr": lr_at(step - 1, a), "loss": loss}
+    if a.eval_interval and val_ex and (step % a.eval_interval == 0 or step == a.max_steps):
+        rec["val_loss"] = evaluate_loss(model, val_ex, 32, c.device, c.autocast())
+        tqdm.write(f"step {step}: train loss {loss:.4f}, val loss {rec['val_loss']:.4f}")
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+
+
 def show_progress(pbar, loss: float, window: list, world: int, peak: float | None):
     """One step on the progress bar: the loss, tokens/s and MFU (against the GPU's dense bf16 peak)
     over the window of recent steps, each (seconds, real tokens, FLOPs)."""
@@ -528,25 +565,15 @@ def main(argv=None):
     lock = checkpoint.claim(a.out, a.resume) if c.master else None
 
     # data and model: the dataset folder has the tokenizer and the semantic-ID table
-    ds = load_dataset(a.data)
-    tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
-    sids = SemanticIDs.load(os.path.join(a.data, "sids.json"))
-    model, tok, sids, step = build_model(a, c, ds, tok, sids)
-    if model.heads is not None and model.heads.items:  # the association head's rows are the catalogue's items
-        trie = SIDTrie.build(sids, tok)
-        prepare_training(model.heads, trie, trie.tensors(Control.of(tok), model.config.vocab_size, c.device),
-                         training_dialogs(ds, a.train_splits, items_only=bool(a.item_sequences)), a.seed, a.resume)
+    ds, tok, sids, model, step = load_run(a, c)
     examples_at, val_ex = build_data(a, ds, Renderer(tok, sids, model.config.block_size, a.target))
     item_tokens = torch.zeros(model.config.padded_vocab_size, dtype=torch.bool)  # the tokens that name items
     item_tokens[[tok.id(t) for t in sids.all_token_strings()]] = True
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(model.config.to_dict())}")
-    keep = model.heads.count_rows() if model.heads is not None and model.heads.config.assoc_init == "counts" else ()
-    opt = model.configure_optimizer(a.lr, a.weight_decay, device_type=c.device_type, keep=keep)
-    if a.resume:
-        checkpoint.load_optimizer(opt, a.out, step)
-        if step >= a.max_steps:
-            print(f"checkpoint is at step {step} >= --max-steps {a.max_steps}: nothing to do")
-            return
+    opt = build_optimizer(a, c, model, step)
+    if a.resume and step >= a.max_steps:
+        print(f"checkpoint is at step {step} >= --max-steps {a.max_steps}: nothing to do")
+        return
     model.grad_checkpointing = a.grad_checkpoint
     if a.compile:
         compile_blocks(model)
@@ -559,9 +586,8 @@ def main(argv=None):
         checkpoint.save_static(a.out, tok, sids, os.path.join(a.data, "items.jsonl"))
     log = open_log(a.out, step, a.resume) if c.master else None
     batches = Batches(examples_at, a.batch_size * a.grad_accum * c.world, a.seed)
-    # in a log file (not a terminal) redraw the bar rarely, so the log stays readable
-    pbar = tqdm(total=a.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout,
-                mininterval=0.2 if sys.stdout.isatty() else 30, disable=not c.master)
+    pbar = tqdm(total=a.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout,  # a log file:
+                mininterval=0.2 if sys.stdout.isatty() else 30, disable=not c.master)  # redrawn rarely
     peak = peak_flops(torch.cuda.get_device_name(c.device)) if c.device_type == "cuda" else None
     t0, tokens_seen, window = time.time(), 0, []  # window: (seconds, real tokens, FLOPs) of recent steps
     model.train()
@@ -576,13 +602,8 @@ def main(argv=None):
                 window = (window + [(time.time() - t_step, real, flops)])[-MFU_WINDOW:]  # loss.item() synced
                 if not c.master:
                     continue
-                # log the loss, and every eval_interval steps the validation loss (no val: no figure)
-                rec = {"step": step, "lr": lr_at(step - 1, a), "loss": loss}
-                if a.eval_interval and val_ex and (step % a.eval_interval == 0 or step == a.max_steps):
-                    rec["val_loss"] = evaluate_loss(model, val_ex, 32, c.device, c.autocast())
-                    tqdm.write(f"step {step}: train loss {loss:.4f}, val loss {rec['val_loss']:.4f}")
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                # log the loss, and every eval_interval steps the validation loss
+                log_step(log, a, c, model, val_ex, step, loss)
                 show_progress(pbar, loss, window, c.world, peak)
                 # a checkpoint every save_interval steps and at the end
                 if (a.save_interval and step % a.save_interval == 0) or step == a.max_steps:

@@ -89,16 +89,19 @@ CALIBRATION = {  # in the order they are chosen: each choice stays set while the
 }
 
 
-def missing_part(s: Session, needs: str) -> str | None:
-    """What this checkpoint lacks for a knob that needs `needs` (a Knob's), as a hint; None if nothing."""
+def check_knobs(s: Session, names: list[str], assignments: list[str]):
+    """The knobs to calibrate (names) or set (NAME=VALUE assignments) that need a part of the heads this
+    checkpoint lacks: one line naming the flag."""
     heads = s.model.heads
-    if needs == "heads" and heads is None:
-        return "no heads (train.py --heads)"
-    if needs == "copy-turns" and not (heads is not None and heads.turns):
-        return "no turn buckets in its copy head (train.py --heads copy-turns=1)"
-    if needs == "assoc" and not (heads is not None and heads.items):
-        return "no association head (train.py --heads assoc=1)"
-    return None
+    lacks = {"heads": heads is None, "copy-turns": not (heads is not None and heads.turns),
+             "assoc": not (heads is not None and heads.items)}
+    hint = {"heads": "no heads (train.py --heads)", "copy-turns": "no turn buckets in its copy head (train.py --heads "
+            "copy-turns=1)", "assoc": "no association head (train.py --heads assoc=1)"}
+    for name, knob in CALIBRATION.items():
+        typed = [kv for kv in assignments if kv.partition("=")[0] == name]
+        if lacks.get(knob.needs) and (name in names or typed):
+            flag = f"--calibrate {name}" if name in names else f"--knob {typed[0]}"
+            raise ValueError(f"{flag}: this checkpoint has {hint[knob.needs]}")
 
 
 def calibrate(s: Session, ds: dict, names: list[str], res: dict, beam: int, max_dialogs: int = 0, batch: int = 8) -> dict:
