@@ -15,19 +15,18 @@ Hugging Face folder: python -m nanocrs.checkpoint export --ckpt out/smol --out o
 
 import argparse
 import os
-import sys
 import time
 from dataclasses import replace
 
 import torch
 
 from nanocrs import checkpoint
-from nanocrs.common import KNOBS, check_flags, check_output, escape_terminal, flag_error, init_device, run_script
-from nanocrs.data import MENTION, DataError, Renderer, load_dataset, write_json
+from nanocrs.common import KNOBS, check_flags, check_output, flag_error, init_device, run_script
+from nanocrs.data import DataError, load_dataset, write_json
 from nanocrs.evaluate import CALIBRATION, calibrate, check_knobs, evaluate, print_eval, standardized_redial
 from nanocrs.generate import sample
 from nanocrs.heads import write_text_vectors
-from nanocrs.session import CALIBRATION_FILE, Knobs, Session, read_calibration
+from nanocrs.session import CALIBRATION_FILE, Knobs, Session, chat, read_calibration, show_samples
 
 
 def get_args(argv=None):
@@ -87,83 +86,6 @@ def get_args(argv=None):
     # every float flag finite, the rest in range (the knobs: Knobs, once)
     check_flags(a, {"temperature": (0, None, "(]"), "eval_batch": (1, None), "seed": (0, None), "threads": (0, None)})
     return a
-
-
-# -----------------------------------------------------------------------------
-# samples and chat
-
-def show_samples(s: Session, ds: dict, n: int, args, generator):
-    dialogs = ds["test"]
-    shown = 0
-    for d in dialogs:
-        # one assistant turn per dialog, the first recommendation if there is one
-        turns = [t for t, turn in enumerate(d["turns"]) if turn["role"] == "assistant" and t > 0]
-        if not turns:
-            continue
-        t = next((t for t in turns if d["turns"][t]["items"]), turns[0])
-        print(f"=== {d['id']}, turn {t} " + "=" * 40)
-        for turn in d["turns"][:t]:
-            print(escape_terminal(f"{turn['role']:>9}: {s.show_text(turn['text'])}"))
-        gold = d["turns"][t]
-        print(escape_terminal(f"     gold: [{'REC' if gold['items'] else 'CHAT'}] {s.show_text(gold['text'])}"))
-        mode, item, text = s.show(s.reply(d["turns"][:t], args, generator))
-        rec = f" -> {s.title(item)}" if item else ""
-        print(escape_terminal(f"    model: [{mode or '?'}{rec}] {text}") + "\n")
-        shown += 1
-        if shown >= n:
-            break
-
-
-def chat(s: Session, args, generator):
-    interactive = sys.stdin.isatty()
-    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD, not an error ending the chat
-        sys.stdin.reconfigure(errors="replace")
-    if interactive:
-        print("nanocrs chat: tell it what you like. /reset starts over, /quit leaves.")
-    context = []
-    while True:
-        try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            break
-        line = line.strip()
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
-            context = []
-            print("(new conversation)")
-            continue
-        if not line:
-            print("(empty message: type something, /reset or /quit)")
-            continue
-        if not interactive:
-            print(escape_terminal(f"you> {line}"))
-        if "\ufffd" in line:
-            print("(some of that was not UTF-8 text: shown as \ufffd)")
-        text, linked = s.link(_escape(line))
-        if linked:
-            print(escape_terminal(f"(linked: {', '.join(s.title(i) for i in linked)})"))
-        context.append({"role": "user", "text": text, "items": linked})
-        ids = s.reply(context, args, generator)
-        mode, item, text = s.show(ids)
-        rec = f" recommends {s.title(item)}" if item else ""
-        print(escape_terminal(f"bot> ({mode or '?'}{rec}) {text}"))
-        # keep the reply in the context as a schema turn: its slot item first, then the items its text mentions,
-        # so that it renders back into exactly the structured form the model wrote
-        text = _reply_text(s, ids)
-        items = ([item] if item else []) + MENTION.findall(text)
-        context.append({"role": "assistant", "text": text, "items": list(dict.fromkeys(items))})
-
-
-def _reply_text(s: Session, ids: list[int]) -> str:
-    """The response part of generated ids, written back in the schema's @{id} form."""
-    _, _, pieces = s.rd.parse(ids)
-    return Renderer.join([_escape(p) if isinstance(p, str) else p for p in pieces], lambda i: "@{" + i + "}")
-
-
-def _escape(text: str) -> str:
-    # "@{" in free text would read as an item mention when the turn is rendered again
-    return text.replace("@{", "@ {")
 
 
 def standardized_samples(ds: dict, args) -> list:

@@ -51,7 +51,7 @@ from nanocrs.data import (TARGETS, DataError, Renderer, check_catalogue, collate
                           reorder_items_only, training_dialogs)
 from nanocrs.generate import SIDTrie
 from nanocrs.heads import PRESETS as HEAD_PRESETS
-from nanocrs.heads import Heads, HeadsConfig, legacy_spec, prepare_training
+from nanocrs.heads import Heads, HeadsConfig, prepare_training
 from nanocrs.mfu import peak_flops, train_flops
 from nanocrs.model import GPT, GPTConfig
 from nanocrs.nf4 import check_quantize
@@ -87,7 +87,6 @@ RANGES = {"n_layer": (1, None), "n_embd": (1, None), "n_head": (1, None), "n_kv_
 def get_args(argv=None, given: set | None = None):
     """The arguments; `given` (if a set) receives the names of the flags typed on the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # the essentials first; then the groups, as --help shows them
     p.add_argument("--data", default="data/synthetic", help="dataset folder written by data_prep.py")
     p.add_argument("--out", default="out/synthetic", help="checkpoint folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -197,8 +196,9 @@ def resume_flags(a, given: set, config: dict):
     says so; a typed model flag that differs is refused, as the weights can not change shape."""
     # flags added since: the value that reproduces what a checkpoint written before them did
     saved = {"slot_items": "first", "target": "full", "quantize": "none", **config["train"]}
-    if "heads" not in saved:  # before issue 30 the heads were seven flags
-        saved["heads"] = legacy_spec(saved)
+    if "heads" not in saved:  # before issue 30 the heads were seven flags: the spec they add up to
+        heads = HeadsConfig.from_config(config)
+        saved["heads"] = heads.spec() if heads is not None else ""
     saved["data"] = config.get("data", config["train"].get("data"))
     for k, v in saved.items():
         if k in LOCAL_FLAGS or not hasattr(a, k) or getattr(a, k) == v:
@@ -271,17 +271,14 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
         if config.get("world", 1) != c.world:
             print(f"note: {c.world} processes, the checkpoint was trained with {config.get('world', 1)}: the batches change")
         return model, tok, sids, config["step"]
-    heads = HeadsConfig.parse(a.heads)  # checked before anything is built; bound to the tokenizer below
-
-    def make_heads(tok):
-        cfg = heads.bind(Control.of(tok), len(sids.item_ids))
-        return lambda n_embd: Heads(n_embd, cfg)
+    heads = HeadsConfig.parse(a.heads)  # bound below to the control ids of the model's tokenizer
     check_quantize(a.quantize, a.init_from, a.lora_rank)
     if not a.init_from:
         torch.manual_seed(a.seed)
         cfg = GPTConfig(vocab_size=len(tok), block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
                         n_kv_head=a.n_kv_head, n_embd=a.n_embd, dropout=a.dropout)
-        return GPT(cfg, heads=make_heads(tok) if heads else None).to(c.device), tok, sids, 0
+        bound = heads.bind(Control.of(tok), len(sids.item_ids)) if heads else None
+        return GPT(cfg, heads=(lambda n: Heads(n, bound)) if heads else None).to(c.device), tok, sids, 0
     from nanocrs.backbone import prepare
     if a.lora_rank == 0 and c.device_type == "cuda":  # before loading: fp32 weights + AdamW, 16 bytes a parameter
         from nanocrs.memplan import check_full_finetune
@@ -291,7 +288,7 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
                                     a.lora_dropout, c.device, c.base_dtype, a.quantize, a.embed_train,
                                     sid_start_rows(a, ds, sids) if a.sid_init == "codebook" else None)
     if heads:  # the backbone's own tokenizer: the control tokens' ids are its added ones
-        model.add_heads(make_heads(tok)(model.config.n_embd))
+        model.add_heads(Heads(model.config.n_embd, heads.bind(Control.of(tok), len(sids.item_ids))))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"backbone {a.init_from}: {len(tok) - first_new} tokens added at id {first_new}; "
           f"{n_train / 1e6:.2f}M of {model.num_params() / 1e6:.1f}M parameters train")
@@ -315,8 +312,8 @@ def sid_start_rows(a, ds: dict, sids: SemanticIDs) -> dict:
 
 
 def load_run(a, c: Compute):
-    """(dataset, tokenizer, semantic IDs, model, step) of a new or resumed run; with an association
-    head, the head bound to the catalogue (and started from the counts on a new run)."""
+    """(dataset, tokenizer, semantic IDs, model, step, the (V,) mask of the tokens that name items) of a
+    new or resumed run; an association head bound to the catalogue (started from the counts if new)."""
     ds = load_dataset(a.data)
     tok = Tokenizer.load(os.path.join(a.data, "tokenizer.json"))
     sids = SemanticIDs.load(os.path.join(a.data, "sids.json"))
@@ -325,12 +322,13 @@ def load_run(a, c: Compute):
         trie = SIDTrie.build(sids, tok)
         prepare_training(model.heads, trie, trie.tensors(Control.of(tok), model.config.vocab_size, c.device),
                          training_dialogs(ds, a.train_splits, items_only=bool(a.item_sequences)), a.seed, a.resume)
-    return ds, tok, sids, model, step
+    item_tokens = torch.zeros(model.config.padded_vocab_size, dtype=torch.bool)
+    item_tokens[[tok.id(t) for t in sids.all_token_strings()]] = True
+    return ds, tok, sids, model, step, item_tokens
 
 
 def build_optimizer(a, c: Compute, model: GPT, step: int):
-    """AdamW over what trains (rows started from the counts kept out of weight decay); on --resume
-    with the checkpoint's moments."""
+    """AdamW over what trains (rows started from the counts out of weight decay), resumed moments."""
     keep = model.heads.count_rows() if model.heads is not None and model.heads.config.assoc_init == "counts" else ()
     opt = model.configure_optimizer(a.lr, a.weight_decay, device_type=c.device_type, keep=keep)
     if a.resume:
@@ -565,10 +563,8 @@ def main(argv=None):
     lock = checkpoint.claim(a.out, a.resume) if c.master else None
 
     # data and model: the dataset folder has the tokenizer and the semantic-ID table
-    ds, tok, sids, model, step = load_run(a, c)
+    ds, tok, sids, model, step, item_tokens = load_run(a, c)
     examples_at, val_ex = build_data(a, ds, Renderer(tok, sids, model.config.block_size, a.target))
-    item_tokens = torch.zeros(model.config.padded_vocab_size, dtype=torch.bool)  # the tokens that name items
-    item_tokens[[tok.id(t) for t in sids.all_token_strings()]] = True
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(model.config.to_dict())}")
     opt = build_optimizer(a, c, model, step)
     if a.resume and step >= a.max_steps:

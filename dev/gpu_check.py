@@ -374,7 +374,7 @@ def sec_qlora(ctx):
     check(len(la) == len(lb) == 4 and all(math.isfinite(x) for x in la), f"QLoRA training did not run: {la}")
     check(fig["resume_max_rel_diff"] <= (0 if dev.type == "cpu" else 1e-3), f"QLoRA resume diverged: {la} vs {lb}")
     exp = os.path.join(w, "qlora_export")
-    run(["-m", "nanocrs.hf", "export", "--ckpt", a, "--out", exp, "--device", dev.type], "export of a QLoRA checkpoint")
+    run(["-m", "nanocrs.checkpoint", "export", "--ckpt", a, "--out", exp, "--device", dev.type], "export of a QLoRA checkpoint")
     check(os.path.isfile(os.path.join(exp, "config.json")), "QLoRA export wrote no config.json")
 
     # Llama-3.1-8B's shapes: bf16 random weights, each block linear then swapped for its NF4 version

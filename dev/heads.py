@@ -25,7 +25,6 @@ from nanocrs import checkpoint  # noqa: E402
 from nanocrs.data import Renderer, load_dataset, rec_samples  # noqa: E402
 from nanocrs.generate import SIDTrie  # noqa: E402
 from nanocrs.heads import find_spans, turn_bucket  # noqa: E402
-from nanocrs.tokenizer import Control  # noqa: E402
 
 TOP = 10
 

@@ -259,6 +259,10 @@ def check_config(config: dict, path: str):
             bad(key, f"must be a JSON {'object' if kind is dict else 'string'}, got {config[key]!r}")
     if "model" not in config:
         bad("model", "is missing")
+    try:  # the heads (nanocrs/heads.py), or before issue 30 the model's "pointer" spec
+        HeadsConfig.from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        bad("heads", f"is not a heads config of this version ({e})")
     why = out_of_range(config.get("world", 1), 1, None, integer=True)
     if why:
         bad("world", why)
@@ -275,6 +279,8 @@ def check_config(config: dict, path: str):
     model, defaults = config["model"], GPTConfig().to_dict()
     for key, value in model.items():
         default = defaults.get(key)
+        if key == "pointer":  # the heads' home before issue 30 (HeadsConfig.from_config reads it)
+            continue
         if key not in defaults:
             bad(f"model.{key}", "is not a field of this version's GPTConfig")
         elif isinstance(default, (bool, dict)):

@@ -7,18 +7,16 @@ The socket has three parts; nothing else in the codebase knows what the heads ar
     Heads.loss                 the per-token loss of the model's final states (GPT.forward calls it)
     Heads.mixture(...)         the slot mixture the decoders ask for at a <MODE=REC><BOI> slot
                                (nanocrs/generate.py: beam search and the sampler take it as a callable)
-The decoding knobs (copy bias, just-named bias, text prior weight) arrive as one value, Knobs
-(nanocrs/session.py), chosen on val by evaluate.calibrate; none of them is set on the model.
+The decoding knobs arrive as one value, Knobs (nanocrs/session.py); none is set on the model.
 
     heads = Heads(n_embd, HeadsConfig.parse("redial", ctrl, items=len(trie.item_ids)))
     model = GPT(cfg, heads=lambda n: heads)           # GPT.forward(idx, targets) then trains them
     top = beam_search_batch(model, prompts, trie, ctrl, 50, mixture=heads.mixture(trie, tt, knobs))
 
-The copy head: the recommendation slot can point back at an item the dialog already mentioned.
-
-In ReDial some recommended items are ones the seeker (or the recommender) named earlier, and a
-model that writes IDs token by token copies a multi-token span only part of the time. The copy head makes copying one decision instead of several. At the REC slot (the position of the <BOI>
-right after <MODE=REC>, whose output predicts the first SID token) the item distribution is a mixture
+The copy head (the slot points back at an item the dialog named). Recommenders often name again an item
+the dialog already named, and a model that writes IDs token by token copies a multi-token span only part
+of the time: the copy head makes copying one decision. At the REC slot (the position of the <BOI> right
+after <MODE=REC>, whose output predicts the first SID token) the item distribution is a mixture
 
     P(item) = (1 - g) P_gen(item) + g P_copy(item)
     P_gen   = the language model's own product of SID-token probabilities (what it was before)
@@ -47,15 +45,14 @@ one learned row per catalogue item, scored against the slot,
     P_assoc   = softmax over all items n of  a(h_slot) . e_n / sqrt(d) + c_n
     w         = softmax(0, z_copy, z_assoc)       (z_copy = -inf when the context names no item)
 
-Why: counting which items co-occur beats a small model that must spell each association out through
-shared SID tokens; a row per item stores "seekers who name X get Y" directly, as the counts do, and
-the SID path keeps what it is good at (text, cold items). It is the same mixture as above with
-g = w_copy + w_assoc and P_copy replaced by (w_copy P_copy + w_assoc P_assoc) / g, so training, beam
-search and the sampler need nothing new. One change to training: on the slot's SID tokens the
-plain language model's own cross-entropy is added to the mixture's, because a head that fits the
-training set closely otherwise takes the gate and the SID path stops learning (docs/results.md).
-Training needs the catalogue (Heads.bind); decoding is handed it (mixture's trie), in the same
-order: the rows are SIDTrie.item_ids.
+Why: a row per item stores "seekers who name X get Y" directly, as co-occurrence counts do, where a
+small model must spell each association out through shared SID tokens. It is the same mixture as above
+with g = w_copy + w_assoc and P_copy replaced by (w_copy P_copy + w_assoc P_assoc) / g, so training,
+beam search and the sampler need nothing new. One change to training: on the slot's SID tokens the plain
+language model's own cross-entropy is added to the mixture's, because a head that fits the training set
+closely otherwise takes the gate and the SID path stops learning (docs/results.md). Training needs the
+catalogue (Heads.bind); decoding is handed it (mixture's trie), in the same order: the rows are
+SIDTrie.item_ids.
 
 With item_context (--heads assoc=2) the head's query also reads the items the dialog named:
 
@@ -64,25 +61,24 @@ With item_context (--heads assoc=2) the head's query also reads the items the di
 one learned input row u per item (zero at the start, so the head begins as without), summed over the
 context's item spans j. Why: co-occurrence adds up the evidence of every named item, while the
 slot's state has to squeeze all of them through one vector; the sum gives each named item its own
-say, an item-to-item factorisation (u_j . e_n) beside what the words ask for (a(h_slot) . e_n).
---heads assoc-init=counts starts u, e and c from the training co-occurrences (init_from_counts):
-at step 0 the head is naive Bayes on the counts, and training corrects it from there.
+say (u_j . e_n) beside what the words ask for (a(h_slot) . e_n). assoc-init=counts starts u, e and c
+from the training co-occurrences: at step 0 the head is naive Bayes on the counts (init_from_counts).
 
-Repeats are the copy head's (--heads assoc-fresh=1): P_assoc ranks only the items the context has
-not named, in training and in decoding. Why: started from the counts, the head scores a named item
-through its own row (a low-rank PMI gives an item a large association with itself) and through the
-other named items, with no sense of which came last, while the copy head has recency (without the
-split the model's top item was often a context item, seldom the latest one a repeat names). Split this way the gate learns how often recommenders repeat, the copy head which item, and
-the association head which new item.
+Repeats are the copy head's (--heads assoc-fresh=1): P_assoc ranks only the items the context has not
+named, in training and in decoding. Why: started from the counts, the head scores a named item through
+its own row (a low-rank PMI gives an item a large association with itself) and through the other named
+items, with no sense of which came last, while the copy head has recency (without the split the model's
+top item was often a context item, seldom the latest one a repeat names). Split this way the gate learns
+how often recommenders repeat, the copy head which item, and the association head which new item.
 
-Item sequences name each item once (--heads distinct-sequences=1). An item-sequence dialog (ReDial's
-E19 lists, data.py "items_only") is a list of distinct items, so at its slots a repeat can not happen
-by construction: scored plainly they teach the gate that recommenders never repeat (in ReDial they
-hold most of the training slots and none of the repeats). Those slots are scored by the conditional given "not an item of the context" instead: no
-copy component, and P_assoc renormalised over the items the context did not name. The SID path's
-own mass on the context's items stays in (taking it out would need the language model's probability
-of every context ID at every slot). A slot is an item-sequence slot when its <EOI> is not followed
-by <RESP>: the rendering of an items-only assistant turn (Renderer.turn_ids).
+Item sequences name each item once (--heads distinct-sequences=1). An item-sequence dialog (ReDial's E19
+lists, data.py "items_only") is a list of distinct items, so at its slots a repeat can not happen by
+construction: scored plainly they teach the gate that recommenders never repeat (in ReDial they hold
+most of the training slots and none of the repeats). Those slots are scored by the conditional given
+"not an item of the context" instead: no copy component, and P_assoc renormalised over the items the
+context did not name. The SID path's own mass on the context's items stays in. A slot is an item-
+sequence slot when its <EOI> is not followed by <RESP> (Renderer.turn_ids renders an items-only
+assistant turn so).
 
 Turn-aware copying (--heads copy-turns=1): each context span gets a turn bucket, who named it
 (seeker or recommender) and how many recommender turns lie between it and the slot (0, 1, 2 or more),
@@ -117,7 +113,7 @@ beam search, the sampler and the exact conditionals need nothing new. tau = 0 is
 
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -190,10 +186,9 @@ class HeadsConfig:
         ids = dict(boi=ctrl.boi, eoi=ctrl.eoi, mode_rec=ctrl.mode_rec, mode_chat=ctrl.mode_chat, eot=ctrl.eot, resp=ctrl.resp)
         return HeadsConfig(**{**asdict(self), **ids, "items": items if self.assoc else 0})
 
-    def spec(self) -> str:
-        """The --heads spec of this config."""
-        return ",".join(f"{k.replace('_', '-')}={int(v) if isinstance(v, bool) else v}" for k, v in asdict(self).items()
-                        if k in self.SPEC)
+    def spec(self) -> str:  # the --heads spec of this config
+        return ",".join(f"{k.replace('_', '-')}={int(getattr(self, k)) if k not in ('assoc_init',) else self.assoc_init}"
+                        for k in self.SPEC)
 
     @classmethod
     def from_config(cls, config: dict) -> "HeadsConfig | None":
@@ -210,15 +205,6 @@ class HeadsConfig:
                    distinct_sequences="distinct_sequences" in old, copy_turns="turns" in old, items=old.get("items", 0),
                    boi=old["boi"], eoi=old["eoi"], mode_rec=old["mode_rec"], mode_chat=turns[1], eot=turns[2],
                    resp=old.get("distinct_sequences", -1))
-
-
-def legacy_spec(train: dict) -> str:
-    """The --heads spec of a run trained with the seven head flags before issue 30 ("" if none)."""
-    if not train.get("pointer"):
-        return ""
-    return HeadsConfig(**{k: (bool(train.get(k, 0)) if k in ("assoc_fresh", "distinct_sequences", "copy_turns")
-                              else train.get(k, HeadsConfig.__dataclass_fields__[k].default))
-                          for k in HeadsConfig.SPEC}).spec()
 
 
 # each chosen on val over three seeds (docs/results.md)
@@ -545,9 +531,8 @@ class TextPrior:
     sentence encoder that embedded the items for their IDs (data_prep.py --encoder minilm or a BERT
     folder). The association head adds it to its scores at decoding (slot_mass's prior), a product of
     experts: what the words of the request match, next to what the model learnt.
-    Why: a model trained from scratch on a few hundred dialogs can not read "a horror movie with Tom
-    Hanks" well enough to find an item it saw as a target once or never, while the encoder that placed
-    the items by their text can. tau is chosen on val (sample.py --calibrate text); training never sees it."""
+    Why: a small model trained from scratch can not read "a horror movie with Tom Hanks" well enough to
+    find an item it seldom saw as a target; the encoder that placed the items by their text can."""
 
     def __init__(self, encoder: str, item_vecs: np.ndarray, tau: float, title, device: str = "cpu"):
         from nanocrs.encoder import find_minilm, load_bert

@@ -1,6 +1,7 @@
 """
 A trained checkpoint ready to talk: the model, its renderer, trie and catalogue, one reply at a time,
-and generated ids shown as text for people. sample.py (samples, chat) and nanocrs/evaluate.py use it.
+generated ids shown as text for people, the decoding knobs (Knobs), and the chat and printed samples
+of sample.py. sample.py and nanocrs/evaluate.py use it.
 
     s = Session("out/synthetic", "cpu")
     ids = s.reply([{"role": "user", "text": "a scary movie please", "items": []}], args, generator)
@@ -9,12 +10,13 @@ and generated ids shown as text for people. sample.py (samples, chat) and nanocr
 
 import json
 import os
+import sys
 from dataclasses import dataclass, fields, replace
 
 import torch
 
 from nanocrs import checkpoint
-from nanocrs.common import KNOBS, check_knobs, out_of_range
+from nanocrs.common import KNOBS, check_knobs, escape_terminal, out_of_range
 from nanocrs.data import MENTION, DataError, Renderer, load_items
 from nanocrs.heads import TextPrior
 from nanocrs.generate import SIDTrie, sample
@@ -156,3 +158,80 @@ class Session:
             return [mode] + sample(self.model, prompt + [mode], self.trie, self.ctrl,
                                    max_new_tokens=args.max_new_tokens - 1, **kw)[0]
         return sample(self.model, prompt, self.trie, self.ctrl, max_new_tokens=args.max_new_tokens, **kw)[0]
+
+
+# -----------------------------------------------------------------------------
+# printed samples and the chat (sample.py --num-samples, --chat)
+
+def show_samples(s: Session, ds: dict, n: int, args, generator):
+    dialogs = ds["test"]
+    shown = 0
+    for d in dialogs:
+        # one assistant turn per dialog, the first recommendation if there is one
+        turns = [t for t, turn in enumerate(d["turns"]) if turn["role"] == "assistant" and t > 0]
+        if not turns:
+            continue
+        t = next((t for t in turns if d["turns"][t]["items"]), turns[0])
+        print(f"=== {d['id']}, turn {t} " + "=" * 40)
+        for turn in d["turns"][:t]:
+            print(escape_terminal(f"{turn['role']:>9}: {s.show_text(turn['text'])}"))
+        gold = d["turns"][t]
+        print(escape_terminal(f"     gold: [{'REC' if gold['items'] else 'CHAT'}] {s.show_text(gold['text'])}"))
+        mode, item, text = s.show(s.reply(d["turns"][:t], args, generator))
+        rec = f" -> {s.title(item)}" if item else ""
+        print(escape_terminal(f"    model: [{mode or '?'}{rec}] {text}") + "\n")
+        shown += 1
+        if shown >= n:
+            break
+
+
+def chat(s: Session, args, generator):
+    interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD, not an error ending the chat
+        sys.stdin.reconfigure(errors="replace")
+    if interactive:
+        print("nanocrs chat: tell it what you like. /reset starts over, /quit leaves.")
+    context = []
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            context = []
+            print("(new conversation)")
+            continue
+        if not line:
+            print("(empty message: type something, /reset or /quit)")
+            continue
+        if not interactive:
+            print(escape_terminal(f"you> {line}"))
+        if "\ufffd" in line:
+            print("(some of that was not UTF-8 text: shown as \ufffd)")
+        text, linked = s.link(_escape(line))
+        if linked:
+            print(escape_terminal(f"(linked: {', '.join(s.title(i) for i in linked)})"))
+        context.append({"role": "user", "text": text, "items": linked})
+        ids = s.reply(context, args, generator)
+        mode, item, text = s.show(ids)
+        rec = f" recommends {s.title(item)}" if item else ""
+        print(escape_terminal(f"bot> ({mode or '?'}{rec}) {text}"))
+        # keep the reply in the context as a schema turn: its slot item first, then the items its text mentions,
+        # so that it renders back into exactly the structured form the model wrote
+        text = reply_text(s, ids)
+        items = ([item] if item else []) + MENTION.findall(text)
+        context.append({"role": "assistant", "text": text, "items": list(dict.fromkeys(items))})
+
+
+def reply_text(s: Session, ids: list[int]) -> str:
+    """The response part of generated ids, written back in the schema's @{id} form."""
+    _, _, pieces = s.rd.parse(ids)
+    return Renderer.join([_escape(p) if isinstance(p, str) else p for p in pieces], lambda i: "@{" + i + "}")
+
+
+def _escape(text: str) -> str:
+    # "@{" in free text would read as an item mention when the turn is rendered again
+    return text.replace("@{", "@ {")

@@ -10,11 +10,9 @@ documented keys, and --rankings writes one line per sample that agrees with the 
 import json
 import os
 import shutil
-import sys
 
 import pytest
 
-from conftest import REPO
 from conftest import run_cli as run
 
 
@@ -172,15 +170,13 @@ def test_eval_rankings_file(trained_ckpt, tmp_path):
 
 
 def test_chat_context_survives_generated_mention_syntax(trained_ckpt):
-    """chat() writes the model's reply back into the context via _reply_text; if the generated text
+    """chat() writes the model's reply back into the context via reply_text; if the generated text
     itself contains "@{...}" (any byte sequence is possible for a sampled model), the next prompt must
     still render instead of crashing with a KeyError (user input is escaped the same way: "@ {")."""
-    sys.path.insert(0, REPO)
-    import sample as sample_py
-    from nanocrs.session import Session
+    from nanocrs.session import Session, reply_text
     s = Session(trained_ckpt, "cpu")
     ids = s.tok.encode("<MODE=CHAT><RESP> what about @{zz9} then?<EOT>")
-    text = sample_py._reply_text(s, ids)
+    text = reply_text(s, ids)
     context = [{"role": "user", "text": "hi", "items": []}, {"role": "assistant", "text": text, "items": []},
                {"role": "user", "text": "ok", "items": []}]
     prompt = s.rd.prompt(context)  # must not raise

@@ -96,16 +96,17 @@ def heads_run(data: str, out: str, tmp: str, dim: int, text: bool, chat: str) ->
 
 
 def close(a, b, path="") -> list:
-    """The places where a and b differ: exactly for everything but floats, floats to 1e-6 relative."""
+    """The places where a (now) differs from b (recorded): exactly for everything but floats, floats to
+    1e-6 relative; keys added to a since b was recorded are not compared."""
     if isinstance(a, float) or isinstance(b, float):
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and (
                 a == b or (math.isfinite(a) and math.isfinite(b) and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9))):
             return []
         return [f"{path}: {a!r} != {b!r}"]
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
-        return [d for k in a for d in close(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, dict) and isinstance(b, dict):  # b recorded: what was added since is not compared
+        if not set(b) <= set(a):
+            return [f"{path}: missing keys {sorted(set(b) - set(a))}"]
+        return [d for k in b for d in close(a[k], b[k], f"{path}.{k}")]
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{path}: length {len(a)} != {len(b)}"]
