@@ -241,6 +241,11 @@ _MODEL_RANGES = {"dropout": (0, 1, "[)"), "head_dim": (0, None, "[]"), "intermed
                  "rope_theta": (0, None, "(]"), "rms_norm_eps": (0, None, "(]")}  # other numbers: >= 1
 
 
+def model_config(config: dict) -> GPTConfig:
+    """config.json's model shape; before issue 30 it also held the heads' spec ("pointer"), HeadsConfig's now."""
+    return GPTConfig.from_dict({k: v for k, v in config["model"].items() if k != "pointer"})
+
+
 def check_config(config: dict, path: str):
     """Every value of config.json that load() and train.py --resume use, of the right type and range:
     one line naming the file and the key (a null file name or n_head 0 would fail deep inside)."""
@@ -292,7 +297,7 @@ def check_config(config: dict, path: str):
             if why:
                 bad(f"model.{key}", why)
     try:
-        GPTConfig.from_dict(model)
+        model_config(config)
     except (AssertionError, TypeError, ValueError) as e:
         bad("model", f"is not a valid model shape ({e})")
 
@@ -310,7 +315,7 @@ def load(ckpt_dir: str, device="cpu", merge: bool = False, dtype: torch.dtype | 
     config = read_config(ckpt_dir)
     check_parts(ckpt_dir, config)
     quantize = quantize or config.get("quantize", "none")
-    cfg = GPTConfig.from_dict({k: v for k, v in config["model"].items() if k != "pointer"})  # "pointer": the heads' old home
+    cfg = model_config(config)
     heads = HeadsConfig.from_config(config)
     sids = SemanticIDs.load(os.path.join(ckpt_dir, "sids.json"))
     if config.get("init_from"):
