@@ -193,9 +193,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig, heads=None):
-        """heads: None, or n_embd -> an nn.Module with loss(x, idx, targets, logits_fn, reduction), built
-        here, after the output head, so that a seed gives the same weights whatever the heads are."""
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
@@ -269,9 +267,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig, heads=None):
-        """heads: None, or n_embd -> an nn.Module with loss(x, idx, targets, logits_fn, reduction), built
-        here, after the output head, so that a seed gives the same weights whatever the heads are."""
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
@@ -282,9 +278,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, heads=None):
-        """heads: None, or n_embd -> an nn.Module with loss(x, idx, targets, logits_fn, reduction), built
-        here, after the output head, so that a seed gives the same weights whatever the heads are."""
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
