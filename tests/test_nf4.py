@@ -264,7 +264,7 @@ def test_train_resume_export_cli(dataset_dir, tmp_path):
     checkpoint holds only what trained and remembers nf4, and the export loads in transformers."""
     from conftest import run_train
     from nanocrs import checkpoint
-    from nanocrs.hf import main as hf_main
+    from nanocrs.checkpoint import main as export_main
     args = ["--init-from", "smollm2", "--quantize", "nf4", "--lora-rank", "16", "--lr", "2e-3", "--warmup", "30",
             "--block-size", "32", "--batch-size", "2", "--eval-interval", "0", "--save-interval", "10"]
     b, c = str(tmp_path / "b"), str(tmp_path / "c")
@@ -286,7 +286,7 @@ def test_train_resume_export_cli(dataset_dir, tmp_path):
     # the export: LoRA merged into the dequantized base; transformers computes what our 4-bit model does
     transformers = pytest.importorskip("transformers")
     out = str(tmp_path / "hf")
-    hf_main(["export", "--ckpt", b, "--out", out, "--device", "cpu"])
+    export_main(["export", "--ckpt", b, "--out", out, "--device", "cpu"])
     ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ours, *_ = checkpoint.load(b, "cpu")
     assert any(isinstance(m, NF4Linear) for m in ours.modules())
