@@ -38,7 +38,6 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -279,36 +278,20 @@ def build_model(a, c: Compute, ds: dict, tok: Tokenizer, sids: SemanticIDs):
                         n_kv_head=a.n_kv_head, n_embd=a.n_embd, dropout=a.dropout)
         bound = heads.bind(Control.of(tok), len(sids.item_ids)) if heads else None
         return GPT(cfg, heads=(lambda n: Heads(n, bound)) if heads else None).to(c.device), tok, sids, 0
-    from nanocrs.backbone import prepare
+    from nanocrs.backbone import prepare, sid_start_rows
     if a.lora_rank == 0 and c.device_type == "cuda":  # before loading: fp32 weights + AdamW, 16 bytes a parameter
         from nanocrs.memplan import check_full_finetune
         check_full_finetune(a.init_from, torch.cuda.get_device_properties(c.device).total_memory)
     torch.manual_seed(a.seed)  # LoRA's A init
     model, tok, first_new = prepare(a.init_from, added_tokens(sids), a.block_size, a.lora_rank, a.lora_alpha,
                                     a.lora_dropout, c.device, c.base_dtype, a.quantize, a.embed_train,
-                                    sid_start_rows(a, ds, sids) if a.sid_init == "codebook" else None)
+                                    sid_start_rows(a.data, ds, sids) if a.sid_init == "codebook" else None)
     if heads:  # the backbone's own tokenizer: the control tokens' ids are its added ones
         model.add_heads(Heads(model.config.n_embd, heads.bind(Control.of(tok), len(sids.item_ids))))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"backbone {a.init_from}: {len(tok) - first_new} tokens added at id {first_new}; "
           f"{n_train / 1e6:.2f}M of {model.num_params() / 1e6:.1f}M parameters train")
     return model, tok, sids, 0
-
-
-def sid_start_rows(a, ds: dict, sids: SemanticIDs) -> dict:
-    """--sid-init codebook: {ID token: direction} from the items' text embeddings (backbone.codebook_rows)."""
-    from nanocrs.backbone import codebook_rows
-    path = os.path.join(a.data, "item_embeddings.npy")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: not found (--sid-init codebook reads the item embeddings data_prep.py wrote)")
-    emb = np.load(path, allow_pickle=False)
-    if emb.ndim != 2 or emb.shape[0] != len(ds["items"]) or not np.isfinite(emb).all():
-        raise DataError(f"{path}: expected finite ({len(ds['items'])}, dim) item embeddings, got shape {emb.shape}")
-    codes = np.array([sids.codes[k] for k in map({i: k for k, i in enumerate(sids.item_ids)}.get,
-                                                   (it["id"] for it in ds["items"]))])
-    levels = ds["meta"].get("quantizer", {}).get("levels", len(sids.level_sizes))  # the rest: collision suffixes
-    rows = codebook_rows(codes, sids.level_sizes, emb, levels)
-    return {SemanticIDs.token(level, code): v for (level, code), v in rows.items()}
 
 
 def load_run(a, c: Compute):

@@ -18,12 +18,16 @@ or with lora_rank = 0 the whole model, which is then loaded in fp32 whatever `dt
 fine-tune costs 16 bytes per parameter: see nanocrs.memplan.check_full_finetune).
 """
 
+import os
+
 import numpy as np
 import torch
 
+from nanocrs.data import DataError
 from nanocrs.hf import add_tokens, load_hf
 from nanocrs.lora import apply_lora, merge_lora, merge_new_rows, train_new_token_rows
 from nanocrs.nf4 import check_quantize, quantize_model
+from nanocrs.quantizer import SemanticIDs
 
 
 def load_base(init_from: str, device="cpu", dtype=None, quantize: str = "none"):
@@ -115,3 +119,18 @@ def set_rows(model, tok, first_new: int, start_rows: dict, seed: int = 0):
         emb[i] = row.to(emb.device)
         if model.lm_head.weight is not emb:
             model.lm_head.weight[i] = row.to(model.lm_head.weight.device, model.lm_head.weight.dtype)
+
+
+def sid_start_rows(data_dir: str, ds: dict, sids: SemanticIDs) -> dict:
+    """train.py --sid-init codebook: {ID token: direction} from the items' text embeddings (codebook_rows)."""
+    path = os.path.join(data_dir, "item_embeddings.npy")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not found (--sid-init codebook reads the item embeddings data_prep.py wrote)")
+    emb = np.load(path, allow_pickle=False)
+    if emb.ndim != 2 or emb.shape[0] != len(ds["items"]) or not np.isfinite(emb).all():
+        raise DataError(f"{path}: expected finite ({len(ds['items'])}, dim) item embeddings, got shape {emb.shape}")
+    codes = np.array([sids.codes[k] for k in map({i: k for k, i in enumerate(sids.item_ids)}.get,
+                                                   (it["id"] for it in ds["items"]))])
+    levels = ds["meta"].get("quantizer", {}).get("levels", len(sids.level_sizes))  # the rest: collision suffixes
+    rows = codebook_rows(codes, sids.level_sizes, emb, levels)
+    return {SemanticIDs.token(level, code): v for (level, code), v in rows.items()}

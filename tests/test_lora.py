@@ -146,8 +146,7 @@ def test_codebook_start_rows(dataset_dir):
     items carrying it), projected and scaled to the backbone's mean row norm; suffix levels get none.
     Against the mean-row start, tokens of the same code prefix no longer start identical."""
     import numpy as np
-    import train
-    from nanocrs.backbone import codebook_rows, set_rows
+    from nanocrs.backbone import codebook_rows, set_rows, sid_start_rows
     from nanocrs.data import load_dataset
     from nanocrs.quantizer import SemanticIDs
     rng = np.random.default_rng(0)
@@ -181,8 +180,7 @@ def test_codebook_start_rows(dataset_dir):
     # from a prepared dataset: a vector for every token of the quantizer's levels, none for the suffix level
     ds = load_dataset(dataset_dir)
     sids = SemanticIDs.load(os.path.join(dataset_dir, "sids.json"))
-    a = train.get_args(["--data", dataset_dir, "--init-from", "smollm2"])
-    start = train.sid_start_rows(a, ds, sids)
+    start = sid_start_rows(dataset_dir, ds, sids)
     levels = ds["meta"]["quantizer"]["levels"]
     assert {t[1] for t in start} == {chr(ord("a") + lv) for lv in range(levels)}
 
