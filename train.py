@@ -58,11 +58,9 @@ from nanocrs.quantizer import SemanticIDs
 from nanocrs.tokenizer import Control, Tokenizer, added_tokens
 
 
-# The paper's Table 7 recipes (LoRA r16/a32/dropout 0.05 on all linear layers, batch 72 through
-# accumulation, max length 768, weight decay 0). The schedule after warmup is not stated: cosine to lr/10.
-# Activation checkpointing is on: without it 8 x 768 tokens of an 8B model fill the whole budget of
-# an 80 GB card in the memory plan (python -m nanocrs.memplan), before fragmentation and workspaces.
-# The base is 4-bit NF4 as the paper trains it (QLoRA), which brings an 8B model within a 24 GB card.
+# The paper's Table 7 recipes (LoRA r16/a32/dropout 0.05 on all linear layers, batch 72 through accumulation,
+# max length 768, weight decay 0, a 4-bit NF4 base: QLoRA); the schedule after warmup is not stated: cosine to
+# lr/10. Checkpointing is on: without it 8 x 768 tokens of an 8B model fill an 80 GB card (python -m nanocrs.memplan).
 PRESETS = {
     "gcrs-redial": dict(lora_rank=16, lora_alpha=32.0, lora_dropout=0.05, lr=2e-4, min_lr=2e-5, warmup=150,
                         max_steps=1800, batch_size=8, grad_accum=9, block_size=768, weight_decay=0.0, format="turn",
@@ -72,8 +70,7 @@ PRESETS = {
                           grad_checkpoint=True, quantize="nf4"),
 }
 MFU_WINDOW = 20  # tokens/s and MFU over the last this many optimizer steps (compile, eval and saves excluded)
-# what each numeric flag may be, (lowest, highest[, bounds]); every float flag must also be finite. A block
-# shorter than 32 tokens holds no assistant turn with its item and context (Renderer.prompt keeps 16 free)
+# each numeric flag's (lowest, highest[, bounds]), floats also finite; a block under 32 tokens fits no turn and context
 RANGES = {"n_layer": (1, None), "n_embd": (1, None), "n_head": (1, None), "n_kv_head": (1, None),
           "block_size": (32, None), "dropout": (0, 1, "[)"), "lora_rank": (0, None), "lora_alpha": (0, None, "(]"),
           "lora_dropout": (0, 1, "[)"), "item_sequences": (0, 1), "shuffle_item_sequences": (0, 1),
@@ -120,17 +117,13 @@ def get_args(argv=None, given: set | None = None):
     d.add_argument("--train-splits", default="train",
                    help='comma-separated splits to train on ("train,val" = train+dev, as the paper does for INSPIRED)')
     d.add_argument("--item-sequences", type=int, default=1,
-                   help="0: leave out the dataset's items-only dialogs (item sequences without text), which "
-                        "the eval's baselines then do not count either")
+                   help="0: leave out the items-only dialogs (item sequences without text; the baselines then too)")
     d.add_argument("--shuffle-item-sequences", type=int, default=0,
-                   help="1: deal the items of every items-only dialog in a new order each epoch (seeded by --seed "
-                        "and the epoch): every co-occurring pair is seen in both directions, as the baseline counts it")
+                   help="1: deal each items-only dialog's items in a new order each epoch (seeded): both directions")
     d.add_argument("--item-loss-weight", type=float, default=1.0,
-                   help="weight of a semantic-ID target token in the loss against 1 for text: a small model "
-                        "spends most of its loss on language otherwise (the logged loss is then weighted)")
+                   help="weight of a semantic-ID target token in the loss against 1 for text (the logged loss is weighted)")
     d.add_argument("--item-text", type=int, default=0,
-                   help="1: also train on item-text alignment (each item's ID <-> its title, year and genres, "
-                        "both directions; Renderer.item_text_windows)")
+                   help="1: also train on item-text alignment (ID <-> title, year, genres; Renderer.item_text_windows)")
     d.add_argument("--format", choices=["dialog", "turn"], default="dialog",
                    help="dialog: one sequence per dialog, all assistant turns supervised (O(turns) tokens); "
                         "turn: one example per (assistant turn, item), as in the paper (O(turns^2))")
@@ -182,8 +175,7 @@ def get_args(argv=None, given: set | None = None):
     return a
 
 
-# --resume never takes these from the checkpoint: where this process writes and what it runs on
-LOCAL_FLAGS = ("resume", "out", "device", "threads")
+LOCAL_FLAGS = ("resume", "out", "device", "threads")  # --resume never takes these: where it writes, what it runs on
 # the model's shape: fixed by the checkpoint's weights
 MODEL_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "block_size", "dropout", "init_from", "lora_rank",
                "lora_alpha", "lora_dropout", "quantize", "heads", "target", "embed_train", "sid_init")
@@ -194,7 +186,8 @@ def resume_flags(a, given: set, config: dict):
     (a bare --resume after a non-default run is that run); a typed training flag overrides it, and
     says so; a typed model flag that differs is refused, as the weights can not change shape."""
     # flags added since: the value that reproduces what a checkpoint written before them did
-    saved = {"slot_items": "first", "target": "full", "quantize": "none", **config["train"]}
+    saved = {"slot_items": "first", "target": "full", "quantize": "none", "embed_train": "new", "sid_init": "mean",
+             **config["train"]}
     if "heads" not in saved:  # before issue 30 the heads were seven flags: the spec they add up to
         heads = HeadsConfig.from_config(config)
         saved["heads"] = heads.spec() if heads is not None else ""
