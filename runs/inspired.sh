@@ -5,12 +5,14 @@
 # RAW is the folder of INSPIRED files (default ../shared/data/inspired). Three seeds, then the mean ± std table:
 #   for s in 0 1 2; do bash runs/inspired.sh $s; done; python runs/table.py out/inspired-s?/eval_test.json
 # Everything lands in data/inspired and out/inspired-sSEED (out/inspired-heads-sSEED with HEADS=1).
-# No --item-text: without the ID <-> title lines val R@10 was higher over three seeds (docs/results.md).
+# GCRS alone trains with --item-text 1 (each item's ID <-> its title, year and genres): adopted on val by the rule
+# written before its screen (dev/LOG.md, 2026-12-06 evening). The hybrid has none: with the heads, val R@10 was
+# higher without the ID <-> title lines over three seeds (dev/LOG.md).
 # With HEADS=1: the association head (preset inspired) and the text prior (the item encoder's match with the dialog's
-# last turns, its weight chosen on val), each adopted on val over three seeds (docs/results.md).
+# last turns, its weight chosen on val), each adopted on val over three seeds (dev/LOG.md).
 set -euo pipefail
 SEED=${1:-0}; RAW=${2:-../shared/data/inspired}; THREADS=${THREADS:-2}; HEADS=${HEADS:-0}
-DATA=data/inspired; OUT=out/inspired-s$SEED; TRAIN_HEADS=(); CALIBRATE=threshold
+DATA=data/inspired; OUT=out/inspired-s$SEED; TRAIN_HEADS=(--item-text 1); CALIBRATE=threshold
 if [ "$HEADS" = 1 ]; then
     OUT=out/inspired-heads-s$SEED; TRAIN_HEADS=(--heads inspired); CALIBRATE=threshold,text
 fi
