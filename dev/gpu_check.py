@@ -255,6 +255,21 @@ def losses(out):
         return [json.loads(line)["loss"] for line in f]
 
 
+def train_and_resume(a, b, steps: int, common: list, what: str, fig: dict, dev) -> list:
+    """train.py for `steps` steps into a, and into b in two halves with --resume: the losses must agree
+    (bitwise on the CPU; on CUDA within the tolerance train.py documents, flash backward being
+    nondeterministic). Records the time of the run into a and both loss lists in fig."""
+    fig["train_s"] = run(["train.py", "--out", a, "--max-steps", str(steps)] + common, what)
+    run(["train.py", "--out", b, "--max-steps", str(steps // 2)] + common, f"{what} to step {steps // 2}")
+    run(["train.py", "--out", b, "--max-steps", str(steps), "--resume"] + common, f"{what} --resume")
+    la, lb = losses(a), losses(b)
+    fig["losses"], fig["losses_resumed"] = la, lb
+    fig["resume_max_rel_diff"] = max(abs(x - y) / abs(x) for x, y in zip(la, lb))
+    check(len(la) == len(lb) == steps and all(math.isfinite(x) for x in la), f"{what} did not run: {la}")
+    check(fig["resume_max_rel_diff"] <= (0 if dev.type == "cpu" else 1e-3), f"{what}: resume diverged: {la} vs {lb}")
+    return la
+
+
 def write_backbone(folder, data_dir, seed=0):
     """A tiny random Qwen2.5-shaped Hugging Face folder with a BPE trained on the dataset's text."""
     with open(os.path.join(data_dir, "train.jsonl")) as f:
@@ -277,16 +292,10 @@ def sec_cli(ctx):
               "--save-interval", "3", "--batch-size", "8"]
     if ctx["dry"]:
         common += ["--n-layer", "2", "--n-embd", "64", "--threads", "1"]
-    a, b = os.path.join(w, "scratch"), os.path.join(w, "resumed")
-    fig["train_scratch_s"] = run(["train.py", "--out", a, "--max-steps", "6"] + common, "train.py from scratch")
-    run(["train.py", "--out", b, "--max-steps", "3"] + common, "train.py to step 3")
-    run(["train.py", "--out", b, "--max-steps", "6", "--resume"] + common, "train.py --resume")
-    la, lb = losses(a), losses(b)
-    fig["losses"], fig["losses_resumed"] = la, lb
-    fig["resume_max_rel_diff"] = max(abs(x - y) / abs(x) for x, y in zip(la, lb))
-    check(len(la) == len(lb) == 6 and la[-1] < la[0], f"training did not run or learn: {la}")
-    # bitwise on the CPU; on CUDA within the tolerance train.py documents (flash backward is not deterministic)
-    check(fig["resume_max_rel_diff"] <= (0 if dev.type == "cpu" else 1e-3), f"resume diverged: {la} vs {lb}")
+    a = os.path.join(w, "scratch")
+    la = train_and_resume(a, os.path.join(w, "resumed"), 6, common, "train.py from scratch", fig, dev)
+    fig["train_scratch_s"] = fig.pop("train_s")
+    check(la[-1] < la[0], f"training did not learn: {la}")
     lora = os.path.join(w, "lora")
     fig["train_lora_s"] = run(["train.py", "--out", lora, "--max-steps", "4", "--init-from", ctx["backbone"],
                                "--lora-rank", "4", "--lr", "1e-3"] + common, "train.py --init-from --lora-rank 4")
@@ -364,15 +373,8 @@ def sec_qlora(ctx):
               "--save-interval", "2", "--batch-size", "8", "--init-from", ctx["backbone"], "--quantize", "nf4",
               "--lora-rank", "4", "--lr", "1e-3"] + (["--threads", "1"] if dry else [])
     fig = {}
-    a, b = os.path.join(w, "qlora"), os.path.join(w, "qlora_resumed")
-    fig["train_s"] = run(["train.py", "--out", a, "--max-steps", "4"] + common, "train.py --quantize nf4")
-    run(["train.py", "--out", b, "--max-steps", "2"] + common, "train.py --quantize nf4 to step 2")
-    run(["train.py", "--out", b, "--max-steps", "4", "--resume"] + common, "train.py --quantize nf4 --resume")
-    la, lb = losses(a), losses(b)
-    fig["losses"], fig["losses_resumed"] = la, lb
-    fig["resume_max_rel_diff"] = max(abs(x - y) / abs(x) for x, y in zip(la, lb))
-    check(len(la) == len(lb) == 4 and all(math.isfinite(x) for x in la), f"QLoRA training did not run: {la}")
-    check(fig["resume_max_rel_diff"] <= (0 if dev.type == "cpu" else 1e-3), f"QLoRA resume diverged: {la} vs {lb}")
+    a = os.path.join(w, "qlora")
+    train_and_resume(a, os.path.join(w, "qlora_resumed"), 4, common, "train.py --quantize nf4", fig, dev)
     exp = os.path.join(w, "qlora_export")
     run(["-m", "nanocrs.checkpoint", "export", "--ckpt", a, "--out", exp, "--device", dev.type], "export of a QLoRA checkpoint")
     check(os.path.isfile(os.path.join(exp, "config.json")), "QLoRA export wrote no config.json")
