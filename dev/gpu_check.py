@@ -255,6 +255,22 @@ def losses(out):
         return [json.loads(line)["loss"] for line in f]
 
 
+def timed_steps(model, opt, x, y, steps: int, dev) -> tuple[float, torch.Tensor]:
+    """(mean seconds of the steps after the first, which is warmup; the last loss): bf16 training steps."""
+    times = []
+    for _ in range(steps):
+        sync(dev)
+        t = time.time()
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            _, loss = model.train()(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(dev)
+        times.append(time.time() - t)
+    return sum(times[1:]) / len(times[1:]), loss
+
+
 def train_and_resume(a, b, steps: int, common: list, what: str, fig: dict, dev) -> list:
     """train.py for `steps` steps into a, and into b in two halves with --resume: the losses must agree
     (bitwise on the CPU; on CUDA within the tolerance train.py documents, flash backward being
@@ -394,18 +410,7 @@ def sec_qlora(ctx):
     fig["planned_gib"] = round(memplan.total_bytes(plan, "ckpt", B) / 2 ** 30, 2)  # every token with a loss
     opt = model.configure_optimizer(1e-4, 0.0, device_type=dev.type)
     x = torch.randint(0, model.config.vocab_size, (B, T), device=dev)
-    times = []
-    for step in range(2 if dry else 4):  # the first is warmup
-        sync(dev)
-        t = time.time()
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            _, loss = model.train()(x, torch.roll(x, -1, 1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(dev)
-        times.append(time.time() - t)
-    step_s = sum(times[1:]) / len(times[1:])
+    step_s, loss = timed_steps(model, opt, x, torch.roll(x, -1, 1), 2 if dry else 4, dev)
     fig.update(model=name, micro_batch=f"{B} x {T}", step_s=round(step_s, 3), tokens_per_s=round(B * T / step_s),
                loss=loss.item())
     check(math.isfinite(fig["loss"]), f"QLoRA {name}: loss {fig['loss']}")
@@ -451,18 +456,7 @@ def sec_big_shapes(ctx):
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(dev)
-                times = []
-                for step in range(2 if dry else 4):  # the first is warmup
-                    sync(dev)
-                    t = time.time()
-                    with torch.autocast(dev.type, dtype=torch.bfloat16):
-                        _, loss = model.train()(x, y)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    sync(dev)
-                    times.append(time.time() - t)
-                step_s = sum(times[1:]) / len(times[1:])
+                step_s, loss = timed_steps(model, opt, x, y, 2 if dry else 4, dev)
                 rec.update(step_s=round(step_s, 3), tokens_per_s=round(B * T / step_s), loss=loss.item())
                 if dev.type == "cuda":
                     rec["peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 2)
