@@ -164,9 +164,14 @@ def rank_pass(s: Session, ds: dict, dialogs: list, turns: list, scored: dict, be
     standard and the fresh protocol, and diagnostics (cold items, distinct top-1s, coverage)."""
     catalogue = [it["id"] for it in ds["items"]]
     # the baselines count what the model was trained on (train, or train+val with --train-splits)
-    seen = training_dialogs(ds, s.config["train"].get("train_splits", "train"), bool(s.config["train"].get("item_sequences", 1)))
+    splits, sequences = s.config["train"].get("train_splits", "train"), bool(s.config["train"].get("item_sequences", 1))
+    seen = training_dialogs(ds, splits, sequences)
     pop, cooc = Popularity(seen, catalogue), CoOccurrence(seen, catalogue)
-    decay = recency_decay(ds, seen, catalogue)
+    # the decay depends only on the data: chosen once per dataset, not again on every calibration pass
+    key = (ds["meta"].get("fingerprint"), splits, sequences)
+    decay = _DECAYS[key] if key in _DECAYS else recency_decay(ds, seen, catalogue)
+    if key[0] is not None:
+        _DECAYS[key] = decay
     recent = CoOccurrence(seen, catalogue, decay)
     trained_targets = {i for d in seen for turn in d["turns"] if turn["role"] == "assistant" for i in turn["items"]}
     has_oracle = any("oracle" in t for d in dialogs for t in d["turns"])
@@ -261,6 +266,9 @@ def standardized_redial(raw_test: str, dialogs: list[dict]) -> list[tuple]:
                 samples += [(d, turn, m, m not in named) for m in movies]
             named.update(movies)
     return samples
+
+
+_DECAYS = {}  # (dataset fingerprint, train splits, item sequences) -> the decay val chose
 
 
 def recency_decay(ds: dict, seen: list[dict], catalogue: list[str]) -> float:
