@@ -39,6 +39,9 @@ for target in sid mode-resp resp; do
 done
 python - "$SEED" "$STEPS" <<'PY'
 import json, os, sys
+import numpy as np
+sys.path.insert(0, "runs")
+from table import paired_interval
 seed, steps = sys.argv[1], sys.argv[2]
 tail = "" if steps == "3000" else f"-{steps}"
 names = [f"sid-{s}" for s in ("3x64", "4x64", "5x64", "4x32", "4x128")] + [f"target-{t}" for t in ("sid", "mode-resp", "resp")]
@@ -55,4 +58,17 @@ for n in names:
     ppl = t["dialog"]["perplexity"]
     print(f"| {n} | {v['recall@1']:.4f} | {v['recall@10']:.4f} | {t['model']['recall@1']:.4f} | {t['model']['recall@10']:.4f} | "
           f"{t['model']['ndcg@10']:.4f} | {t['fresh']['model']['recall@10']:.4f} | {'–' if ppl is None else f'{ppl:.2f}'} |")
+def ranks(n):  # the variant's test ranks, per sample, or None
+    p = f"out/t4-{n}-s{seed}{tail}/rankings_test.jsonl"
+    return [(r["dialog"], r["turn"], r["gold"], r["rank"]) for r in map(json.loads, open(p))] if os.path.isfile(p) else None
+print("\ntest R@10, a - b, paired bootstrap 95% interval (the paper's order: the left one ahead):")
+pairs = [("sid-3x64", "target-sid"), ("target-sid", "target-mode-resp"), ("target-mode-resp", "target-resp"),
+         ("sid-3x64", "target-resp")] + [(f"sid-{s}", "sid-3x64") for s in ("4x64", "5x64", "4x32", "4x128")]
+for a, b in pairs:
+    ra, rb = ranks(a), ranks(b)
+    if ra is None or rb is None:
+        continue
+    assert [x[:3] for x in ra] == [x[:3] for x in rb], f"{a} and {b} scored other samples"
+    d, lo, hi = paired_interval(np.array([[x[3] for x in ra]]), np.array([[x[3] for x in rb]]), 10, np.ones(len(ra), bool))
+    print(f"{a} - {b}: {d:+.4f} [{lo:+.4f}, {hi:+.4f}]" + ("" if lo > 0 or hi < 0 else "  (a tie)"))
 PY
