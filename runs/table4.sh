@@ -63,7 +63,8 @@ def ranks(n):  # the variant's test ranks, per sample, or None
     return [(r["dialog"], r["turn"], r["gold"], r["rank"]) for r in map(json.loads, open(p))] if os.path.isfile(p) else None
 print("\ntest R@10, a - b, paired bootstrap 95% interval (the paper's order: the left one ahead):")
 pairs = [("sid-3x64", "target-sid"), ("target-sid", "target-mode-resp"), ("target-mode-resp", "target-resp"),
-         ("sid-3x64", "target-resp")] + [(f"sid-{s}", "sid-3x64") for s in ("4x64", "5x64", "4x32", "4x128")]
+         ("sid-3x64", "target-mode-resp"), ("sid-3x64", "target-resp")] + \
+        [(f"sid-{s}", "sid-3x64") for s in ("4x64", "5x64", "4x32", "4x128")] + [("sid-4x64", "sid-5x64")]
 for a, b in pairs:
     ra, rb = ranks(a), ranks(b)
     if ra is None or rb is None:
