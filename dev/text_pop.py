@@ -24,7 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "runs"))
-from nanocrs.data import load_dataset, rec_samples, training_dialogs  # noqa: E402
+from nanocrs.data import DataError, load_dataset, rec_samples, training_dialogs  # noqa: E402
 from nanocrs.heads import TextPrior  # noqa: E402
 from nanocrs.metrics import rank_metrics, recommended_counts  # noqa: E402
 from table import paired_interval  # noqa: E402
@@ -77,11 +77,20 @@ def main():
     p.add_argument("--against", nargs="*", default=[], help="the model's test rankings files (sample.py --rankings)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
-    ds = load_dataset(args.data)
+    try:
+        ds = load_dataset(args.data)
+    except DataError as e:
+        sys.exit(str(e))
     encoder = ds["meta"].get("encoder", "tfidf")
     if encoder.startswith("tfidf"):
         sys.exit(f"{args.data}/dataset.json: items embedded by tfidf, which can not embed a dialog (data_prep.py --encoder minilm)")
-    emb = np.load(os.path.join(args.data, "item_embeddings.npy"), allow_pickle=False)
+    path = os.path.join(args.data, "item_embeddings.npy")
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        sys.exit(f"{path}: not a readable .npy file ({type(e).__name__}: {e})")
+    if emb.ndim != 2 or emb.shape[0] != len(ds["items"]) or not np.isfinite(emb).all():
+        sys.exit(f"{path}: expected one finite vector per item ({len(ds['items'])}), got {emb.dtype} {emb.shape}")
     catalogue = [it["id"] for it in ds["items"]]
     title = {it["id"]: it["title"] for it in ds["items"]}
     prior = TextPrior(encoder, emb, 1.0, title.__getitem__)

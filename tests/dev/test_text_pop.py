@@ -45,7 +45,15 @@ def minilm_copy(dataset_dir, tmp_path) -> str:
 def test_text_pop_end_to_end(dataset_dir, tmp_path):
     r = run_cli("dev/text_pop.py", "--data", dataset_dir)
     assert r.returncode != 0 and "tfidf" in r.stderr.strip().splitlines()[-1]
+    r = run_cli("dev/text_pop.py", "--data", str(tmp_path / "nowhere"))
+    assert r.returncode != 0 and "nowhere" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
     data = minilm_copy(dataset_dir, tmp_path)
+    emb_path = os.path.join(data, "item_embeddings.npy")
+    good = open(emb_path, "rb").read()
+    open(emb_path, "wb").write(b"not an array")  # a damaged file: one line naming it
+    r = run_cli("dev/text_pop.py", "--data", data)
+    assert r.returncode != 0 and emb_path in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
+    open(emb_path, "wb").write(good)
     out = str(tmp_path / "tp.json")
     r = run_cli("dev/text_pop.py", "--data", data, "--json", out, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
