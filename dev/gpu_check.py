@@ -271,11 +271,11 @@ def timed_steps(model, opt, x, y, steps: int, dev) -> tuple[float, torch.Tensor]
     return sum(times[1:]) / len(times[1:]), loss
 
 
-def train_and_resume(a, b, steps: int, common: list, what: str, fig: dict, dev) -> list:
+def train_and_resume(a, b, steps: int, common: list, what: str, fig: dict, dev) -> tuple[float, list]:
     """train.py for `steps` steps into a, and into b in two halves with --resume: the losses must agree
     (bitwise on the CPU; on CUDA within the tolerance train.py documents, flash backward being
-    nondeterministic). Records the time of the run into a and both loss lists in fig."""
-    fig["train_s"] = run(["train.py", "--out", a, "--max-steps", str(steps)] + common, what)
+    nondeterministic). Returns (seconds of the run into a, its losses); records both loss lists in fig."""
+    seconds = run(["train.py", "--out", a, "--max-steps", str(steps)] + common, what)
     run(["train.py", "--out", b, "--max-steps", str(steps // 2)] + common, f"{what} to step {steps // 2}")
     run(["train.py", "--out", b, "--max-steps", str(steps), "--resume"] + common, f"{what} --resume")
     la, lb = losses(a), losses(b)
@@ -283,7 +283,7 @@ def train_and_resume(a, b, steps: int, common: list, what: str, fig: dict, dev) 
     fig["resume_max_rel_diff"] = max(abs(x - y) / abs(x) for x, y in zip(la, lb))
     check(len(la) == len(lb) == steps and all(math.isfinite(x) for x in la), f"{what} did not run: {la}")
     check(fig["resume_max_rel_diff"] <= (0 if dev.type == "cpu" else 1e-3), f"{what}: resume diverged: {la} vs {lb}")
-    return la
+    return seconds, la
 
 
 def write_backbone(folder, data_dir, seed=0):
@@ -309,8 +309,7 @@ def sec_cli(ctx):
     if ctx["dry"]:
         common += ["--n-layer", "2", "--n-embd", "64", "--threads", "1"]
     a = os.path.join(w, "scratch")
-    la = train_and_resume(a, os.path.join(w, "resumed"), 6, common, "train.py from scratch", fig, dev)
-    fig["train_scratch_s"] = fig.pop("train_s")
+    fig["train_scratch_s"], la = train_and_resume(a, os.path.join(w, "resumed"), 6, common, "train.py from scratch", fig, dev)
     check(la[-1] < la[0], f"training did not learn: {la}")
     lora = os.path.join(w, "lora")
     fig["train_lora_s"] = run(["train.py", "--out", lora, "--max-steps", "4", "--init-from", ctx["backbone"],
@@ -390,7 +389,7 @@ def sec_qlora(ctx):
               "--lora-rank", "4", "--lr", "1e-3"] + (["--threads", "1"] if dry else [])
     fig = {}
     a = os.path.join(w, "qlora")
-    train_and_resume(a, os.path.join(w, "qlora_resumed"), 4, common, "train.py --quantize nf4", fig, dev)
+    fig["train_s"], _ = train_and_resume(a, os.path.join(w, "qlora_resumed"), 4, common, "train.py --quantize nf4", fig, dev)
     exp = os.path.join(w, "qlora_export")
     run(["-m", "nanocrs.checkpoint", "export", "--ckpt", a, "--out", exp, "--device", dev.type], "export of a QLoRA checkpoint")
     check(os.path.isfile(os.path.join(exp, "config.json")), "QLoRA export wrote no config.json")

@@ -35,15 +35,11 @@ GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 def split_scores(prior: TextPrior, dialogs: list[dict]) -> tuple[list[tuple], torch.Tensor]:
     """The split's samples (dialog id, turn, gold, fresh) and, per sample, the text match of its turn (S, N)."""
     samples = list(rec_samples(dialogs))
-    turns = list(dict.fromkeys((d["id"], t) for d, t, _, _ in samples))
+    turns = list(dict.fromkeys((d["id"], t) for d, t, _, _ in samples))  # a turn with two golds is embedded once
     by_id = {d["id"]: d for d in dialogs}
-    match = {}
-    for k in range(0, len(turns), 256):  # one encoder call per chunk keeps the progress bar honest
-        chunk = turns[k:k + 256]
-        for key, row in zip(chunk, prior([by_id[did]["turns"][:t] for did, t in chunk])):
-            match[key] = row
-    rows = torch.stack([match[(d["id"], t)] for d, t, _, _ in samples]) if samples else torch.zeros(0)
-    return [(d["id"], t, gold, fresh) for d, t, gold, fresh in samples], rows
+    match = prior([by_id[did]["turns"][:t] for did, t in turns]) if turns else torch.zeros(0, 0)  # (turns, N)
+    row = {key: n for n, key in enumerate(turns)}
+    return [(d["id"], t, gold, fresh) for d, t, gold, fresh in samples], match[[row[(d["id"], t)] for d, t, _, _ in samples]]
 
 
 def ranks_of(scores: torch.Tensor, golds: list[int], k: int = 50) -> list[int]:

@@ -12,13 +12,13 @@
 # last turns, its weight chosen on val), each adopted on val over three seeds (dev/LOG.md).
 set -euo pipefail
 SEED=${1:-0}; RAW=${2:-../shared/data/inspired}; THREADS=${THREADS:-2}; HEADS=${HEADS:-0}
-DATA=data/inspired; OUT=out/inspired-s$SEED; TRAIN_HEADS=(--item-text 1); CALIBRATE=threshold
+DATA=data/inspired; OUT=out/inspired-s$SEED; RECIPE=(--item-text 1); CALIBRATE=threshold
 if [ "$HEADS" = 1 ]; then
-    OUT=out/inspired-heads-s$SEED; TRAIN_HEADS=(--heads inspired); CALIBRATE=threshold,text
+    OUT=out/inspired-heads-s$SEED; RECIPE=(--heads inspired); CALIBRATE=threshold,text
 fi
 [ -f $DATA/sids.json ] || python data_prep.py --dataset inspired --raw "$RAW" --out $DATA \
     --encoder minilm --levels 3 --codebook-size 32 --item-features text+cooc
-python train.py --data $DATA --out $OUT --seed $SEED --threads $THREADS --item-loss-weight 5 "${TRAIN_HEADS[@]}" \
+python train.py --data $DATA --out $OUT --seed $SEED --threads $THREADS --item-loss-weight 5 "${RECIPE[@]}" \
     --block-size 512 --batch-size 16 --max-steps 400 --warmup 20 --dropout 0.1 --eval-interval 100 --save-interval 100
 python sample.py --ckpt $OUT --eval val --calibrate $CALIBRATE --threads $THREADS --max-gen 0 --json $OUT/eval_val.json \
     --rankings $OUT/rankings_val.jsonl

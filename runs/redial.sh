@@ -9,13 +9,13 @@
 # No --item-text: on ReDial the ID <-> title lines lowered val R@10 (docs/results.md). 3,000 steps: chosen on val.
 set -euo pipefail
 SEED=${1:-0}; RAW=${2:-../shared/data/redial}; THREADS=${THREADS:-2}; HEADS=${HEADS:-0}
-DATA=data/redial; OUT=out/redial-s$SEED; TRAIN_HEADS=(); CALIBRATE=threshold
+DATA=data/redial; OUT=out/redial-s$SEED; RECIPE=(); CALIBRATE=threshold
 if [ "$HEADS" = 1 ]; then  # the preset's heads (nanocrs/heads.py PRESETS), each chosen on val over three seeds
-    OUT=out/redial-heads-s$SEED; TRAIN_HEADS=(--heads redial); CALIBRATE=threshold,just-named
+    OUT=out/redial-heads-s$SEED; RECIPE=(--heads redial); CALIBRATE=threshold,just-named
 fi
 [ -f $DATA/sids.json ] || python data_prep.py --dataset redial --raw "$RAW" --out $DATA \
     --encoder minilm --levels 3 --codebook-size 64 --item-features text+cooc
-python train.py --data $DATA --out $OUT --seed $SEED --threads $THREADS --item-loss-weight 5 "${TRAIN_HEADS[@]}" \
+python train.py --data $DATA --out $OUT --seed $SEED --threads $THREADS --item-loss-weight 5 "${RECIPE[@]}" \
     --block-size 512 --batch-size 16 --max-steps 3000 --warmup 40 --dropout 0.1 --eval-interval 500 --save-interval 500
 python sample.py --ckpt $OUT --eval val --calibrate $CALIBRATE --threads $THREADS --max-gen 0 --json $OUT/eval_val.json \
     --rankings $OUT/rankings_val.jsonl
